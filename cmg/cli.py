@@ -1,0 +1,70 @@
+"""Options shared by the command lines (`cmg.run`, `cmg.train`, `cmg.eval`) and the summary table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+import torch
+
+from cmg.config import BUDGETS, RunConfig, budget_config
+from cmg.errors import atomic_write, fail
+
+
+def add_common_args(p: argparse.ArgumentParser, budget_default: str = "quick") -> None:
+    p.add_argument("--budget", default=budget_default, choices=list(BUDGETS),
+                   help="work preset: smoke (seconds, tests), quick (minutes on a CPU), "
+                        "paper (the reference's epochs)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any knob, e.g. --set stage2.sigma=4 --set classifier.epochs=3 "
+                        "(repeatable; keys in cmg/config.py)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every model and of generation")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    p.add_argument("--data-root", default=None,
+                   help="data folder (default: $CMG_DATA_ROOT, else ./datasets)")
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision download missing data sets (needs internet)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"device {name} asked for but CUDA is not available here; use --device cpu")
+    return device
+
+
+def config_from_args(args: argparse.Namespace, family: str, mode: str | None = None) -> RunConfig:
+    seeds = [f"{section}.seed={args.seed}" for section in ("classifier", "cvae", "stage2")]
+    extra = [f"stage2.mode={mode}"] if mode is not None else []
+    return budget_config(args.budget, family, seeds + extra + list(args.overrides))
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def summary_lines(metrics: dict[str, Any]) -> list[str]:
+    """A small table: CMG beside the two baselines, validation and test."""
+    b = metrics["baselines"]
+    rows = [("CMG (" + metrics["mode"] + ")", metrics["val"], metrics["test"]),
+            ("max-softmax", b["msp"]["val"], b["msp"]["test"]),
+            ("energy", b["energy"]["val"], b["energy"]["test"])]
+    lines = [f"{metrics['setting']} partition {metrics['partition']}",
+             f"{'score':<20} {'val AUROC':>9} {'test AUROC':>10} {'AUPR-in':>8} "
+             f"{'AUPR-out':>8} {'FPR95':>6} {'IND acc':>7}"]
+    for name, val, test in rows:
+        lines.append(f"{name:<20} {val['auroc']:9.4f} {test['auroc']:10.4f} "
+                     f"{test['aupr_in']:8.4f} {test['aupr_out']:8.4f} {test['fpr95']:6.3f} "
+                     f"{test['ind_acc']:7.4f}")
+    return lines

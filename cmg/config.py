@@ -1,0 +1,211 @@
+"""Every knob of CMG in one place: typed configs, the reference defaults and the budgets.
+
+The dataclass defaults ARE the reference's defaults (``../shared/cmg-method.md``), except where
+a known defect of the reference is fixed on purpose (noted beside the field). A budget
+(`smoke`, `quick`, `paper`) changes only how much work is done, and any field can still be
+overridden with a dotted key::
+
+    cfg = budget_config("quick", overrides=["stage2.sigma=4", "classifier.epochs=3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Iterable
+
+from cmg.errors import fail
+
+MODES = ("CMG-energy", "CMG-softmax")
+METRIC_NAMES = ("auroc", "aupr_in", "aupr_out", "fpr95", "ind_acc")
+BASELINES = ("msp", "energy")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Stage 1: the IND classifier (feature extractor + MLP head)."""
+
+    epochs: int = 100  # reference: 100 (MNIST); `paper` budget sets 200 for CIFAR
+    batch_size: int = 512
+    lr: float = 1e-3
+    schedule: str = "constant"  # "constant" (reference) or "onecycle"
+    label_smoothing: float = 0.0
+    weight_decay: float = 0.0
+    head_width: int = 512
+    input_dropout: bool = False  # defect 5: the reference drops whole MNIST inputs (True restores it)
+    seed: int = 0
+    amp: bool = True  # bf16 autocast, used on CUDA only
+
+
+@dataclass(frozen=True)
+class CVAEConfig:
+    """Stage 1: the conditional VAE that stage 2 samples pseudo-OOD images from."""
+
+    epochs: int = 100
+    batch_size: int = 512
+    lr: float = 1e-3
+    schedule: str = "constant"
+    latent_dim: int = 32
+    embed_dim: int = 32  # size of the class embedding that the decoder is conditioned on
+    hidden: int = 1024
+    kl_weight: float = 1.0
+    seed: int = 0
+    amp: bool = True
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Stage 2: class-mixed generation and fine-tuning of the classifier head."""
+
+    mode: str = "CMG-energy"
+    sigma: float | None = None  # std of z at generation; None = the setting's default (3 / 5)
+    mixing: str = "mask"  # "mask": per-coordinate pick (reference); "convex": Dirichlet weights
+    mask_prob: float = 0.5  # probability that a coordinate comes from the first mixed class
+    num_mixed: int = 2  # classes mixed per pseudo-OOD sample
+    distinct: bool = True  # defect 3: the reference allows i == j (False restores it)
+    ood_per_batch: int = 128
+    batch_size: int = 128
+    lr: float = 1e-4
+    epochs: int = 15
+    energy_weight: float = 0.1
+    m_in_percentile: float = 20.0
+    m_out_percentile: float = 80.0
+    m_in: float | None = None  # a fixed margin overrides the percentile
+    m_out: float | None = None
+    train_layers: str = "head"  # "head": the whole MLP head (reference); "last": its last layer
+    select: str = "val"  # keep the epoch with the best validation AUROC ("val") or the "last"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How much of a setting is used. None = everything."""
+
+    train_limit: int | None = None  # IND training images (a seeded, class-balanced subset)
+    eval_limit: int | None = None  # images per evaluation part (val IND, val OOD, test IND, ...)
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    augment: bool = True  # crop + flip for the CIFAR classifier (no-op for MNIST)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one partition's pipeline needs. `budget_config` builds one."""
+
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    cvae: CVAEConfig = field(default_factory=CVAEConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        return cls(**{name: kind(**d[name]) for name, kind in SECTIONS.items()})
+
+
+SECTIONS = {"classifier": ClassifierConfig, "cvae": CVAEConfig, "stage2": Stage2Config,
+            "data": DataConfig}
+
+
+# `budget`: per (budget, model family) overrides of the reference defaults. "mnist" and "cifar" are
+# the two model families; a setting names its family. Only work amounts and recipes change here.
+BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
+    # seconds on a CPU: for tests and CI, not for numbers
+    "smoke": {
+        "*": {
+            "classifier.epochs": 1, "classifier.batch_size": 64, "cvae.epochs": 1,
+            "cvae.batch_size": 64, "stage2.epochs": 1, "stage2.batch_size": 64,
+            "stage2.ood_per_batch": 64, "data.train_limit": 384, "data.eval_limit": 96,
+        },
+    },
+    # a few minutes per partition on 2 CPU cores, meaningful AUROC on MNIST: a one-cycle recipe
+    # with a larger learning rate and label smoothing gets far in few epochs
+    "quick": {
+        "*": {
+            "classifier.epochs": 2, "classifier.batch_size": 128, "classifier.lr": 3e-3,
+            "classifier.schedule": "onecycle", "classifier.label_smoothing": 0.1,
+            "cvae.epochs": 4, "cvae.batch_size": 128, "cvae.lr": 2e-3,
+            "stage2.epochs": 3, "data.train_limit": 6000, "data.eval_limit": 2000,
+        },
+    },
+    # the reference's epochs and batch sizes, all the data
+    "paper": {
+        "mnist": {},
+        "cifar": {"classifier.epochs": 200, "cvae.epochs": 200},
+    },
+}
+
+
+def _parse_value(raw: str, current: Any) -> Any:
+    if isinstance(raw, str):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # bare strings such as CMG-energy
+    else:
+        value = raw
+    if isinstance(current, bool) and isinstance(value, str):
+        value = {"true": True, "false": False}.get(value.lower(), value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    return value
+
+
+def apply_overrides(cfg: RunConfig, overrides: Iterable[str] | dict[str, Any]) -> RunConfig:
+    """Return `cfg` with dotted-key overrides applied ("stage2.sigma=4" or {"stage2.sigma": 4})."""
+    items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)
+    sections = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    for key, raw in items:
+        section, _, name = key.partition(".")
+        if section not in sections or name not in {f.name for f in fields(sections[section])}:
+            fail(f"unknown setting key '{key}'; known keys look like "
+                 f"'classifier.epochs' or 'stage2.sigma' (see cmg/config.py)")
+        current = getattr(sections[section], name)
+        sections[section] = replace(sections[section], **{name: _parse_value(raw, current)})
+    cfg = RunConfig(**sections)
+    validate(cfg)
+    return cfg
+
+
+def _split(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        fail(f"override '{item}' is not KEY=VALUE, e.g. --set stage2.sigma=4")
+    return key.strip(), value.strip()
+
+
+def budget_config(budget: str, family: str = "mnist", overrides=()) -> RunConfig:
+    """The RunConfig of a named budget for a model family ("mnist" or "cifar"), plus overrides."""
+    if budget not in BUDGETS:
+        fail(f"unknown budget '{budget}'; choose one of {', '.join(BUDGETS)}")
+    merged = {**BUDGETS[budget].get("*", {}), **BUDGETS[budget].get(family, {})}
+    return apply_overrides(apply_overrides(RunConfig(), merged), overrides)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject values that would fail deep inside training with a one-line reason."""
+    s2 = cfg.stage2
+    checks = [
+        (s2.mode in MODES, f"stage2.mode must be one of {', '.join(MODES)}"),
+        (s2.mixing in ("mask", "convex"), "stage2.mixing must be 'mask' or 'convex'"),
+        (0.0 <= s2.mask_prob <= 1.0, "stage2.mask_prob must lie in [0, 1]"),
+        (s2.num_mixed >= 1, "stage2.num_mixed must be at least 1"),
+        (s2.train_layers in ("head", "last"), "stage2.train_layers must be 'head' or 'last'"),
+        (s2.select in ("val", "last"), "stage2.select must be 'val' or 'last'"),
+        (0 <= s2.m_in_percentile <= 100 and 0 <= s2.m_out_percentile <= 100,
+         "margin percentiles must lie in [0, 100]"),
+        (s2.sigma is None or s2.sigma > 0, "stage2.sigma must be positive"),
+        (cfg.classifier.schedule in ("constant", "onecycle")
+         and cfg.cvae.schedule in ("constant", "onecycle"),
+         "schedule must be 'constant' or 'onecycle'"),
+        (0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must lie in (0, 1)"),
+    ]
+    for sec in (cfg.classifier, cfg.cvae, s2):
+        checks.append((sec.epochs >= 0 and sec.batch_size >= 1 and sec.lr > 0,
+                       "epochs must be >= 0, batch_size >= 1 and lr > 0"))
+    for ok, message in checks:
+        if not ok:
+            fail(message)

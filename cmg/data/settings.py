@@ -1,0 +1,99 @@
+"""Settings (which data, which model family) and the five class partitions, with a registry.
+
+A setting names a source of labelled images and the partitions that split its classes into
+in-distribution (IND) and out-of-distribution (OOD). The built-in ones are the reference's
+Setting 1; add your own with `register_setting`::
+
+    from cmg.data import Setting, register_setting, SAME_DATASET_PARTITIONS
+
+    def load_fashion(root, download):           # -> (train_x, train_y, test_x, test_y)
+        ...                                     # uint8 N x C x H x W tensors, int64 labels
+
+    register_setting(Setting("same_dataset_fashion", family="mnist", source=load_fashion,
+                             partitions=SAME_DATASET_PARTITIONS))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cmg.errors import fail
+
+# IND class ids per partition (the reference's table); the other classes are OOD. IND classes are
+# relabelled 0..K-1 in the order listed.
+SAME_DATASET_PARTITIONS: dict[int, tuple[int, ...]] = {
+    1: (0, 1, 2, 3, 4, 5),
+    2: (1, 2, 3, 4, 5, 6),
+    3: (2, 3, 4, 5, 6, 7),
+    4: (3, 4, 5, 6, 7, 8),
+    5: (4, 5, 6, 7, 8, 9),
+}
+
+RawData = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Source = Callable[[Path, bool], RawData]
+
+# Reference sigma of z at generation, by model family.
+DEFAULT_SIGMA = {"mnist": 3.0, "cifar": 5.0}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A data setting. `source(root, download)` returns uint8 NCHW images and int64 labels for the
+    train and test splits; `family` picks the models ("mnist": 1x28x28, "cifar": 3x32x32)."""
+
+    name: str
+    family: str
+    source: Source
+    partitions: dict[int, tuple[int, ...]]
+    num_source_classes: int = 10
+
+    @property
+    def default_sigma(self) -> float:
+        return DEFAULT_SIGMA[self.family]
+
+    def ind_classes(self, partition: int) -> tuple[int, ...]:
+        if partition not in self.partitions:
+            fail(f"partition {partition} does not exist for {self.name}; "
+                 f"choose one of {', '.join(map(str, self.partitions))}")
+        return self.partitions[partition]
+
+    def ood_classes(self, partition: int) -> tuple[int, ...]:
+        ind = set(self.ind_classes(partition))
+        return tuple(c for c in range(self.num_source_classes) if c not in ind)
+
+
+_REGISTRY: dict[str, Setting] = {}
+
+
+def register_setting(setting: Setting) -> Setting:
+    """Add (or replace) a setting under its name; returns it."""
+    if setting.family not in DEFAULT_SIGMA:
+        raise ValueError(f"family must be one of {sorted(DEFAULT_SIGMA)}, not {setting.family!r}")
+    _REGISTRY[setting.name] = setting
+    return setting
+
+
+def get_setting(name: str) -> Setting:
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        if name == "different_dataset":
+            fail("setting 'different_dataset' (Setting 2) is not available yet; "
+                 f"use one of {known}")
+        fail(f"unknown setting '{name}'; choose one of {known}")
+    return _REGISTRY[name]
+
+
+def setting_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def parse_partition(value: str | int) -> int:
+    """Accept 3, "3" or the reference's "partition3"."""
+    text = str(value).strip().lower().removeprefix("partition")
+    if not text.isdigit():
+        fail(f"partition '{value}' is not a number; use 1..5 or partition1..partition5")
+    return int(text)

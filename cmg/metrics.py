@@ -1,0 +1,66 @@
+"""OOD scores and metrics. Every score is "higher = more OOD"; OOD is the positive class.
+
+    scores = energy_score(logits, num_classes=6)
+    ood_metrics(scores_ind, scores_ood)  # {"auroc", "aupr_in", "aupr_out", "fpr95"}
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+
+def msp_score(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Max-softmax baseline over the K IND logits, negated."""
+    return -torch.softmax(logits[:, :num_classes].float(), dim=1).amax(dim=1)
+
+
+def energy_score(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Energy E(x) = -logsumexp of the K IND logits (never the OOD slot)."""
+    return -torch.logsumexp(logits[:, :num_classes].float(), dim=1)
+
+
+def softmax_ood_score(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """CMG-softmax: softmax probability of the extra OOD class (index K) over all K + 1 outputs."""
+    return torch.softmax(logits.float(), dim=1)[:, num_classes]
+
+
+def cmg_score(logits: torch.Tensor, num_classes: int, mode: str) -> torch.Tensor:
+    return (softmax_ood_score if mode == "CMG-softmax" else energy_score)(logits, num_classes)
+
+
+SCORES = {"msp": msp_score, "energy": energy_score}
+
+
+def ood_metrics(score_ind, score_ood) -> dict[str, float]:
+    """AUROC, AUPR-In, AUPR-Out and FPR95 of an OOD score (higher = more OOD), by scikit-learn.
+
+    - auroc, aupr_out: OOD is the positive class, ranked by the score.
+    - aupr_in: IND is the positive class, ranked by the negated score.
+    - fpr95: the share of OOD inputs accepted as IND at the threshold where 95% of the IND inputs
+      are accepted (TPR measured on IND). Lower is better.
+    """
+    s_in = np.asarray(torch.as_tensor(score_ind).detach().float().cpu(), dtype=np.float64)
+    s_out = np.asarray(torch.as_tensor(score_ood).detach().float().cpu(), dtype=np.float64)
+    y = np.concatenate([np.zeros(len(s_in)), np.ones(len(s_out))])
+    s = np.concatenate([s_in, s_out])
+    if not np.isfinite(s).all():
+        return {"auroc": float("nan"), "aupr_in": float("nan"), "aupr_out": float("nan"),
+                "fpr95": float("nan")}
+    fpr_ind_pos, tpr_ind_pos, _ = roc_curve(1 - y, -s)  # IND positive: TPR on IND, FPR on OOD
+    return {
+        "auroc": float(roc_auc_score(y, s)),
+        "aupr_in": float(average_precision_score(1 - y, -s)),
+        "aupr_out": float(average_precision_score(y, s)),
+        "fpr95": float(fpr_ind_pos[np.searchsorted(tpr_ind_pos, 0.95, side="left")]),
+    }
+
+
+def evaluate_logits(logits_ind: torch.Tensor, labels_ind: torch.Tensor, logits_ood: torch.Tensor,
+                    score_fn, num_classes: int) -> dict[str, float]:
+    """All metrics of one score on one evaluation set, plus IND accuracy over the K IND logits."""
+    metrics = ood_metrics(score_fn(logits_ind, num_classes), score_fn(logits_ood, num_classes))
+    pred = logits_ind[:, :num_classes].argmax(dim=1)
+    metrics["ind_acc"] = float((pred == labels_ind.to(pred.device)).float().mean())
+    return metrics

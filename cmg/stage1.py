@@ -1,0 +1,191 @@
+"""Stage 1: train the IND classifier and the CVAE on the IND training images.
+
+Both share one loop (`_fit`): uint8 images already on the device, batches sliced by index, no
+DataLoader; bf16 autocast and channels-last on CUDA; Adam with an optional one-cycle schedule; a
+checkpoint after every epoch (model, optimizer, schedule, epoch, RNG states) that a later call
+with the same config resumes from; a per-epoch callback (Ray Tune reports through it).
+
+    model, history = train_classifier(split, ClassifierConfig(epochs=2), device="cuda",
+                                      checkpoint="ckpt/clf.pt", callback=print)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable
+
+import torch
+from torch.nn import functional as F
+
+from cmg.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
+from cmg.config import ClassifierConfig, CVAEConfig
+from cmg.data import Split, batches, random_crop_flip, to_float
+from cmg.errors import fail
+from cmg.models import CVAE, Classifier, build_classifier, build_cvae, cvae_loss
+from cmg.progress import Progress
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the model, epoch and config."""
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when asked; a no-op elsewhere (CPU bf16 is slower here)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "batches": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["batches"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _identity(kind: str, split: Split, cfg) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed or used: model kind, data and config."""
+    return {"kind": kind, "setting": split.setting, "partition": split.partition,
+            "family": split.family, "num_classes": split.num_classes,
+            "config": dataclasses.asdict(cfg)}
+
+
+def _fit(kind: str, model: torch.nn.Module, split: Split, cfg, device: torch.device,
+         loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]],
+         checkpoint: str | os.PathLike | None, callback: EpochCallback | None,
+         quiet: bool) -> list[dict[str, float]]:
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
+                                 weight_decay=getattr(cfg, "weight_decay", 0.0))
+    n = len(split.train_x)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    schedule = (torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch))
+        if cfg.schedule == "onecycle" else None)
+    identity = _identity(kind, split, cfg)
+    history: list[dict[str, float]] = []
+    start = 0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        state = load_checkpoint(checkpoint, kind)
+        if {k: state.get(k) for k in identity} != identity:
+            fail(f"checkpoint {checkpoint} was trained with another setting, partition or "
+                 "config; delete it or choose another path")
+        load_state_dict_strict(model, state["model"], checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(state["schedule"])
+        _restore_rng(state["rng"], generator)
+        start, history = state["epoch"], list(state["history"])
+
+    bar = Progress(f"{kind} {split.setting} p{split.partition}",
+                   (cfg.epochs - start) * steps_per_epoch, quiet)
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        for step, idx in enumerate(batches(n, cfg.batch_size, generator, device)):
+            with autocast(device, cfg.amp):
+                loss, stats = loss_fn(split.train_x[idx], split.train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            for k, v in stats.items():  # device tensors: no host sync inside the epoch
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * len(idx)
+            if bar.due():
+                bar.update((epoch - start) * steps_per_epoch + step + 1,
+                           epoch=f"{epoch + 1}/{cfg.epochs}", loss=float(loss.detach()))
+        metrics = {"epoch": epoch + 1, **{k: float(v) / n for k, v in sums.items()}}
+        if not math.isfinite(metrics["loss"]):
+            raise TrainingDiverged(f"{kind} loss became {metrics['loss']} in epoch {epoch + 1} "
+                                   f"(lr={cfg.lr}); lower the learning rate")
+        history.append(metrics)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {**identity, "model": model.state_dict(),
+                                         "optimizer": optimizer.state_dict(),
+                                         "schedule": schedule.state_dict() if schedule else {},
+                                         "epoch": epoch + 1, "rng": _rng_state(generator),
+                                         "history": history})
+        if callback is not None:
+            callback(epoch + 1, metrics)
+    bar.close(**{k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"})
+    model.eval()
+    return history
+
+
+def train_classifier(split: Split, cfg: ClassifierConfig = ClassifierConfig(),
+                     device: str | torch.device = "cpu",
+                     checkpoint: str | os.PathLike | None = None,
+                     callback: EpochCallback | None = None,
+                     quiet: bool = False) -> tuple[Classifier, list[dict[str, float]]]:
+    """Train (or resume) the IND classifier with cross-entropy over its K + 1 outputs."""
+    device = torch.device(device)
+    model = prepare(build_classifier(split.family, split.num_classes, cfg), device)
+    augment = split.family == "cifar"
+    channels_last = device.type == "cuda"
+
+    def loss_fn(x, y):
+        x = to_float(x)
+        if augment:
+            x = random_crop_flip(x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        acc = (logits[:, :split.num_classes].argmax(1) == y).float().mean()
+        return loss, {"loss": loss, "acc": acc}
+
+    history = _fit("classifier", model, split, cfg, device, loss_fn, checkpoint, callback, quiet)
+    return model, history
+
+
+def train_cvae(split: Split, cfg: CVAEConfig = CVAEConfig(), device: str | torch.device = "cpu",
+               checkpoint: str | os.PathLike | None = None, callback: EpochCallback | None = None,
+               quiet: bool = False) -> tuple[CVAE, list[dict[str, float]]]:
+    """Train (or resume) the CVAE: per-pixel MSE + kl_weight * KL, no augmentation."""
+    device = torch.device(device)
+    model = prepare(build_cvae(split.family, split.num_classes, cfg), device)
+
+    def loss_fn(x, y):
+        x = to_float(x)
+        recon, mu, logvar = model(x, y)
+        loss = cvae_loss(x, recon, mu, logvar, cfg.kl_weight)
+        return loss, {"loss": loss}
+
+    history = _fit("cvae", model, split, cfg, device, loss_fn, checkpoint, callback, quiet)
+    return model, history
+
+
+def load_stage1_model(path: str | os.PathLike, kind: str, split: Split | None = None,
+                      device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild a trained classifier or CVAE from its checkpoint, checked against `split`."""
+    state = load_checkpoint(path, kind)
+    if split is not None and (state.get("setting"), state.get("partition")) != (
+            split.setting, split.partition):
+        fail(f"checkpoint {path} was trained on {state.get('setting')} partition "
+             f"{state.get('partition')}, not {split.setting} partition {split.partition}")
+    if state["epoch"] < state["config"]["epochs"]:
+        fail(f"checkpoint {path} stopped at epoch {state['epoch']} of "
+             f"{state['config']['epochs']}; run the same training command again to finish it")
+    if kind == "classifier":
+        model = build_classifier(state["family"], state["num_classes"],
+                                 ClassifierConfig(**state["config"]))
+    else:
+        model = build_cvae(state["family"], state["num_classes"], CVAEConfig(**state["config"]))
+    load_state_dict_strict(model, state["model"], path)
+    return prepare(model, torch.device(device)).eval()

@@ -1,0 +1,109 @@
+"""Partitions, relabelling, the validation split and data errors, on real MNIST."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmg.config import DataConfig
+from cmg.data import SAME_DATASET_PARTITIONS, get_setting, make_split, parse_partition, random_crop_flip
+from cmg.data.sources import resolve_data_root
+from cmg.errors import UsageError
+
+SPEC_TABLE = {  # ../shared/cmg-method.md: partition -> (IND ids, OOD ids)
+    1: ([0, 1, 2, 3, 4, 5], [6, 7, 8, 9]),
+    2: ([1, 2, 3, 4, 5, 6], [0, 7, 8, 9]),
+    3: ([2, 3, 4, 5, 6, 7], [0, 1, 8, 9]),
+    4: ([3, 4, 5, 6, 7, 8], [0, 1, 2, 9]),
+    5: ([4, 5, 6, 7, 8, 9], [0, 1, 2, 3]),
+}
+
+
+@pytest.mark.parametrize("name", ["same_dataset_mnist", "same_dataset_cifar10"])
+def test_partitions_match_the_spec(name):
+    s = get_setting(name)
+    for p, (ind, ood) in SPEC_TABLE.items():
+        assert list(s.ind_classes(p)) == ind and list(s.ood_classes(p)) == ood
+
+
+def test_partition_parsing_and_bad_partitions():
+    assert parse_partition("partition3") == 3 and parse_partition(5) == 5
+    for bad in (0, 6):
+        with pytest.raises(UsageError, match="partition"):
+            get_setting("same_dataset_mnist").ind_classes(bad)
+    with pytest.raises(UsageError):
+        parse_partition("third")
+
+
+def test_unknown_setting_names_the_choices():
+    with pytest.raises(UsageError, match="same_dataset_mnist"):
+        get_setting("imagenet")
+
+
+@pytest.mark.parametrize("partition", [1, 4])
+def test_split_relabels_and_keeps_validation_off_the_test_split(mnist_available, partition):
+    from cmg.data.sources import load_mnist
+
+    train_x, train_y, test_x, test_y = load_mnist(resolve_data_root())
+    split = make_split("same_dataset_mnist", partition)
+    ind, ood = SPEC_TABLE[partition]
+    # relabelled 0..5 in the listed order: every training image of label j is of class ind[j]
+    assert split.train_y.unique().tolist() == list(range(6))
+    assert split.train_x.dtype == torch.uint8 and split.train_x.shape[1:] == (1, 28, 28)
+    # 10% of each IND class's train images is validation, the rest training, disjoint
+    for j, c in enumerate(ind):
+        n_class = int((train_y == c).sum())
+        n_val = int((split.val_ind_y == j).sum())
+        assert n_val == round(0.1 * n_class)
+        assert int((split.train_y == j).sum()) == n_class - n_val
+    # test sets are the whole test split, validation OOD comes from the train split's OOD classes
+    assert len(split.test_ind_x) == int(torch.isin(test_y, torch.tensor(ind)).sum())
+    assert len(split.test_ood_x) == int(torch.isin(test_y, torch.tensor(ood)).sum())
+    n_ood_train = int(torch.isin(train_y, torch.tensor(ood)).sum())
+    assert abs(len(split.val_ood_x) - 0.1 * n_ood_train) <= 4
+    flat = lambda t: {bytes(r) for r in t.flatten(1).numpy()}  # noqa: E731
+    assert not flat(split.val_ood_x[:200]) & flat(split.train_x)
+    # the test IND images carry the test labels, relabelled
+    first = int(torch.nonzero(torch.isin(test_y, torch.tensor(ind)))[0])
+    assert torch.equal(split.test_ind_x[0], test_x[first])
+    assert int(split.test_ind_y[0]) == ind.index(int(test_y[first]))
+
+
+def test_split_is_seeded_and_partition_independent(mnist_available):
+    a = make_split("same_dataset_mnist", 1, DataConfig(eval_limit=50))
+    b = make_split("same_dataset_mnist", 1, DataConfig(eval_limit=50))
+    assert torch.equal(a.val_ind_x, b.val_ind_x) and torch.equal(a.test_ood_x, b.test_ood_x)
+    # class 5 is IND in partitions 1 and 2: its validation images are the same in both
+    p1, p2 = make_split("same_dataset_mnist", 1), make_split("same_dataset_mnist", 2)
+    assert torch.equal(p1.val_ind_x[p1.val_ind_y == 5], p2.val_ind_x[p2.val_ind_y == 4])
+
+
+def test_train_limit_is_class_balanced(mnist_available):
+    split = make_split("same_dataset_mnist", 3, DataConfig(train_limit=120))
+    assert torch.bincount(split.train_y).tolist() == [20] * 6
+
+
+def test_missing_data_names_the_folder_and_the_flag(tmp_path):
+    with pytest.raises(UsageError) as err:
+        make_split("same_dataset_cifar10", 1, data_root=tmp_path)
+    message = str(err.value)
+    assert str(tmp_path) in message and "--download" in message and "\n" not in message
+
+
+def test_data_root_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("CMG_DATA_ROOT", str(tmp_path / "env"))
+    assert resolve_data_root("given") == Path.cwd() / "given"
+    assert resolve_data_root(None) == tmp_path / "env"
+    assert resolve_data_root(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.delenv("CMG_DATA_ROOT")
+    assert resolve_data_root(None).name == "datasets"
+
+
+def test_crop_flip_is_a_shifted_or_mirrored_copy():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) + 1
+    out = random_crop_flip(x, torch.Generator().manual_seed(0), pad=2)
+    assert out.shape == x.shape
+    for i in range(2):
+        vals = out[i][out[i] > 0]  # the non-padding pixels all come from the image itself
+        assert set(vals.tolist()) <= set(x[i].flatten().tolist())
+        assert (out[i] > 0).sum() >= 3 * 6 * 6  # at most `pad` rows/cols of padding each way

@@ -1,0 +1,50 @@
+"""Shapes and sizes of every model, for both families."""
+
+import pytest
+import torch
+
+from cmg.config import CVAEConfig, ClassifierConfig
+from cmg.models import build_classifier, build_cvae, cvae_loss
+
+SHAPES = {"mnist": (1, 28, 28), "cifar": (3, 32, 32)}
+
+
+@pytest.mark.parametrize("family", ["mnist", "cifar"])
+def test_classifier_shapes(family):
+    model = build_classifier(family, 6, ClassifierConfig(head_width=64)).eval()
+    x = torch.rand(3, *SHAPES[family])
+    assert model.features(x).shape == (3, model.features.out_dim)
+    assert model(x).shape == (3, 7)  # 6 IND classes + the OOD slot
+    assert model.head.hidden.out_features == 64
+
+
+@pytest.mark.parametrize("family", ["mnist", "cifar"])
+def test_cvae_shapes_and_loss(family):
+    cfg = CVAEConfig(latent_dim=8, embed_dim=5)
+    cvae = build_cvae(family, 6, cfg)
+    x, y = torch.rand(4, *SHAPES[family]), torch.tensor([0, 1, 2, 5])
+    recon, mu, logvar = cvae(x, y)
+    assert recon.shape == x.shape and mu.shape == logvar.shape == (4, 8)
+    assert 0 <= recon.min() and recon.max() <= 1
+    assert cvae.class_embeddings().shape == (6, 5)  # one-hot over K = 6 columns (defect 6)
+    assert cvae.decode(torch.zeros(2, 8), cvae.class_embeddings()[:2]).shape == (2, *SHAPES[family])
+    assert cvae_loss(x, recon, mu, logvar).ndim == 0
+
+
+def test_parameter_counts_match_the_reference():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(build_classifier("mnist", 6)) == pytest.approx(2.05e6, rel=0.01)
+    assert count(build_classifier("cifar", 6)) == pytest.approx(11.4e6, rel=0.01)
+    assert count(build_cvae("mnist", 6)) < 10e6  # defect 4 fixed: the reference had >100M
+
+
+def test_input_dropout_flag_restores_the_reference_layer():
+    has_first = lambda m: isinstance(m.features.net[0], torch.nn.Dropout2d)  # noqa: E731
+    assert not has_first(build_classifier("mnist", 6))
+    assert has_first(build_classifier("mnist", 6, ClassifierConfig(input_dropout=True)))
+
+
+def test_channels_last_input_works():
+    model = build_classifier("mnist", 6).eval().to(memory_format=torch.channels_last)
+    x = torch.rand(2, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    assert model(x).shape == (2, 7)
