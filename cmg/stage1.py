@@ -68,7 +68,6 @@ def _fit(kind: str, model: torch.nn.Module, split: Split, cfg, device: torch.dev
          loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]],
          checkpoint: str | os.PathLike | None, callback: EpochCallback | None,
          quiet: bool) -> list[dict[str, float]]:
-    torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
                                  weight_decay=getattr(cfg, "weight_decay", 0.0))
@@ -135,6 +134,7 @@ def train_classifier(split: Split, cfg: ClassifierConfig = ClassifierConfig(),
                      quiet: bool = False) -> tuple[Classifier, list[dict[str, float]]]:
     """Train (or resume) the IND classifier with cross-entropy over its K + 1 outputs."""
     device = torch.device(device)
+    torch.manual_seed(cfg.seed)  # before building: the initial weights are part of the seed
     model = prepare(build_classifier(split.family, split.num_classes, cfg), device)
     augment = split.family == "cifar"
     channels_last = device.type == "cuda"
@@ -159,6 +159,7 @@ def train_cvae(split: Split, cfg: CVAEConfig = CVAEConfig(), device: str | torch
                quiet: bool = False) -> tuple[CVAE, list[dict[str, float]]]:
     """Train (or resume) the CVAE: per-pixel MSE + kl_weight * KL, no augmentation."""
     device = torch.device(device)
+    torch.manual_seed(cfg.seed)
     model = prepare(build_cvae(split.family, split.num_classes, cfg), device)
 
     def loss_fn(x, y):

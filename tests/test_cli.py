@@ -1,0 +1,102 @@
+"""Command lines as a user runs them: the reference's commands, and every bad input exits 2 with
+one line on stderr, no traceback, and no partial files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["--budget", "smoke", "--quiet", "--device", "cpu"]
+
+
+def cli(module, *args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_usage_error(proc, *words):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for w in words:
+        assert w in lines[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--setting", "nope"], ["unknown setting", "same_dataset_mnist"]),
+    (["--mode", "CMG-magic"], ["unknown mode", "CMG-energy"]),
+    (["--partition", "0"], ["partition 0", "1, 2, 3, 4, 5"]),
+    (["--partition", "6"], ["partition 6"]),
+    (["--budget", "huge"], ["--budget", "smoke"]),
+    (["--set", "stage2.sigmaa=3"], ["stage2.sigmaa"]),
+    (["--setting", "same_dataset_cifar10", "--data-root", "/nonexistent"], ["--download",
+                                                                             "/nonexistent"]),
+])
+def test_run_bad_input(tmp_path, args, words):
+    out = tmp_path / "out"
+    assert_usage_error(cli("cmg.run", *args, "--out", str(out), *SMOKE), *words)
+    assert not (out / "metrics.json").exists()
+
+
+def test_run_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_usage_error(cli("cmg.run", "--out", str(blocker / "sub"), *SMOKE), "--out")
+
+
+def test_eval_missing_and_corrupt_checkpoints(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x80\x02garbage")
+    out = tmp_path / "m.json"
+    common = ["--task", "same_dataset_mnist", "--partition", "partition1", "--out", str(out)]
+    proc = cli("cmg.eval", *common, "--params-dict-name", str(tmp_path / "missing.pt"),
+               "--params-dict-name2", str(corrupt), *SMOKE)
+    assert_usage_error(proc, "does not exist", "cmg.train")
+    proc = cli("cmg.eval", *common, "--params-dict-name", str(corrupt),
+               "--params-dict-name2", str(corrupt), *SMOKE)
+    assert_usage_error(proc, "corrupt")
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["corrupt.pt"]
+
+
+def test_reference_commands_train_then_eval(mnist_available, tmp_path):
+    clf, cvae, out = tmp_path / "main_model_p2.pt", tmp_path / "cvae_p2.pt", tmp_path / "m.json"
+    base = ["--task", "same_dataset_mnist", "--partition", "partition2", *SMOKE]
+    assert cli("cmg.train", *base, "--command", "train_classifier",
+               "--params-dict-name", str(clf)).returncode == 0
+    assert cli("cmg.train", *base, "--command", "train_cvae",
+               "--params-dict-name", str(cvae)).returncode == 0
+    proc = cli("cmg.eval", *base, "--mode", "CMG-softmax", "--params-dict-name", str(clf),
+               "--params-dict-name2", str(cvae), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "max-softmax" in proc.stdout and json.loads(out.read_text())["mode"] == "CMG-softmax"
+    swapped = cli("cmg.eval", *base, "--params-dict-name", str(cvae),
+                  "--params-dict-name2", str(clf))
+    assert_usage_error(swapped, "holds a cvae")
+
+
+def test_run_writes_metrics_json(mnist_available, tmp_path):
+    proc = cli("cmg.run", "--setting", "same_dataset_mnist", "--partition", "partition4",
+               "--mode", "CMG-energy", "--out", str(tmp_path), "--set", "stage2.sigma=2.5", *SMOKE)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(m) >= {"setting", "partition", "mode", "budget", "config", "val", "test",
+                      "baselines", "seconds"}
+    assert (m["partition"], m["budget"], m["config"]["stage2"]["sigma"]) == (4, "smoke", 2.5)
+    assert set(m["val"]) == {"auroc", "aupr_in", "aupr_out", "fpr95", "ind_acc"}
+    assert set(m["baselines"]) == {"msp", "energy"}
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("module", ["cmg.run", "cmg.train", "cmg.eval"])
+def test_help_lists_every_option_with_its_default(module):
+    proc = cli(module, "--help")
+    assert proc.returncode == 0
+    for option in ("--budget", "--device", "--data-root", "--download", "--seed", "--quiet",
+                   "--set"):
+        assert option in proc.stdout
+    assert "(default: quick)" in proc.stdout

@@ -1,0 +1,77 @@
+"""Stage-1 training: resumable checkpoints, safe loading, divergence."""
+
+import pytest
+import torch
+
+from cmg.checkpoint import load_checkpoint
+from cmg.config import ClassifierConfig, CVAEConfig, DataConfig
+from cmg.data import make_split
+from cmg.errors import UsageError
+from cmg.stage1 import TrainingDiverged, load_stage1_model, train_classifier, train_cvae
+
+CLF = ClassifierConfig(epochs=2, batch_size=32, schedule="onecycle", head_width=32)
+
+
+@pytest.fixture(scope="module")
+def split(mnist_available):
+    return make_split("same_dataset_mnist", 2, DataConfig(train_limit=96, eval_limit=32))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_after_first_epoch(epoch, metrics):
+    if epoch == 1:
+        raise Interrupt
+
+
+def test_interrupted_training_resumes_to_the_same_weights(split, tmp_path):
+    straight, history = train_classifier(split, CLF, quiet=True)
+    assert [h["epoch"] for h in history] == [1, 2]
+    path = tmp_path / "clf.pt"
+    with pytest.raises(Interrupt):
+        train_classifier(split, CLF, checkpoint=path, callback=stop_after_first_epoch, quiet=True)
+    assert load_checkpoint(path, "classifier")["epoch"] == 1
+    seen = []
+    resumed, _ = train_classifier(split, CLF, checkpoint=path,
+                                  callback=lambda e, m: seen.append(e), quiet=True)
+    assert seen == [2]  # only the missing epoch ran
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_is_plain_data_and_reloads(split, tmp_path):
+    path = tmp_path / "cvae.pt"
+    cvae, _ = train_cvae(split, CVAEConfig(epochs=1, batch_size=48, latent_dim=4), checkpoint=path,
+                         quiet=True)
+    state = torch.load(path, weights_only=True)  # no pickled code inside
+    assert state["kind"] == "cvae" and state["config"]["latent_dim"] == 4
+    again = load_stage1_model(path, "cvae", split)
+    for a, b in zip(cvae.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_errors_are_usage_errors(split, tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UsageError, match="corrupt"):
+        load_stage1_model(corrupt, "classifier")
+    with pytest.raises(UsageError, match="does not exist"):
+        load_stage1_model(tmp_path / "missing.pt", "classifier")
+    path = tmp_path / "clf.pt"
+    train_classifier(split, ClassifierConfig(epochs=1, batch_size=48, head_width=16),
+                     checkpoint=path, quiet=True)
+    with pytest.raises(UsageError, match="holds a classifier"):
+        load_stage1_model(path, "cvae")
+    with pytest.raises(UsageError, match="another setting, partition or config"):
+        train_classifier(split, ClassifierConfig(epochs=1, batch_size=48, head_width=8),
+                         checkpoint=path, quiet=True)
+    other = make_split("same_dataset_mnist", 3, DataConfig(train_limit=12, eval_limit=4))
+    with pytest.raises(UsageError, match="partition 2, not same_dataset_mnist partition 3"):
+        load_stage1_model(path, "classifier", other)
+
+
+def test_divergence_raises_a_clear_error(split):
+    with pytest.raises(TrainingDiverged, match="lower the learning rate"):
+        train_classifier(split, ClassifierConfig(epochs=2, batch_size=48, lr=1e30), quiet=True)
