@@ -127,7 +127,7 @@ BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
         "*": {
             "classifier.epochs": 2, "classifier.batch_size": 128, "classifier.lr": 3e-3,
             "classifier.schedule": "onecycle", "classifier.label_smoothing": 0.1,
-            "cvae.epochs": 4, "cvae.batch_size": 128, "cvae.lr": 2e-3,
+            "cvae.epochs": 12, "cvae.batch_size": 128, "cvae.lr": 2e-3,
             "stage2.epochs": 3, "data.train_limit": 6000, "data.eval_limit": 2000,
         },
     },

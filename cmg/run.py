@@ -25,6 +25,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--out", default=None,
                    help="output folder (default: runs/SETTING_pN_MODE); holds metrics.json "
                         "and the stage-1 checkpoints, which a rerun reuses")
+    p.add_argument("--stage1-dir", default=None,
+                   help="folder of the stage-1 checkpoints (default: --out); point runs of "
+                        "both modes at one folder to train stage 1 once")
     add_common_args(p)
     return p
 
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     out = ensure_writable_dir(args.out or f"runs/{setting.name}_p{partition}_{args.mode}")
     metrics = run_partition(setting.name, partition, cfg, device, args.data_root, args.download,
-                            workdir=out, budget=args.budget, quiet=args.quiet)
+                            workdir=args.stage1_dir or out, budget=args.budget, quiet=args.quiet)
     write_json(out / "metrics.json", metrics)
     print("\n".join(summary_lines(metrics)))
     print(f"wrote {out / 'metrics.json'}")

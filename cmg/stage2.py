@@ -74,15 +74,39 @@ def _energy_loss(logits_in, logits_out, k, m_in, m_out) -> torch.Tensor:
     return F.relu(e_in - m_in).pow(2).mean() + F.relu(m_out - e_out).pow(2).mean()
 
 
-def _evaluate(head, feats, labels, k, score_fn) -> dict[str, float]:
+def _evaluate(head, feats, k, score_fn) -> dict[str, float]:
     with torch.no_grad():
-        return evaluate_logits(head(feats["ind"]), labels, head(feats["ood"]), score_fn, k)
+        return evaluate_logits(head(feats["ind"]), feats["labels"], head(feats["ood"]), score_fn, k)
+
+
+@dataclass
+class FrozenFeatures:
+    """Features of the frozen network for one (stage-1 model, split), and the baselines' metrics.
+    Computed once and shared by every stage-2 configuration of that model."""
+
+    train: torch.Tensor
+    evals: dict[str, dict[str, torch.Tensor]]  # {"val"|"test": {"ind", "ood", "labels"}}
+    baselines: dict[str, dict[str, dict[str, float]]]
+
+
+def freeze_features(classifier: Classifier, split: Split, amp: bool = True) -> FrozenFeatures:
+    classifier.eval()
+    evals = {}
+    for part in ("val", "test"):
+        ind_x, ind_y, ood_x = split.eval_sets(part)
+        evals[part] = {"ind": extract_features(classifier, ind_x, amp),
+                       "ood": extract_features(classifier, ood_x, amp), "labels": ind_y}
+    k = split.num_classes
+    baselines = {name: {part: _evaluate(classifier.head, evals[part], k, fn)
+                        for part in ("val", "test")} for name, fn in SCORES.items()}
+    return FrozenFeatures(extract_features(classifier, split.train_x, amp), evals, baselines)
 
 
 def run_stage2(classifier: Classifier, cvae: CVAE, split: Split, cfg: Stage2Config,
-               device: str | torch.device = "cpu", amp: bool = True,
-               quiet: bool = False) -> Stage2Result:
-    """Fine-tune a copy of the classifier's head; the classifier itself is left unchanged."""
+               device: str | torch.device = "cpu", amp: bool = True, quiet: bool = False,
+               features: FrozenFeatures | None = None) -> Stage2Result:
+    """Fine-tune a copy of the classifier's head; the classifier itself is left unchanged.
+    Pass `features` (from `freeze_features`) to reuse them across configurations."""
     device = torch.device(device)
     k = split.num_classes
     sigma = cfg.sigma if cfg.sigma is not None else DEFAULT_SIGMA[split.family]
@@ -90,14 +114,11 @@ def run_stage2(classifier: Classifier, cvae: CVAE, split: Split, cfg: Stage2Conf
     cvae.eval()
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-
-    train_f = extract_features(classifier, split.train_x, amp)
-    evals = {part: {"ind": extract_features(classifier, split.eval_sets(part)[0], amp),
-                    "ood": extract_features(classifier, split.eval_sets(part)[2], amp),
-                    "labels": split.eval_sets(part)[1]} for part in ("val", "test")}
-    stage1_head = classifier.head
-    baselines = {name: {part: _evaluate(stage1_head, evals[part], evals[part]["labels"], k, fn)
-                        for part in ("val", "test")} for name, fn in SCORES.items()}
+    bar = Progress(f"stage2 {cfg.mode} {split.setting} p{split.partition}", cfg.epochs + 1, quiet)
+    if features is None:
+        features = freeze_features(classifier, split, amp)
+        bar.update(1, force=True, step="features")
+    train_f, evals, stage1_head = features.train, features.evals, classifier.head
 
     head = copy.deepcopy(stage1_head).float().train()
     params = list((head if cfg.train_layers == "head" else head.out).parameters())
@@ -125,7 +146,6 @@ def run_stage2(classifier: Classifier, cvae: CVAE, split: Split, cfg: Stage2Conf
 
     best = (-math.inf, 0, copy.deepcopy(head.state_dict()))
     history: list[dict[str, float]] = []
-    bar = Progress(f"stage2 {cfg.mode} {split.setting} p{split.partition}", cfg.epochs, quiet)
     ood_target = torch.full((cfg.ood_per_batch,), k, device=device, dtype=torch.long)
     batch_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     for epoch in range(cfg.epochs):
@@ -154,20 +174,20 @@ def run_stage2(classifier: Classifier, cvae: CVAE, split: Split, cfg: Stage2Conf
             raise TrainingDiverged(f"stage-2 loss became {mean_loss} in epoch {epoch + 1} "
                                    f"(lr={cfg.lr}, energy_weight={cfg.energy_weight})")
         head.eval()
-        val_auroc = _evaluate(head, evals["val"], evals["val"]["labels"], k, score_fn)["auroc"]
+        val_auroc = _evaluate(head, evals["val"], k, score_fn)["auroc"]
         history.append({"epoch": epoch + 1, "loss": mean_loss, "val_auroc": val_auroc})
         if cfg.select == "last" or val_auroc > best[0]:
             best = (val_auroc, epoch + 1, copy.deepcopy(head.state_dict()))
-        bar.update(epoch + 1, force=True, epoch=f"{epoch + 1}/{cfg.epochs}", loss=mean_loss,
+        bar.update(epoch + 2, force=True, epoch=f"{epoch + 1}/{cfg.epochs}", loss=mean_loss,
                    val_auroc=val_auroc)
     if cfg.epochs == 0:
         best = (math.nan, 0, head.state_dict())
     head.load_state_dict(best[2])
     head.eval()
     result = Stage2Result(
-        val=_evaluate(head, evals["val"], evals["val"]["labels"], k, score_fn),
-        test=_evaluate(head, evals["test"], evals["test"]["labels"], k, score_fn),
-        baselines=baselines, margins=margins, history=history, selected_epoch=best[1],
+        val=_evaluate(head, evals["val"], k, score_fn),
+        test=_evaluate(head, evals["test"], k, score_fn),
+        baselines=features.baselines, margins=margins, history=history, selected_epoch=best[1],
         head={name: t.detach().cpu() for name, t in best[2].items()})
     bar.close(val_auroc=result.val["auroc"], selected_epoch=best[1])
     return result
