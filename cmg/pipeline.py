@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from cmg.config import RunConfig
+from cmg.config import BASELINES, METRIC_NAMES, RunConfig
 from cmg.data import Split, get_setting, make_split
 from cmg.stage1 import train_classifier, train_cvae
 from cmg.stage2 import Stage2Result, run_stage2
@@ -39,6 +39,17 @@ def result_dict(split: Split, cfg: RunConfig, result: Stage2Result, seconds: dic
                    "history": result.history},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
+
+
+def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """A `result_dict` as flat keys: `val_auroc`, `test_fpr95`, ..., `msp_test_auroc`,
+    `energy_val_auroc`, ... (the names the sweep reports and the analysis reads)."""
+    flat = {f"{part}_{name}": result[part][name] for part in ("val", "test") for name in METRIC_NAMES}
+    for base in BASELINES:
+        for part in ("val", "test"):
+            for name in METRIC_NAMES:
+                flat[f"{base}_{part}_{name}"] = result["baselines"][base][part][name]
+    return flat
 
 
 def run_partition(setting: str, partition: int, cfg: RunConfig,

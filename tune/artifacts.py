@@ -1,0 +1,98 @@
+"""Content-addressed store of stage-1 artifacts, on a local path or any pyarrow filesystem URI.
+
+A stage-1 artifact is everything stage 2 needs from one (setting, partition, stage-1 config):
+the classifier and CVAE checkpoints, the frozen network's features of the train/val/test images
+and the baselines' metrics. Its key hashes those inputs and a format version, so every trial and
+every later sweep that needs the same stage 1 finds it::
+
+    store = ArtifactStore("s3://bucket/cmg/stage1")      # or a local folder
+    key = stage1_key("same_dataset_mnist", 1, cfg)
+    store.exists(key)                                    # True once `meta.json` is written
+
+Layout: ``ROOT/KEY/{classifier.pt, cvae.pt, features.pt, meta.json}``; `meta.json` is written
+last and marks the artifact complete. ``ROOT/KEY/partial/`` holds the per-epoch checkpoints of a
+training in progress, so a trial that moves to another node continues from its last epoch.
+Every file is written to a temporary name and moved into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+from pyarrow import fs as pafs
+
+from cmg.config import RunConfig
+
+FORMAT_VERSION = 1
+
+
+def stage1_key(setting: str, partition: int, cfg: RunConfig) -> str:
+    """Hash of what determines a stage-1 artifact (not the device, not stage 2)."""
+    identity = {"format": FORMAT_VERSION, "setting": setting, "partition": partition,
+                "classifier": cfg.to_dict()["classifier"], "cvae": cfg.to_dict()["cvae"],
+                "data": cfg.to_dict()["data"]}
+    blob = json.dumps(identity, sort_keys=True).encode()
+    return f"{setting}-p{partition}-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+def _open(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    path = Path(uri).expanduser().resolve()
+    return pafs.LocalFileSystem(), str(path)
+
+
+class ArtifactStore:
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root = _open(uri)
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, key: str, name: str = "") -> str:
+        return "/".join(p for p in (self.root, key, name) if p)
+
+    def exists(self, key: str, name: str = "meta.json") -> bool:
+        return self.fs.get_file_info(self.path(key, name)).type == pafs.FileType.File
+
+    def write_bytes(self, key: str, name: str, data: bytes) -> None:
+        target = self.path(key, name)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+        with self.fs.open_output_stream(tmp) as out:
+            out.write(data)
+        self.fs.move(tmp, target)
+
+    def read_bytes(self, key: str, name: str) -> bytes:
+        with self.fs.open_input_stream(self.path(key, name)) as f:
+            return f.read()
+
+    def put_file(self, key: str, name: str, local: str | os.PathLike) -> None:
+        self.write_bytes(key, name, Path(local).read_bytes())
+
+    def get_file(self, key: str, name: str, local: str | os.PathLike) -> Path:
+        """A local path to the file: the file itself on a local store, else a cached download."""
+        if self.is_local:
+            return Path(self.path(key, name))
+        local = Path(local)
+        if not local.exists():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_suffix(f".{uuid.uuid4().hex}.tmp")
+            tmp.write_bytes(self.read_bytes(key, name))
+            os.replace(tmp, local)
+        return local
+
+    def write_json(self, key: str, name: str, data: dict) -> None:
+        self.write_bytes(key, name, json.dumps(data, indent=2).encode())
+
+    def read_json(self, key: str, name: str = "meta.json") -> dict:
+        return json.loads(self.read_bytes(key, name))
+
+    def keys(self) -> list[str]:
+        """Keys of the complete artifacts."""
+        selector = pafs.FileSelector(self.root, allow_not_found=True)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector)
+                      if info.type == pafs.FileType.Directory and self.exists(info.base_name))

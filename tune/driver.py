@@ -1,0 +1,166 @@
+"""The sweep's driver: Ray, the stage-1 prewarm, the Optuna-searched Tuner, resume, summary.
+
+`tune.sweep` validates the input first and only then calls `run_sweep`, so bad input never
+starts Ray or leaves a half-made experiment folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from cmg.config import RunConfig
+from cmg.progress import Progress
+from tune.artifacts import ArtifactStore, stage1_key
+from tune.space import Param, suggest
+from tune.stage1 import NAMESPACE, create_leases
+from tune.trainables import OBJECTIVE, SweepContext, stage1_trainable, stage2_trainable
+
+PARTITIONS = (1, 2, 3, 4, 5)
+
+
+class SweepProgress(tune.Callback):
+    """One line per finished partition and per finished trial, with the sweep's ETA."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.bar = Progress("sweep", total, quiet, every=0)
+        self.quiet, self.finished, self.best = quiet, 0, float("nan")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not self.quiet and "partitions_done" in result:
+            print(f"[trial {trial.trial_id}] partition {result['partition']} "
+                  f"({result['partitions_done']}/5): val AUROC {result['val_auroc']:.4f}, "
+                  f"running mean {result[OBJECTIVE]:.4f}", flush=True)
+
+    def _finish(self, trial):
+        self.finished += 1
+        last = trial.last_result or {}
+        if last.get("partitions_done") == len(PARTITIONS):
+            value = last[OBJECTIVE]
+            self.best = value if not self.best >= value else self.best
+        self.bar.update(self.finished, force=True, trials=f"{self.finished}/{self.bar.total}",
+                        best_val_auroc=self.best)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial)
+
+
+def _prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool) -> int:
+    """Train the base config's stage-1 models of all partitions in parallel; return how many."""
+    store = ArtifactStore(ctx.store_uri)
+    missing = [p for p in ctx.partitions if not store.exists(stage1_key(ctx.setting, p, ctx.base))]
+    if not missing:
+        return 0
+    if not quiet:
+        print(f"[sweep] training stage 1 of partitions {missing} in parallel", flush=True)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(stage1_trainable, ctx=ctx), resources),
+        param_space={"partition": tune.grid_search(missing)},
+        run_config=tune.RunConfig(
+            name="stage1", storage_path=experiment, verbose=0,
+            failure_config=tune.FailureConfig(max_failures=2)))
+    results = tuner.fit()
+    return sum(int(r.metrics.get("stage1_trained", 0)) for r in results if r.metrics)
+
+
+def _fail_orphans(study_factory: Callable, study_name: str) -> int:
+    """Mark study trials that a killed driver left RUNNING as FAIL; return how many."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = study_factory()
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    orphans = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    for t in orphans:
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return len(orphans)
+
+
+def _summary(results, name: str, experiment: str, prewarm_trained: int) -> dict[str, Any]:
+    trials = {"total": 0, "complete": 0, "stopped": 0, "errored": 0}
+    trained = reused = 0
+    best = None
+    for r in results:
+        trials["total"] += 1
+        df = r.metrics_dataframe
+        if df is not None and "stage1_trained" in df:
+            trained += int(df["stage1_trained"].sum())
+            reused += int(len(df) - df["stage1_trained"].sum())
+        last = r.metrics or {}
+        if r.error is not None:
+            trials["errored"] += 1
+        elif last.get("partitions_done") == len(PARTITIONS):
+            trials["complete"] += 1
+            if best is None or last[OBJECTIVE] > best.metrics[OBJECTIVE]:
+                best = r
+        else:
+            trials["stopped"] += 1
+    summary: dict[str, Any] = {
+        "name": name, "experiment": experiment, "trials": trials,
+        "stage1_trained": trained + prewarm_trained, "stage1_reused": reused, "best": None}
+    if best is not None:
+        keep = [k for k in best.metrics if k.endswith(("_mean", "_std"))]
+        summary["best"] = {"trial_id": best.metrics.get("trial_id"), "params": best.config,
+                           "metrics": {k: best.metrics[k] for k in keep}}
+    return summary
+
+
+def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dict[str, Param],
+              data_root: str, storage: str, name: str, first: dict[str, Any],
+              study_factory: Callable) -> dict[str, Any]:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    ray.init(address=args.address, namespace=NAMESPACE, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    try:
+        gpus = args.gpus_per_trial
+        if gpus is None:
+            gpus = 0.25 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        resources = {"cpu": args.cpus_per_trial, "gpu": gpus}
+        experiment = "/".join([storage, name])
+        ctx = SweepContext(setting=setting.name, budget=args.budget, base=base, space=space,
+                           partitions=PARTITIONS, store_uri="/".join([storage, "stage1"]),
+                           data_root=data_root, use_gpu=gpus > 0,
+                           threads=max(1, int(args.cpus_per_trial)))
+        leases = create_leases()  # noqa: F841 -- the actor lives while this handle does
+        if "://" not in experiment:
+            Path(experiment).mkdir(parents=True, exist_ok=True)
+        prewarm_trained = _prewarm(ctx, experiment, resources, args.quiet) if args.prewarm else 0
+        trainable = tune.with_resources(tune.with_parameters(stage2_trainable, ctx=ctx), resources)
+        callbacks = [SweepProgress(args.num_samples, args.quiet)]
+        run_config = tune.RunConfig(
+            name=name, storage_path=storage, verbose=0 if args.quiet else 1, callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+        if args.resume:
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            searcher = OptunaSearch(
+                space=functools.partial(suggest, space=space, modes=modes), metric=OBJECTIVE, mode="max",
+                points_to_evaluate=[first], seed=args.seed, study_name=name,
+                storage=study_factory())
+            scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(PARTITIONS),
+                                       grace_period=1, reduction_factor=2)
+                         if args.scheduler == "asha" else None)
+            tuner = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
+                search_alg=(ConcurrencyLimiter(searcher, args.max_concurrent)
+                            if args.max_concurrent else searcher),
+                scheduler=scheduler, num_samples=args.num_samples, metric=OBJECTIVE,
+                mode="max"))
+        results = tuner.fit()
+        summary = _summary(results, name, experiment, prewarm_trained)
+        summary["study"] = {"name": name, "orphans_failed": _fail_orphans(study_factory, name)}
+        return summary
+    finally:
+        ray.shutdown()

@@ -1,0 +1,152 @@
+"""Train-once-per-key stage 1: get a stage-1 artifact from the store, training it if missing.
+
+Exactly one trial trains a given key at a time: a lease from the `Stage1Leases` actor (one per
+sweep, in the driver's Ray job) decides who trains; the others wait for the artifact. A lease
+whose holder stops renewing it (a lost worker) expires, and the next trial takes over, resuming
+from the per-epoch checkpoints under ``KEY/partial/`` on the shared store.
+
+    models = ensure_stage1(store, split, cfg, device, leases, owner=trial_id)
+    models.classifier, models.cvae, models.features, models.trained
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import ray
+import torch
+
+from cmg.config import RunConfig
+from cmg.data import Split
+from cmg.stage1 import load_stage1_model, train_classifier, train_cvae
+from cmg.stage2 import FrozenFeatures, freeze_features
+from tune.artifacts import ArtifactStore, stage1_key
+
+LEASE_SECONDS = 900.0  # a holder renews at every epoch; longer silence means it is gone
+CACHE = Path(os.environ.get("CMG_CACHE", Path.home() / ".cache" / "cmg-sweep"))
+
+
+@ray.remote(num_cpus=0)
+class Stage1Leases:
+    """Who is training which stage-1 key right now (lives as long as the sweep's driver)."""
+
+    def __init__(self):
+        self.leases: dict[str, tuple[str, float]] = {}
+
+    def acquire(self, key: str, owner: str) -> bool:
+        holder = self.leases.get(key)
+        now = time.time()
+        if holder is None or holder[0] == owner or now - holder[1] > LEASE_SECONDS:
+            self.leases[key] = (owner, now)
+            return True
+        return False
+
+    def renew(self, key: str, owner: str) -> None:
+        if self.leases.get(key, (owner,))[0] == owner:
+            self.leases[key] = (owner, time.time())
+
+    def release(self, key: str, owner: str) -> None:
+        if self.leases.get(key, (None,))[0] == owner:
+            del self.leases[key]
+
+
+LEASES_NAME = "cmg_stage1_leases"
+NAMESPACE = "cmg-sweep"  # the driver's Ray namespace, where the lease actor is found
+
+
+def get_leases():
+    """The sweep's lease actor (created by the driver with `create_leases`)."""
+    return ray.get_actor(LEASES_NAME, namespace=NAMESPACE)
+
+
+def create_leases():
+    return Stage1Leases.options(name=LEASES_NAME, namespace=NAMESPACE,
+                                 get_if_exists=True).remote()
+
+
+@dataclass
+class Stage1Models:
+    key: str
+    classifier: torch.nn.Module
+    cvae: torch.nn.Module
+    features: FrozenFeatures
+    trained: bool  # True if this call trained it, False if it was reused
+
+
+EpochReport = Callable[[str, int, dict], None]  # (model kind, epoch, metrics)
+
+
+def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunConfig,
+                       device: torch.device, renew: Callable[[], None],
+                       report: EpochReport | None) -> None:
+    """Train both models (resuming from KEY/partial/), then publish the artifact."""
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="cmg-stage1-") as tmp:
+        local = {name: Path(tmp) / f"{name}.pt" for name in ("classifier", "cvae")}
+        for name, path in local.items():
+            if store.exists(key, f"partial/{name}.pt"):
+                path.write_bytes(store.read_bytes(key, f"partial/{name}.pt"))
+
+        def on_epoch(kind):
+            def callback(epoch, metrics):
+                store.put_file(key, f"partial/{kind}.pt", local[kind])  # any node can resume
+                renew()
+                if report is not None:
+                    report(kind, epoch, metrics)
+            return callback
+
+        classifier, clf_hist = train_classifier(split, cfg.classifier, device, local["classifier"],
+                                                on_epoch("classifier"), quiet=True)
+        cvae, cvae_hist = train_cvae(split, cfg.cvae, device, local["cvae"], on_epoch("cvae"),
+                                     quiet=True)
+        features = freeze_features(classifier, split, cfg.classifier.amp)
+        buffer = io.BytesIO()
+        torch.save({"train": features.train.cpu(), "baselines": features.baselines,
+                    "evals": {p: {k: v.cpu() for k, v in d.items()}
+                              for p, d in features.evals.items()}}, buffer)
+        store.write_bytes(key, "features.pt", buffer.getvalue())
+        for name, path in local.items():
+            store.put_file(key, f"{name}.pt", path)
+        store.write_json(key, "meta.json", {
+            "key": key, "setting": split.setting, "partition": split.partition,
+            "config": {k: v for k, v in cfg.to_dict().items() if k != "stage2"},
+            "classifier_history": clf_hist, "cvae_history": cvae_hist,
+            "seconds": round(time.time() - started, 3), "device": str(device)})
+
+
+def _load(store: ArtifactStore, key: str, split: Split, device: torch.device,
+          trained: bool) -> Stage1Models:
+    cache = CACHE / "stage1" / key
+    models = {kind: load_stage1_model(store.get_file(key, f"{kind}.pt", cache / f"{kind}.pt"),
+                                      kind, split, device) for kind in ("classifier", "cvae")}
+    raw = torch.load(store.get_file(key, "features.pt", cache / "features.pt"),
+                     map_location=device, weights_only=True)
+    features = FrozenFeatures(train=raw["train"], evals=raw["evals"], baselines=raw["baselines"])
+    return Stage1Models(key, models["classifier"], models["cvae"], features, trained)
+
+
+def ensure_stage1(store: ArtifactStore, split: Split, cfg: RunConfig, device: torch.device,
+                  leases=None, owner: str = "local", report: EpochReport | None = None,
+                  poll_seconds: float = 1.0) -> Stage1Models:
+    """Load the stage-1 artifact of (split, cfg), training it first if no one has."""
+    key = stage1_key(split.setting, split.partition, cfg)
+    trained = False
+    while not store.exists(key):
+        if leases is None or ray.get(leases.acquire.remote(key, owner)):
+            renew = (lambda: leases.renew.remote(key, owner)) if leases is not None else (
+                lambda: None)
+            try:
+                _train_and_publish(store, key, split, cfg, device, renew, report)
+                trained = True
+            finally:
+                if leases is not None:
+                    ray.get(leases.release.remote(key, owner))
+            break
+        time.sleep(poll_seconds)
+    return _load(store, key, split, device, trained)

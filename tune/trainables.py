@@ -1,0 +1,132 @@
+"""Ray Tune trainables: stage 1 for one partition, stage 2 for one configuration over all five.
+
+The stage-2 trainable runs the partitions in a fixed order and reports after each one: that
+partition's metrics (CMG and both baselines, val and test), and the running mean and standard
+deviation of every metric over the partitions done so far. `val_auroc_mean` is the objective;
+ASHA can stop a configuration after one or two partitions. A checkpoint after every partition
+holds the finished partitions, so a retried trial continues with the next partition.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from cmg.config import DataConfig, RunConfig, apply_overrides
+from cmg.data import make_split
+from cmg.pipeline import flat_metrics, result_dict
+from cmg.stage2 import run_stage2
+from tune.artifacts import ArtifactStore
+from tune.space import Param, to_overrides
+from tune.stage1 import ensure_stage1, get_leases
+
+OBJECTIVE = "val_auroc_mean"
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of a sweep shares (passed with tune.with_parameters)."""
+
+    setting: str
+    budget: str
+    base: RunConfig
+    space: dict[str, Param]
+    partitions: tuple[int, ...]
+    store_uri: str
+    data_root: str
+    use_gpu: bool
+    threads: int
+
+
+def _device(ctx: SweepContext) -> torch.device:
+    torch.set_num_threads(max(1, ctx.threads))
+    return torch.device("cuda" if ctx.use_gpu and torch.cuda.is_available() else "cpu")
+
+
+@functools.lru_cache(maxsize=5)
+def _split(setting: str, partition: int, data: DataConfig, device: str, data_root: str):
+    return make_split(setting, partition, data, data_root).to(device)
+
+
+def split_for(ctx: SweepContext, partition: int, device: torch.device):
+    """The partition's tensors on the device, loaded once per worker process."""
+    return _split(ctx.setting, partition, ctx.base.data, str(device), ctx.data_root)
+
+
+def _owner() -> str:
+    return tune.get_context().get_trial_id() or "driver"
+
+
+def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
+    """Train (or find) the stage-1 models of one partition, reporting every epoch."""
+    device = _device(ctx)
+    partition = config["partition"]
+    cfg = apply_overrides(ctx.base, config.get("overrides", {}))
+    split = split_for(ctx, partition, device)
+    step = {"n": 0}
+
+    def report(kind: str, epoch: int, metrics: dict) -> None:
+        step["n"] += 1
+        tune.report({"partition": partition, "model": kind, "epoch": epoch,
+                     **{f"{kind}_{k}": v for k, v in metrics.items() if k != "epoch"}})
+
+    models = ensure_stage1(ArtifactStore(ctx.store_uri), split, cfg, device, get_leases(),
+                           _owner(), report)
+    tune.report({"partition": partition, "model": "done", "stage1_key": models.key,
+                 "stage1_trained": int(models.trained)})
+
+
+def aggregate(records: list[dict[str, float]]) -> dict[str, float]:
+    """Mean and (population) standard deviation over partitions of every flat metric."""
+    out = {}
+    for name in records[0]:
+        values = [r[name] for r in records]
+        mean = sum(values) / len(values)
+        out[f"{name}_mean"] = mean
+        out[f"{name}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return out
+
+
+def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
+    """One configuration, stage 2 on every partition in order; a report after each."""
+    device = _device(ctx)
+    cfg = apply_overrides(ctx.base, to_overrides(config, ctx.space))
+    done: list[dict[str, Any]] = []
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            done = json.loads((Path(folder) / "partitions.json").read_text())
+    store = ArtifactStore(ctx.store_uri)
+    leases = get_leases()
+    for partition in ctx.partitions[len(done):]:
+        started = time.perf_counter()
+        split = split_for(ctx, partition, device)
+        models = ensure_stage1(store, split, cfg, device, leases, _owner())
+        stage1_s = time.perf_counter() - started
+        result = run_stage2(models.classifier, models.cvae, split, cfg.stage2, device,
+                            cfg.classifier.amp, quiet=True, features=models.features)
+        seconds = {"stage1": stage1_s, "stage2": time.perf_counter() - started - stage1_s}
+        record = {"partition": partition, "stage1_key": models.key,
+                  "stage1_trained": int(models.trained), "selected_epoch": result.selected_epoch,
+                  "metrics": flat_metrics(result_dict(split, cfg, result, seconds)),
+                  "seconds": seconds}
+        done.append(record)
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "partitions.json").write_text(json.dumps(done))
+            tune.report({
+                "partitions_done": len(done), "partition": partition,
+                **record["metrics"], **aggregate([r["metrics"] for r in done]),
+                "stage1_key": models.key, "stage1_trained": record["stage1_trained"],
+                "stage1_trained_total": sum(r["stage1_trained"] for r in done),
+                "selected_epoch": result.selected_epoch,
+                "stage1_s": seconds["stage1"], "stage2_s": seconds["stage2"],
+            }, checkpoint=tune.Checkpoint.from_directory(folder))
