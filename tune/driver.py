@@ -34,6 +34,12 @@ class SweepProgress(tune.Callback):
         self.bar = Progress("sweep", total, quiet, every=0)
         self.quiet, self.finished, self.best = quiet, 0, float("nan")
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if not self.quiet:
+            params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in trial.config.items())
+            print(f"[trial {trial.trial_id}] started: {params}", flush=True)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if not self.quiet and "partitions_done" in result:
             print(f"[trial {trial.trial_id}] partition {result['partition']} "
@@ -119,7 +125,8 @@ def _summary(results, name: str, experiment: str, prewarm_trained: int) -> dict[
 def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dict[str, Param],
               data_root: str, storage: str, name: str, first: dict[str, Any],
               study_factory: Callable) -> dict[str, Any]:
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # the experiment state is saved after every partition on purpose: not a bottleneck here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(address=args.address, namespace=NAMESPACE, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     try:
@@ -139,7 +146,7 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
         trainable = tune.with_resources(tune.with_parameters(stage2_trainable, ctx=ctx), resources)
         callbacks = [SweepProgress(args.num_samples, args.quiet)]
         run_config = tune.RunConfig(
-            name=name, storage_path=storage, verbose=0 if args.quiet else 1, callbacks=callbacks,
+            name=name, storage_path=storage, verbose=0, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
         if args.resume:

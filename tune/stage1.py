@@ -77,6 +77,7 @@ class Stage1Models:
     cvae: torch.nn.Module
     features: FrozenFeatures
     trained: bool  # True if this call trained it, False if it was reused
+    train_seconds: float = 0.0  # time spent training and publishing it here (0 if reused)
 
 
 EpochReport = Callable[[str, int, dict], None]  # (model kind, epoch, metrics)
@@ -84,8 +85,8 @@ EpochReport = Callable[[str, int, dict], None]  # (model kind, epoch, metrics)
 
 def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunConfig,
                        device: torch.device, renew: Callable[[], None],
-                       report: EpochReport | None) -> None:
-    """Train both models (resuming from KEY/partial/), then publish the artifact."""
+                       report: EpochReport | None) -> float:
+    """Train both models (resuming from KEY/partial/), publish the artifact; return seconds."""
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="cmg-stage1-") as tmp:
         local = {name: Path(tmp) / f"{name}.pt" for name in ("classifier", "cvae")}
@@ -118,6 +119,7 @@ def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunCon
             "config": {k: v for k, v in cfg.to_dict().items() if k != "stage2"},
             "classifier_history": clf_hist, "cvae_history": cvae_hist,
             "seconds": round(time.time() - started, 3), "device": str(device)})
+    return time.time() - started
 
 
 def _load(store: ArtifactStore, key: str, split: Split, device: torch.device,
@@ -136,17 +138,19 @@ def ensure_stage1(store: ArtifactStore, split: Split, cfg: RunConfig, device: to
                   poll_seconds: float = 1.0) -> Stage1Models:
     """Load the stage-1 artifact of (split, cfg), training it first if no one has."""
     key = stage1_key(split.setting, split.partition, cfg)
-    trained = False
+    trained, seconds = False, 0.0
     while not store.exists(key):
         if leases is None or ray.get(leases.acquire.remote(key, owner)):
             renew = (lambda: leases.renew.remote(key, owner)) if leases is not None else (
                 lambda: None)
             try:
-                _train_and_publish(store, key, split, cfg, device, renew, report)
+                seconds = _train_and_publish(store, key, split, cfg, device, renew, report)
                 trained = True
             finally:
                 if leases is not None:
                     ray.get(leases.release.remote(key, owner))
             break
         time.sleep(poll_seconds)
-    return _load(store, key, split, device, trained)
+    models = _load(store, key, split, device, trained)
+    models.train_seconds = seconds
+    return models

@@ -82,7 +82,7 @@ def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     models = ensure_stage1(ArtifactStore(ctx.store_uri), split, cfg, device, get_leases(),
                            _owner(), report)
     tune.report({"partition": partition, "model": "done", "stage1_key": models.key,
-                 "stage1_trained": int(models.trained)})
+                 "stage1_trained": int(models.trained), "stage1_train_s": models.train_seconds})
 
 
 def aggregate(records: list[dict[str, float]]) -> dict[str, float]:
@@ -114,7 +114,8 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
         stage1_s = time.perf_counter() - started
         result = run_stage2(models.classifier, models.cvae, split, cfg.stage2, device,
                             cfg.classifier.amp, quiet=True, features=models.features)
-        seconds = {"stage1": stage1_s, "stage2": time.perf_counter() - started - stage1_s}
+        seconds = {"stage1": stage1_s, "stage1_train": models.train_seconds,
+                   "stage2": time.perf_counter() - started - stage1_s}
         record = {"partition": partition, "stage1_key": models.key,
                   "stage1_trained": int(models.trained), "selected_epoch": result.selected_epoch,
                   "metrics": flat_metrics(result_dict(split, cfg, result, seconds)),
@@ -128,5 +129,6 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
                 "stage1_key": models.key, "stage1_trained": record["stage1_trained"],
                 "stage1_trained_total": sum(r["stage1_trained"] for r in done),
                 "selected_epoch": result.selected_epoch,
-                "stage1_s": seconds["stage1"], "stage2_s": seconds["stage2"],
+                "stage1_s": seconds["stage1"], "stage1_train_s": seconds["stage1_train"],
+                "stage2_s": seconds["stage2"],
             }, checkpoint=tune.Checkpoint.from_directory(folder))

@@ -1,0 +1,159 @@
+"""The sweep on a real local Ray with real Optuna storage, on real MNIST (smoke budget)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from conftest import ROOT, SWEEP_SMOKE, run_sweep
+from tune.artifacts import ArtifactStore
+
+
+def trials(experiment: Path) -> list[dict]:
+    out = []
+    for folder in sorted(experiment.glob("stage2_trainable_*")):
+        rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()
+                if line.strip()] if (folder / "result.json").exists() else []
+        out.append({"folder": folder, "rows": rows,
+                    "params": json.loads((folder / "params.json").read_text()),
+                    "error": (folder / "error.txt").read_text()
+                    if (folder / "error.txt").exists() else None})
+    return out
+
+
+def study(experiment: Path, name: str):
+    storage = JournalStorage(JournalFileBackend(str(experiment / "optuna.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_every_trial_reports_partitions_in_order_and_the_best_has_five(smoke_sweep):
+    summary = json.loads((smoke_sweep["experiment"] / "summary.json").read_text())
+    found = trials(smoke_sweep["experiment"])
+    assert len(found) == summary["trials"]["total"] == 5
+    for t in found:
+        assert [r["partition"] for r in t["rows"]] == [1, 2, 3, 4, 5][:len(t["rows"])]
+        assert [r["partitions_done"] for r in t["rows"]] == list(range(1, len(t["rows"]) + 1))
+    complete = [t for t in found if len(t["rows"]) == 5]
+    assert len(complete) == summary["trials"]["complete"] >= 1
+    for t in complete:  # the final report holds mean and std over the five partitions
+        last = t["rows"][-1]
+        values = [r["val_auroc"] for r in t["rows"]]
+        assert last["val_auroc_mean"] == pytest.approx(sum(values) / 5)
+        assert {"test_auroc_std", "msp_test_auroc_mean", "energy_val_fpr95_mean"} <= set(last)
+    assert summary["best"]["metrics"]["val_auroc_mean"] == max(
+        t["rows"][-1]["val_auroc_mean"] for t in complete)
+    assert "best configuration" in smoke_sweep["stdout"]
+
+
+def test_stage1_is_trained_once_per_distinct_key(smoke_sweep):
+    summary = json.loads((smoke_sweep["experiment"] / "summary.json").read_text())
+    keys = ArtifactStore(str(smoke_sweep["storage"] / "stage1")).keys()
+    used = {r["stage1_key"] for t in trials(smoke_sweep["experiment"]) for r in t["rows"]}
+    assert used <= set(keys)
+    assert summary["stage1_trained"] == len(keys) <= 10  # 5 partitions x 2 latent sizes at most
+    evaluations = sum(len(t["rows"]) for t in trials(smoke_sweep["experiment"]))
+    assert summary["stage1_reused"] == evaluations - (summary["stage1_trained"] - 5)
+
+
+def test_a_diverging_config_errors_while_the_others_finish(smoke_sweep):
+    found = trials(smoke_sweep["experiment"])
+    diverged = [t for t in found if t["params"]["lr"] > 1]
+    healthy = [t for t in found if t["params"]["lr"] < 1]
+    assert diverged and healthy
+    for t in diverged:
+        assert "TrainingDiverged" in t["error"] and "stage-2 loss became" in t["error"]
+    assert all(t["error"] is None and t["rows"] for t in healthy)
+
+
+def test_study_is_persisted_and_starts_from_the_reference_defaults(smoke_sweep):
+    s = study(smoke_sweep["experiment"], "smoke")
+    assert len(s.trials) == 5 and not [t for t in s.trials if t.state == TrialState.RUNNING]
+    first = s.trials[0].params
+    assert first["sigma"] == 3.0 and first["mixing"] == "mask" and first["mask_prob"] == 0.5
+    assert first["m_in_percentile"] == 20.0 and first["energy_weight"] == 0.1
+    assert sum(t.state == TrialState.FAIL for t in s.trials) == sum(
+        t["error"] is not None for t in trials(smoke_sweep["experiment"]))
+
+
+def test_a_second_sweep_in_the_same_storage_trains_no_stage1(smoke_sweep):
+    space = smoke_sweep["storage"] / "space2.yaml"
+    space.write_text("latent_dim: 32\nlr: 1.0e-4\nepochs: 1\n")
+    proc = run_sweep("--num-samples", "2", "--storage", str(smoke_sweep["storage"]), "--name",
+                     "again", "--space", str(space), "--scheduler", "none", "--seed", "3",
+                     *SWEEP_SMOKE)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((smoke_sweep["storage"] / "again" / "summary.json").read_text())
+    assert summary["stage1_trained"] == 0 and summary["stage1_reused"] == 10
+    assert "0 trained, 10 reused" in proc.stdout
+
+
+def test_killed_driver_resumes_without_losing_or_repeating_trials(tmp_path, mnist_available):
+    space = tmp_path / "space.yaml"
+    space.write_text("latent_dim: 32\nepochs: 1\n")
+    args = ["--num-samples", "4", "--storage", str(tmp_path), "--name", "k", "--space",
+            str(space), "--max-concurrent", "1", "--scheduler", "none", *SWEEP_SMOKE]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen([sys.executable, "-m", "tune.sweep", *args], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    experiment = tmp_path / "k"
+    deadline = time.time() + 600
+    try:  # kill the driver (and its local Ray) once a trial is done and the next one is running
+        while time.time() < deadline:
+            done = [t for t in trials(experiment) if len(t["rows"]) == 5]
+            if done and len(trials(experiment)) >= 2 and any(
+                    0 < len(t["rows"]) < 5 for t in trials(experiment)):
+                break
+            time.sleep(0.5)
+        assert time.time() < deadline, "the sweep did not get going"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    proc = run_sweep(*args, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    found = trials(experiment)
+    assert len(found) == 4 and all(len(t["rows"]) == 5 for t in found)
+    for t in found:  # no partition reported twice: the interrupted trial continued
+        assert [r["partition"] for r in t["rows"]] == [1, 2, 3, 4, 5]
+    s = study(experiment, "k")
+    states = [t.state for t in s.trials]
+    assert TrialState.RUNNING not in states and states.count(TrialState.COMPLETE) == 4
+    assert len({json.dumps(t["params"], sort_keys=True) for t in found}) == 4
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--setting", "nope"], ["unknown setting"]),
+    (["--mode", "CMG-x"], ["unknown mode", "both"]),
+    (["--resume"], ["no sweep to resume"]),
+    (["--space", "MISSING.yaml"], ["cannot read space file"]),
+    (["--space", "bad.yaml"], ["not valid YAML", "line"]),
+    (["--space", "unknown.yaml"], ["unknown parameter 'sigmaa'"]),
+    (["--space", "range.yaml"], ["'sigma'", "low <= high"]),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, words):
+    (tmp_path / "bad.yaml").write_text("sigma: [1, 2\n")
+    (tmp_path / "unknown.yaml").write_text("sigmaa: 3\n")
+    (tmp_path / "range.yaml").write_text("sigma: {low: 4, high: 1}\n")
+    args = [a if not a.endswith(".yaml") else str(tmp_path / a) for a in args]
+    storage = tmp_path / "store"
+    proc = run_sweep("--storage", str(storage), "--budget", "smoke", *args, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    for w in words:
+        assert w in proc.stderr
+    assert not storage.exists()
+
+
+def test_existing_experiment_needs_resume(smoke_sweep):
+    proc = run_sweep("--storage", str(smoke_sweep["storage"]), "--name", "smoke", "--budget",
+                     "smoke", timeout=120)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
