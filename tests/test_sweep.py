@@ -21,6 +21,8 @@ from tune.artifacts import ArtifactStore
 def trials(experiment: Path) -> list[dict]:
     out = []
     for folder in sorted(experiment.glob("stage2_trainable_*")):
+        if not (folder / "params.json").exists():  # a trial folder being created
+            continue
         rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()
                 if line.strip()] if (folder / "result.json").exists() else []
         out.append({"folder": folder, "rows": rows,
