@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from cmg.config import BUDGETS, RunConfig, budget_config
+from cmg.config import BUDGETS, MODES, RunConfig, budget_config
+from cmg.data import Setting, get_setting, parse_partition
 from cmg.errors import atomic_write, fail
 
 
@@ -46,6 +47,17 @@ def config_from_args(args: argparse.Namespace, family: str, mode: str | None = N
     seeds = [f"{section}.seed={args.seed}" for section in ("classifier", "cvae", "stage2")]
     extra = [f"stage2.mode={mode}"] if mode is not None else []
     return budget_config(args.budget, family, seeds + extra + list(args.overrides))
+
+
+def setup_run(args: argparse.Namespace, setting_name: str, partition_text: str,
+              mode: str | None = None) -> tuple[Setting, int, RunConfig, torch.device]:
+    """Validate setting, partition and mode; build the config and pick the device."""
+    setting = get_setting(setting_name)
+    partition = parse_partition(partition_text)
+    setting.ind_classes(partition)
+    if mode is not None and mode not in MODES:
+        fail(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    return setting, partition, config_from_args(args, setting.family, mode), resolve_device(args.device)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

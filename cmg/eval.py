@@ -13,11 +13,10 @@ from __future__ import annotations
 import sys
 import time
 
-from cmg.cli import (add_common_args, config_from_args, resolve_device, summary_lines,
-                     write_json)
+from cmg.cli import add_common_args, setup_run, summary_lines, write_json
 from cmg.config import MODES
-from cmg.data import get_setting, parse_partition, setting_names
-from cmg.errors import OneLineParser, exit_on_usage_error, fail, help_formatter
+from cmg.data import setting_names
+from cmg.errors import OneLineParser, exit_on_usage_error, help_formatter
 from cmg.pipeline import load_partition, result_dict
 from cmg.stage1 import load_stage1_model
 from cmg.stage2 import run_stage2
@@ -42,13 +41,7 @@ def build_parser() -> OneLineParser:
 @exit_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    setting = get_setting(args.task)
-    partition = parse_partition(args.partition)
-    setting.ind_classes(partition)
-    if args.mode not in MODES:
-        fail(f"unknown mode '{args.mode}'; choose one of {', '.join(MODES)}")
-    cfg = config_from_args(args, setting.family, args.mode)
-    device = resolve_device(args.device)
+    setting, partition, cfg, device = setup_run(args, args.task, args.partition, args.mode)
     split = load_partition(setting.name, partition, cfg, device, args.data_root, args.download)
     classifier = load_stage1_model(args.params_dict_name, "classifier", split, device)
     cvae = load_stage1_model(args.params_dict_name2, "cvae", split, device)

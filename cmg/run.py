@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from cmg.cli import add_common_args, config_from_args, resolve_device, summary_lines, write_json
+from cmg.cli import add_common_args, setup_run, summary_lines, write_json
 from cmg.config import MODES
-from cmg.data import get_setting, parse_partition, setting_names
-from cmg.errors import OneLineParser, ensure_writable_dir, exit_on_usage_error, fail, help_formatter
+from cmg.data import setting_names
+from cmg.errors import OneLineParser, ensure_writable_dir, exit_on_usage_error, help_formatter
 from cmg.pipeline import run_partition
 
 
@@ -35,13 +35,7 @@ def build_parser() -> OneLineParser:
 @exit_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    setting = get_setting(args.setting)
-    partition = parse_partition(args.partition)
-    setting.ind_classes(partition)
-    if args.mode not in MODES:
-        fail(f"unknown mode '{args.mode}'; choose one of {', '.join(MODES)}")
-    cfg = config_from_args(args, setting.family, args.mode)
-    device = resolve_device(args.device)
+    setting, partition, cfg, device = setup_run(args, args.setting, args.partition, args.mode)
     out = ensure_writable_dir(args.out or f"runs/{setting.name}_p{partition}_{args.mode}")
     metrics = run_partition(setting.name, partition, cfg, device, args.data_root, args.download,
                             workdir=args.stage1_dir or out, budget=args.budget, quiet=args.quiet)

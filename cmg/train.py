@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from cmg.cli import add_common_args, config_from_args, resolve_device
-from cmg.data import get_setting, parse_partition, setting_names
+from cmg.cli import add_common_args, setup_run
+from cmg.data import setting_names
 from cmg.errors import OneLineParser, exit_on_usage_error, fail, help_formatter
 from cmg.pipeline import load_partition
 from cmg.stage1 import train_classifier, train_cvae
@@ -37,14 +37,10 @@ def build_parser() -> OneLineParser:
 @exit_on_usage_error
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    setting = get_setting(args.task)
-    partition = parse_partition(args.partition)
-    setting.ind_classes(partition)
+    setting, partition, cfg, device = setup_run(args, args.task, args.partition)
     if args.command not in COMMANDS:
         fail(f"unknown command '{args.command}'; choose one of {', '.join(COMMANDS)}")
     kind = COMMANDS[args.command]
-    cfg = config_from_args(args, setting.family)
-    device = resolve_device(args.device)
     path = args.params_dict_name or f"ckpt/{kind}_{setting.name}_partition{partition}.pt"
     split = load_partition(setting.name, partition, cfg, device, args.data_root, args.download)
     if kind == "classifier":

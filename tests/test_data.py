@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cmg.config import DataConfig
-from cmg.data import SAME_DATASET_PARTITIONS, get_setting, make_split, parse_partition, random_crop_flip
+from cmg.data import get_setting, make_split, parse_partition, random_crop_flip
 from cmg.data.sources import resolve_data_root
 from cmg.errors import UsageError
 

@@ -28,10 +28,11 @@ PARTITIONS = (1, 2, 3, 4, 5)
 
 
 class SweepProgress(tune.Callback):
-    """One line per finished partition and per finished trial, with the sweep's ETA."""
+    """A line per trial start, stage-1 epoch, finished partition and finished trial, with the
+    ETA of the whole run; nothing with quiet=True."""
 
-    def __init__(self, total: int, quiet: bool):
-        self.bar = Progress("sweep", total, quiet, every=0)
+    def __init__(self, total: int, quiet: bool, label: str = "sweep"):
+        self.bar = Progress(label, total, quiet, every=0)
         self.quiet, self.finished, self.best = quiet, 0, float("nan")
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -41,6 +42,10 @@ class SweepProgress(tune.Callback):
             print(f"[trial {trial.trial_id}] started: {params}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not self.quiet and result.get("model") in ("classifier", "cvae"):
+            kind = result["model"]
+            print(f"[stage 1, partition {result['partition']}] {kind} epoch {result['epoch']}: "
+                  f"loss {result[kind + '_loss']:.4f}", flush=True)
         if not self.quiet and "partitions_done" in result:
             print(f"[trial {trial.trial_id}] partition {result['partition']} "
                   f"({result['partitions_done']}/5): val AUROC {result['val_auroc']:.4f}, "
@@ -52,8 +57,9 @@ class SweepProgress(tune.Callback):
         if last.get("partitions_done") == len(PARTITIONS):
             value = last[OBJECTIVE]
             self.best = value if not self.best >= value else self.best
+        best = {} if self.best != self.best else {"best_val_auroc": self.best}  # not NaN
         self.bar.update(self.finished, force=True, trials=f"{self.finished}/{self.bar.total}",
-                        best_val_auroc=self.best)
+                        **best)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial)
@@ -75,6 +81,7 @@ def _prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool) -
         param_space={"partition": tune.grid_search(missing)},
         run_config=tune.RunConfig(
             name="stage1", storage_path=experiment, verbose=0,
+            callbacks=[SweepProgress(len(missing), quiet, label="stage 1")],
             failure_config=tune.FailureConfig(max_failures=2)))
     results = tuner.fit()
     return sum(int(r.metrics.get("stage1_trained", 0)) for r in results if r.metrics)
@@ -127,6 +134,10 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
               study_factory: Callable) -> dict[str, Any]:
     # the experiment state is saved after every partition on purpose: not a bottleneck here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if args.quiet:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     ray.init(address=args.address, namespace=NAMESPACE, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     try:
@@ -139,7 +150,8 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
                            partitions=PARTITIONS, store_uri="/".join([storage, "stage1"]),
                            data_root=data_root, use_gpu=gpus > 0,
                            threads=max(1, int(args.cpus_per_trial)))
-        leases = create_leases()  # noqa: F841 -- the actor lives while this handle does
+        leases = create_leases()  # the actor lives as long as this handle
+        ray.get(leases.__ray_ready__.remote())
         if "://" not in experiment:
             Path(experiment).mkdir(parents=True, exist_ok=True)
         prewarm_trained = _prewarm(ctx, experiment, resources, args.quiet) if args.prewarm else 0

@@ -22,7 +22,6 @@ from cmg.config import BUDGETS, budget_config
 from cmg.data import get_setting, make_split, resolve_data_root, setting_names
 from cmg.errors import OneLineParser, exit_on_usage_error, fail, help_formatter
 from tune.space import default_space, first_point, load_space_file, mode_choices
-from tune.trainables import OBJECTIVE
 
 PARTITIONS = (1, 2, 3, 4, 5)
 
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     storage = _resolve_storage(args.storage)
     name = args.name or f"{setting.name}-{args.mode}-{args.budget}"
     experiment = _join(storage, name)
-    if not "://" in storage:
+    if "://" not in storage:
         exists = Path(experiment, "tuner.pkl").exists()
         if args.resume and not exists:
             fail(f"no sweep to resume in {experiment}; drop --resume or fix --name/--storage")
