@@ -67,19 +67,16 @@ def _owner() -> str:
 
 
 def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
-    """Train (or find) the stage-1 models of one partition, reporting every epoch."""
+    """Train (or find) the sweep's base stage-1 models of one partition, reporting every epoch."""
     device = _device(ctx)
     partition = config["partition"]
-    cfg = apply_overrides(ctx.base, config.get("overrides", {}))
     split = split_for(ctx, partition, device)
-    step = {"n": 0}
 
     def report(kind: str, epoch: int, metrics: dict) -> None:
-        step["n"] += 1
         tune.report({"partition": partition, "model": kind, "epoch": epoch,
                      **{f"{kind}_{k}": v for k, v in metrics.items() if k != "epoch"}})
 
-    models = ensure_stage1(ArtifactStore(ctx.store_uri), split, cfg, device, get_leases(),
+    models = ensure_stage1(ArtifactStore(ctx.store_uri), split, ctx.base, device, get_leases(),
                            _owner(), report)
     tune.report({"partition": partition, "model": "done", "stage1_key": models.key,
                  "stage1_trained": int(models.trained), "stage1_train_s": models.train_seconds})
