@@ -176,7 +176,7 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
                 search_alg=(ConcurrencyLimiter(searcher, args.max_concurrent)
                             if args.max_concurrent else searcher),
                 scheduler=scheduler, num_samples=args.num_samples, metric=OBJECTIVE,
-                mode="max"))
+                mode="max", reuse_actors=True))  # keep warm processes: imports, data, caches
         results = tuner.fit()
         summary = _summary(results, name, experiment, prewarm_trained)
         summary["study"] = {"name": name, "orphans_failed": _fail_orphans(study_factory, name)}
