@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections import OrderedDict
 import tempfile
 import time
 from dataclasses import dataclass
@@ -122,15 +123,28 @@ def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunCon
     return time.time() - started
 
 
+# Artifacts loaded in this worker process, most recent last: trial processes are reused, and
+# stage 2 never modifies the frozen models or features, so the next trial skips the reload.
+_LOADED: OrderedDict[tuple[str, str, str], tuple] = OrderedDict()
+_LOADED_MAX = 5  # one per partition
+
+
 def _load(store: ArtifactStore, key: str, split: Split, device: torch.device,
           trained: bool) -> Stage1Models:
-    cache = CACHE / "stage1" / key
-    models = {kind: load_stage1_model(store.get_file(key, f"{kind}.pt", cache / f"{kind}.pt"),
-                                      kind, split, device) for kind in ("classifier", "cvae")}
-    raw = torch.load(store.get_file(key, "features.pt", cache / "features.pt"),
-                     map_location=device, weights_only=True)
-    features = FrozenFeatures(train=raw["train"], evals=raw["evals"], baselines=raw["baselines"])
-    return Stage1Models(key, models["classifier"], models["cvae"], features, trained)
+    slot = (store.uri, key, str(device))
+    if slot not in _LOADED:
+        cache = CACHE / "stage1" / key
+        models = [load_stage1_model(store.get_file(key, f"{kind}.pt", cache / f"{kind}.pt"),
+                                    kind, split, device) for kind in ("classifier", "cvae")]
+        raw = torch.load(store.get_file(key, "features.pt", cache / "features.pt"),
+                         map_location=device, weights_only=True)
+        features = FrozenFeatures(train=raw["train"], evals=raw["evals"],
+                                  baselines=raw["baselines"])
+        _LOADED[slot] = (*models, features)
+        while len(_LOADED) > _LOADED_MAX:
+            _LOADED.popitem(last=False)
+    _LOADED.move_to_end(slot)
+    return Stage1Models(key, *_LOADED[slot], trained)
 
 
 def ensure_stage1(store: ArtifactStore, split: Split, cfg: RunConfig, device: torch.device,
