@@ -1,6 +1,7 @@
 """Sweep results as pandas tables: one row per (trial, partition), one row per configuration.
 
-Reads only the files `tune.sweep` writes (no Ray, no torch)::
+Reads only the files `tune.sweep` writes (no Ray, no torch), from a local folder or a pyarrow
+filesystem URI (`s3://bucket/sweeps/NAME`, `file:///...`), while the sweep runs or after::
 
     df = load_trials("experiments/same_dataset_mnist-CMG-energy-demo")
     table = aggregate(df)                 # mean, std, 95% CI per metric; lift over baselines
@@ -10,9 +11,11 @@ Reads only the files `tune.sweep` writes (no Ray, no torch)::
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
+from pyarrow import fs as pafs
 from scipy import stats
 
 from cmg.config import BASELINES, METRIC_NAMES
@@ -27,31 +30,60 @@ class NotAnExperiment(ValueError):
     """The path holds no sweep results."""
 
 
-def _rows(path: Path) -> list[dict]:
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+def open_experiment(experiment: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local folder or a pyarrow filesystem URI."""
+    text = str(experiment)
+    if "://" in text:
+        try:
+            return pafs.FileSystem.from_uri(text)
+        except Exception as err:  # pyarrow raises several types for unusable URIs
+            raise NotAnExperiment(f"cannot open {text}: {err}") from None
+    return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+
+
+def _read_text(filesystem: pafs.FileSystem, path: str) -> str | None:
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _trial_number(folder_name: str) -> int:
+    """Tune names trial folders `stage2_trainable_<id>_<number>_<params>_<date>`."""
+    match = re.match(r"stage2_trainable_[0-9a-f]+_(\d+)_", folder_name)
+    return int(match.group(1)) if match else -1
 
 
 def load_trials(experiment: str | Path) -> pd.DataFrame:
-    """One row per (trial, partition) reported: trial_id, status, partition, the trial's
-    parameters (prefixed `param_`) and every metric of CMG and of the baselines.
+    """One row per (trial, partition) reported: trial_id, trial_number (Tune's order of
+    creation), status, partition, the trial's parameters (prefixed `param_`) and every metric of
+    CMG and of the baselines.
 
-    status: "complete" (all five partitions), "error" (error.txt), else "stopped" (ASHA stopped
-    it, or it is still running). A trial with no report yet gets one row with partition NaN."""
-    experiment = Path(experiment)
-    folders = sorted(p for p in experiment.glob("stage2_trainable_*") if p.is_dir())
-    if not experiment.is_dir() or not folders:
-        raise NotAnExperiment(f"{experiment} holds no sweep trials (stage2_trainable_* folders)")
+    status: "complete" (all five partitions), "error" (the trial failed: error.txt), else
+    "incomplete" (ASHA stopped it early, or it is still running). A trial with no report yet gets
+    one row with partition NaN."""
+    filesystem, root = open_experiment(experiment)
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError as err:
+        raise NotAnExperiment(f"cannot list {experiment}: {err}") from None
+    folders = sorted((i for i in infos if i.type == pafs.FileType.Directory
+                      and i.base_name.startswith("stage2_trainable_")),
+                     key=lambda i: (_trial_number(i.base_name), i.base_name))
+    if not folders:
+        raise NotAnExperiment(f"{experiment} holds no sweep trials (stage2_trainable_* folders); "
+                              "pass the folder that tune.sweep wrote (STORAGE/NAME)")
     records = []
     for folder in folders:
-        params_file = folder / "params.json"
-        params = json.loads(params_file.read_text()) if params_file.exists() else {}
-        rows = _rows(folder / "result.json")
-        status = ("error" if (folder / "error.txt").exists()
-                  else "complete" if len(rows) >= PARTITIONS else "stopped")
-        trial_id = rows[0]["trial_id"] if rows else folder.name.split("_")[2]
-        base = {"trial_id": trial_id, "status": status,
-                **{f"param_{k}": v for k, v in params.items()}}
+        params = json.loads(_read_text(filesystem, f"{folder.path}/params.json") or "{}")
+        text = _read_text(filesystem, f"{folder.path}/result.json") or ""
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        failed = _read_text(filesystem, f"{folder.path}/error.txt") is not None
+        status = ("error" if failed else "complete" if len(rows) >= PARTITIONS else "incomplete")
+        trial_id = rows[0]["trial_id"] if rows else folder.base_name.split("_")[2]
+        base = {"trial_id": trial_id, "trial_number": _trial_number(folder.base_name),
+                "status": status, **{f"param_{k}": v for k, v in params.items()}}
         for row in rows or [{}]:
             records.append({**base, "partition": row.get("partition"),
                             **{m: row.get(m) for m in ALL_METRICS}})
@@ -72,7 +104,8 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     out = []
     for trial_id, group in done.groupby("trial_id", sort=False):
         n = len(group)
-        row = {"trial_id": trial_id, "status": group["status"].iloc[0], "n_partitions": n,
+        row = {"trial_id": trial_id, "trial_number": group["trial_number"].iloc[0],
+               "status": group["status"].iloc[0], "n_partitions": n,
                **group[params].iloc[0].to_dict()}
         t = stats.t.ppf(0.975, n - 1) if n > 1 else float("nan")
         for metric in ALL_METRICS + lifts:

@@ -46,3 +46,16 @@ def smoke_sweep(tmp_path_factory, mnist_available):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return {"storage": storage, "experiment": storage / "smoke", "stdout": proc.stdout,
             "space": space}
+
+
+@pytest.fixture(scope="session")
+def second_sweep(smoke_sweep):
+    """A second sweep in the smoke sweep's storage (so it reuses its stage-1 models): two
+    configurations, no early stopping, both over all five partitions."""
+    space = smoke_sweep["storage"] / "space2.yaml"
+    space.write_text("latent_dim: 32\nlr: 1.0e-4\nepochs: 1\n")
+    proc = run_sweep("--num-samples", "2", "--storage", str(smoke_sweep["storage"]), "--name",
+                     "again", "--space", str(space), "--scheduler", "none", "--seed", "3",
+                     *SWEEP_SMOKE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {"experiment": smoke_sweep["storage"] / "again", "stdout": proc.stdout}

@@ -2,21 +2,26 @@
 
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis import NotAnExperiment, aggregate, leaderboard, load_trials
+from analysis import NotAnExperiment, aggregate, importance, leaderboard, load_trials
 from conftest import ROOT
+
+REPORT_FILES = ["report.md", "summary.csv", "trials.parquet", "history.png", "params.png",
+                "partitions.png", "importance.png"]
 
 
 def test_load_trials_gives_one_row_per_trial_and_partition(smoke_sweep):
     df = load_trials(smoke_sweep["experiment"])
     assert df["trial_id"].nunique() == 5
-    assert set(df["status"]) <= {"complete", "stopped", "error"} and "error" in set(df["status"])
+    assert set(df["status"]) <= {"complete", "incomplete", "error"} and "error" in set(df["status"])
     for trial_id, group in df.dropna(subset=["partition"]).groupby("trial_id"):
         assert list(group["partition"]) == list(range(1, len(group) + 1))
     assert {"param_sigma", "val_auroc", "msp_test_fpr95", "energy_val_aupr_in"} <= set(df)
@@ -58,3 +63,82 @@ def test_analysis_imports_neither_torch_nor_ray():
     code = "import analysis, sys; print('torch' in sys.modules, 'ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_load_trials_reads_a_pyarrow_uri_like_a_folder(smoke_sweep):
+    local = load_trials(smoke_sweep["experiment"])
+    remote = load_trials(smoke_sweep["experiment"].as_uri())  # file:///... through pyarrow.fs
+    pd.testing.assert_frame_equal(local, remote)
+
+
+def test_importance_ranks_the_searched_parameters_and_leaves_the_study_alone(second_sweep):
+    journal = second_sweep["experiment"] / "optuna.journal"
+    before = journal.read_bytes()
+    scores = importance(second_sweep["experiment"])
+    # latent_dim, lr and epochs are fixed by the space file; mask_prob only exists for mask mixing
+    searched = {"mixing", "mask_prob", "num_mixed", "distinct", "sigma", "energy_weight",
+                "m_in_percentile", "m_out_percentile", "ood_per_batch"}
+    assert {"sigma", "energy_weight", "m_in_percentile"} <= set(scores["param"]) <= searched
+    assert scores["importance"].sum() == pytest.approx(1.0)
+    assert list(scores["importance"]) == sorted(scores["importance"], reverse=True)
+    assert journal.read_bytes() == before
+
+
+def test_importance_needs_two_complete_configurations(smoke_sweep, tmp_path):
+    table = aggregate(load_trials(smoke_sweep["experiment"]))
+    only = table.loc[table["n_partitions"] == 5, "trial_id"].iloc[0]
+    experiment = tmp_path / "smoke"  # a copy that keeps a single complete trial
+    experiment.mkdir()
+    shutil.copy(smoke_sweep["experiment"] / "optuna.journal", experiment)
+    for folder in smoke_sweep["experiment"].glob(f"stage2_trainable_{only}_*"):
+        shutil.copytree(folder, experiment / folder.name)
+    assert importance(experiment).empty
+
+
+def test_report_command_writes_every_file(smoke_sweep, tmp_path):
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "analysis.report", str(smoke_sweep["experiment"]),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES)
+    for name in REPORT_FILES:
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    df = load_trials(smoke_sweep["experiment"])
+    table = aggregate(df)
+    assert len(pd.read_parquet(out / "trials.parquet")) == len(df)
+    summary = pd.read_csv(out / "summary.csv", dtype={"trial_id": str})
+    assert list(summary["trial_id"]) == list(table["trial_id"])
+    report = (out / "report.md").read_text()
+    best = leaderboard(table)["trial_id"].iloc[0]
+    assert f"Trial `{best}`" in report and "![history](history.png)" in report
+    for trial_id in table.loc[table["n_partitions"] < 5, "trial_id"]:  # listed, not ranked
+        assert report.split("## Trials not on the leaderboard")[1].count(trial_id) == 1
+
+
+@pytest.mark.parametrize("target", ["missing", "empty"])
+def test_report_on_a_non_experiment_is_one_line_and_writes_nothing(tmp_path, target):
+    path = tmp_path / "exp"
+    if target == "empty":
+        path.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "analysis.report", str(path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "no sweep trials" in proc.stderr
+    assert not (path / "report").exists()
+
+
+def test_notebook_runs_top_to_bottom_with_a_real_kernel(smoke_sweep):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = ROOT / "analysis" / "notebooks" / "sweep_report.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    parameters = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    parameters.source = f"experiment = {str(smoke_sweep['experiment'])!r}\n" \
+                        "study_storage = None\nby = 'val_auroc'"
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4

@@ -6,7 +6,7 @@ configuration by its validation AUROC averaged over the five partitions.
 
 The experiment folder (STORAGE/NAME) holds Tune's state, one folder per trial (params.json,
 result.json, checkpoints), the Optuna study (`optuna.journal`, unless --study-storage) and,
-at the end, `summary.json`. Stage-1 models live in STORAGE/stage1, shared by every sweep there.
+at the end, `summary.json` and `report/` (python -m analysis.report: report.md, CSV, Parquet, PNGs). Stage-1 models live in STORAGE/stage1, shared by every sweep there.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--data-root", default=None,
                    help="data folder (default: $CMG_DATA_ROOT, else ./datasets)")
     p.add_argument("--download", action="store_true", help="download missing data first")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="skip writing EXPERIMENT/report (python -m analysis.report) at the end")
     p.add_argument("--quiet", action="store_true", help="only the final summary")
     return p
 
@@ -126,7 +128,22 @@ def main(argv: list[str] | None = None) -> dict:
     if "://" not in experiment:
         write_json(Path(experiment) / "summary.json", summary)
     print(format_summary(summary))
+    if args.report and summary["trials"]["total"]:
+        print(_write_report(experiment, args.study_storage))
     return summary
+
+
+def _write_report(experiment: str, study_storage: str | None) -> str:
+    """The analysis report beside the results (local storage); for a URI, the command to run."""
+    if "://" in experiment:
+        return f"report: python -m analysis.report {experiment} --study-storage URL"
+    from analysis.report import write_report
+
+    try:
+        files = write_report(experiment, Path(experiment) / "report", study_storage)
+    except Exception as err:  # the sweep's results are safe; the report can be made again later
+        return f"report not written ({type(err).__name__}: {err}); python -m analysis.report {experiment}"
+    return f"report: {files['report']}"
 
 
 def format_summary(s: dict) -> str:

@@ -1,0 +1,137 @@
+"""Figures of a sweep, as matplotlib Figures (no pyplot state: safe in scripts, tests, notebooks).
+
+    df = load_trials(path); table = aggregate(df)
+    history_figure(table).savefig("history.png")
+    params_figure(table); partitions_figure(df, table); importance_figure(importance(path))
+
+Complete configurations (all five partitions) are filled markers; incomplete ones (stopped early
+by ASHA, running, or failed) are hollow, because their mean covers fewer partitions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+
+from analysis.trials import PARTITIONS, leaderboard
+from cmg.errors import atomic_write
+
+BASELINE_STYLE = {"msp": ("max-softmax", "tab:gray"), "energy": ("energy", "tab:brown")}
+
+
+def _complete(table: pd.DataFrame) -> pd.Series:
+    return table["n_partitions"] == PARTITIONS
+
+
+def _scatter(ax, x, y, complete: pd.Series, color: str = "tab:blue") -> None:
+    ax.scatter(x[complete], y[complete], color=color, label="5 partitions", zorder=3)
+    ax.scatter(x[~complete], y[~complete], facecolors="none", edgecolors=color,
+               label="fewer partitions", zorder=3)
+
+
+def _baseline_lines(ax, table: pd.DataFrame, part: str) -> None:
+    for name, (label, color) in BASELINE_STYLE.items():
+        value = table[f"{name}_{part}_auroc_mean"].mean()
+        if not np.isnan(value):
+            ax.axhline(value, color=color, linestyle="--", linewidth=1, label=label)
+
+
+def history_figure(table: pd.DataFrame, by: str = "val_auroc") -> Figure:
+    """Mean `by` of each configuration in the order Tune created them, the best complete one so
+    far, and the baselines' mean over the same stage-1 models."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ordered = table.sort_values("trial_number")
+    complete = _complete(ordered)
+    _scatter(ax, ordered["trial_number"], ordered[f"{by}_mean"], complete)
+    best = ordered[f"{by}_mean"].where(complete)
+    best = (best.cummin() if by.endswith("fpr95") else best.cummax()).ffill()
+    ax.step(ordered["trial_number"], best, where="post", color="tab:green", label="best so far")
+    if by.endswith("auroc"):
+        _baseline_lines(ax, table, by.split("_")[0])
+    ax.set(xlabel="trial (order of creation)", ylabel=f"mean {by} over partitions",
+           title="Optimisation history")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _is_log(values: pd.Series) -> bool:
+    numeric = pd.to_numeric(values, errors="coerce").dropna()
+    return len(numeric) > 1 and (numeric > 0).all() and numeric.max() / numeric.min() >= 20
+
+
+def params_figure(table: pd.DataFrame, by: str = "val_auroc") -> Figure:
+    """One panel per parameter that varies: its value against the configuration's mean `by`."""
+    params = [c for c in table.columns if c.startswith("param_")
+              and table[c].dropna().astype(str).nunique() > 1]
+    cols = 3
+    rows = max(1, -(-len(params) // cols))
+    fig = Figure(figsize=(4 * cols, 3 * rows), layout="constrained")
+    complete = _complete(table)
+    for i, column in enumerate(params):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        values = table[column]
+        numeric = pd.to_numeric(values, errors="coerce")
+        if numeric.notna().sum() == values.notna().sum() and values.dtype != bool:
+            _scatter(ax, numeric, table[f"{by}_mean"], complete)
+            if _is_log(values):
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap
+        else:  # categorical: one column of points per choice
+            labels = sorted(values.dropna().astype(str).unique())
+            position = values.astype(str).map({label: k for k, label in enumerate(labels)})
+            _scatter(ax, position, table[f"{by}_mean"], complete)
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set(xlabel=column.removeprefix("param_"), ylabel=f"mean {by}")
+    if not params:
+        fig.add_subplot().text(0.5, 0.5, "no parameter varies", ha="center")
+    fig.suptitle("Parameters against the objective")
+    return fig
+
+
+def partitions_figure(df: pd.DataFrame, table: pd.DataFrame, top: int = 3,
+                      by: str = "val_auroc") -> Figure:
+    """Test AUROC per partition of the `top` configurations (ranked on validation) against
+    max-softmax and energy from the same stage-1 classifiers."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    board = leaderboard(table, by=by).head(top)
+    for rank, trial_id in enumerate(board["trial_id"], start=1):
+        rows = df[df["trial_id"] == trial_id].sort_values("partition")
+        ax.plot(rows["partition"], rows["test_auroc"], marker="o", label=f"#{rank} {trial_id}")
+        if rank == 1:
+            for name, (label, color) in BASELINE_STYLE.items():
+                ax.plot(rows["partition"], rows[f"{name}_test_auroc"], marker="s",
+                        linestyle="--", color=color, label=label)
+    if board.empty:
+        ax.text(0.5, 0.5, "no configuration finished all five partitions", ha="center",
+                transform=ax.transAxes)
+    ax.set_xticks(range(1, PARTITIONS + 1))
+    ax.set(xlabel="partition", ylabel="test AUROC",
+           title=f"Top configurations (ranked on {by}) against the baselines")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def importance_figure(importances: pd.DataFrame) -> Figure:
+    """Horizontal bars of `analysis.importance`'s table, most important on top."""
+    fig = Figure(figsize=(6, max(2.5, 0.35 * len(importances) + 1)), layout="constrained")
+    ax = fig.add_subplot()
+    ordered = importances.iloc[::-1]
+    ax.barh(ordered["param"], ordered["importance"], color="tab:blue")
+    if importances.empty:
+        ax.text(0.5, 0.5, "needs two or more complete configurations", ha="center",
+                transform=ax.transAxes)
+    ax.set(xlabel="importance (fANOVA)", title="Parameter importances")
+    return fig
+
+
+def save_png(fig: Figure, path: str | Path) -> Path:
+    """Write `fig` as a PNG atomically (no half-written image if interrupted)."""
+    with atomic_write(path) as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    return Path(path)

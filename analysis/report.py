@@ -1,0 +1,215 @@
+"""`python -m analysis.report EXPERIMENT`: a sweep's results as files a researcher opens.
+
+    python -m analysis.report experiments/same_dataset_mnist-CMG-energy-demo
+    python -m analysis.report s3://bucket/sweeps/NAME --study-storage postgresql://... --out rep
+
+writes into --out (default EXPERIMENT/report; for a URI, ./NAME-report):
+  report.md        leaderboard, best configuration per partition against the baselines,
+                   importances and the figures, readable on GitHub
+  summary.csv      one row per configuration (analysis.aggregate)
+  trials.parquet   one row per (trial, partition) (analysis.load_trials)
+  history.png, params.png, partitions.png, importance.png
+Configurations are ranked on validation; their test metrics are shown, never used to rank.
+Works while the sweep runs (incomplete trials are listed, not ranked).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.figures import (history_figure, importance_figure, params_figure,
+                              partitions_figure, save_png)
+from analysis.study import importance
+from analysis.trials import (PARTITIONS, NotAnExperiment, aggregate, leaderboard, load_trials,
+                             open_experiment)
+from cmg.errors import (OneLineParser, atomic_write, ensure_writable_dir, exit_on_usage_error,
+                        fail, help_formatter)
+
+FIGURES = ("history", "params", "partitions", "importance")
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m analysis.report", formatter_class=help_formatter,
+                      description="Tables, figures and a Markdown report of a tune.sweep experiment.")
+    p.add_argument("experiment", help="experiment folder (STORAGE/NAME) or a pyarrow URI")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: EXPERIMENT/report; ./NAME-report for a URI)")
+    p.add_argument("--study-storage", default=None,
+                   help="the Optuna storage URL the sweep used (default: EXPERIMENT/optuna.journal)")
+    p.add_argument("--by", default="val_auroc",
+                   help="validation metric that ranks configurations (val_auroc, val_aupr_in, "
+                        "val_aupr_out, val_fpr95)")
+    p.add_argument("--top", type=int, default=10, help="rows of the leaderboard in report.md")
+    p.add_argument("--quiet", action="store_true", help="print only the report's path")
+    return p
+
+
+def _fmt(mean: float, std: float | None = None, low: float | None = None,
+         high: float | None = None, sign: bool = False) -> str:
+    text = f"{mean:+.4f}" if sign else f"{mean:.4f}"
+    if std is not None and pd.notna(std):
+        text += f" ± {std:.4f}"
+    if low is not None and pd.notna(low):
+        text += f" [{low:.4f}, {high:.4f}]"
+    return text
+
+
+def _params(row: pd.Series) -> dict:
+    return {k.removeprefix("param_"): v for k, v in row.items()
+            if k.startswith("param_") and pd.notna(v)}
+
+
+def leaderboard_markdown(table: pd.DataFrame, by: str, top: int) -> str:
+    board = leaderboard(table, by=by).head(top)
+    if board.empty:
+        return "_No configuration has finished all five partitions yet._"
+    full = table.set_index("trial_id")
+    lines = []
+    for rank, row in enumerate(board.itertuples(index=False), start=1):
+        t = full.loc[row.trial_id]
+        lines.append({
+            "rank": rank, "trial": row.trial_id,
+            by: _fmt(t[f"{by}_mean"], t[f"{by}_std"]),
+            "test AUROC (95% CI)": _fmt(t["test_auroc_mean"], None, t["test_auroc_ci_low"],
+                                        t["test_auroc_ci_high"]),
+            "max-softmax": f"{t['msp_test_auroc_mean']:.4f}",
+            "energy": f"{t['energy_test_auroc_mean']:.4f}",
+            "lift vs max-softmax": f"{t['lift_msp_test_auroc_mean']:+.4f}",
+            "lift vs energy": f"{t['lift_energy_test_auroc_mean']:+.4f}",
+            "parameters": ", ".join(f"{k}={_short(v)}" for k, v in _params(t).items()),
+        })
+    return pd.DataFrame(lines).to_markdown(index=False, disable_numparse=True)
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def best_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
+    board = leaderboard(table, by=by)
+    if board.empty:
+        return "_No configuration has finished all five partitions yet._"
+    best = table.set_index("trial_id").loc[board["trial_id"].iloc[0]]
+    rows = df[df["trial_id"] == best.name].sort_values("partition")
+    per_partition = rows[["partition", "val_auroc", "test_auroc", "msp_test_auroc",
+                          "energy_test_auroc", "test_fpr95", "test_ind_acc"]].copy()
+    per_partition["partition"] = per_partition["partition"].astype(int)
+    means = per_partition.mean(numeric_only=True).to_frame().T.assign(partition="mean")
+    per_partition = pd.concat([per_partition, means], ignore_index=True)
+    lift = lambda b: _fmt(best[f"lift_{b}_test_auroc_mean"], None,  # noqa: E731
+                          best[f"lift_{b}_test_auroc_ci_low"], best[f"lift_{b}_test_auroc_ci_high"], sign=True)
+    return "\n".join([
+        f"Trial `{best.name}`, selected on mean {by} "
+        f"{_fmt(best[f'{by}_mean'], best[f'{by}_std'])} over the five partitions.",
+        "",
+        f"- **Test AUROC {_fmt(best['test_auroc_mean'], best['test_auroc_std'])}** "
+        f"(95% CI [{best['test_auroc_ci_low']:.4f}, {best['test_auroc_ci_high']:.4f}])",
+        f"- Baselines from the same stage-1 classifiers: max-softmax "
+        f"{best['msp_test_auroc_mean']:.4f}, energy {best['energy_test_auroc_mean']:.4f}",
+        f"- Paired lift in test AUROC: over max-softmax {lift('msp')}, over energy "
+        f"{lift('energy')}",
+        f"- Parameters: " + ", ".join(f"`{k}={_short(v)}`" for k, v in _params(best).items()),
+        "",
+        per_partition.to_markdown(index=False, floatfmt=".4f"),
+    ])
+
+
+def others_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
+    """Trials left out of the leaderboard, so that nothing is silently dropped."""
+    trials = df.groupby("trial_id", sort=False).agg(
+        trial_number=("trial_number", "first"), status=("status", "first"),
+        partitions=("partition", "count"))
+    means = table.set_index("trial_id")[f"{by}_mean"]
+    trials[f"{by} so far"] = means.reindex(trials.index)
+    others = trials[trials["partitions"] < PARTITIONS].reset_index()
+    if others.empty:
+        return "_None: every trial finished all five partitions._"
+    return others.to_markdown(index=False, floatfmt=".4f")
+
+
+def write_report(experiment: str, out: Path, study_storage: str | None = None,
+                 by: str = "val_auroc", top: int = 10) -> dict[str, Path]:
+    """Write every file of the report into `out`; returns {name: path}."""
+    df = load_trials(experiment)
+    table = aggregate(df)
+    try:
+        importances = importance(experiment, study_storage, by=by)
+        importance_note = ("fANOVA over complete configurations; the study gives the search "
+                           "space." if not importances.empty else
+                           "Needs two or more complete configurations in which a parameter varies.")
+    except NotAnExperiment as err:
+        importances = pd.DataFrame({"param": [], "importance": []})
+        importance_note = f"Not available: {err}."
+    # everything is computed before the first file is written: an error leaves no partial report
+    figures = {"history": history_figure(table, by), "params": params_figure(table, by),
+               "partitions": partitions_figure(df, table, by=by),
+               "importance": importance_figure(importances)}
+    counts = df.groupby("trial_id")["status"].first().value_counts()
+    name = open_experiment(experiment)[1].rstrip("/").rsplit("/", 1)[-1]
+    text = "\n".join([
+        f"# Sweep report: {name}",
+        "",
+        f"Experiment `{experiment}`: {counts.sum()} trials, {counts.get('complete', 0)} over all "
+        f"five partitions, {counts.get('incomplete', 0)} incomplete (stopped early by ASHA or "
+        f"still running), {counts.get('error', 0)} failed. Configurations are ranked on the mean "
+        f"{by} over the five partitions (validation data); the test metrics are those of the "
+        "ranked configurations and were never used to choose. Baselines (max-softmax, energy) "
+        "come from the same stage-1 classifier as each CMG result; a lift is the mean over "
+        "partitions of CMG minus the baseline, with a 95% t-interval.",
+        "",
+        "## Best configuration", "", best_section(df, table, by), "",
+        f"## Leaderboard (complete configurations, top {top})", "",
+        leaderboard_markdown(table, by, top), "",
+        "![top configurations per partition](partitions.png)", "",
+        "## Optimisation history", "", "![history](history.png)", "",
+        "## Parameters", "", "![parameters against the objective](params.png)", "",
+        "## Parameter importances", "", importance_note, "",
+        importances.to_markdown(index=False, floatfmt=".3f") if not importances.empty else "",
+        "", "![importances](importance.png)", "",
+        "## Trials not on the leaderboard", "", others_section(df, table, by), "",
+        "Files: `summary.csv` (one row per configuration: mean, std and 95% CI of every metric), "
+        "`trials.parquet` (one row per trial and partition).", "",
+    ])
+    files: dict[str, Path] = {}
+    for figure_name, fig in figures.items():
+        files[figure_name] = save_png(fig, out / f"{figure_name}.png")
+    with atomic_write(out / "summary.csv", "w") as handle:
+        table.to_csv(handle, index=False)
+    files["summary"] = out / "summary.csv"
+    with atomic_write(out / "trials.parquet") as handle:
+        df.to_parquet(handle, index=False)
+    files["trials"] = out / "trials.parquet"
+    with atomic_write(out / "report.md", "w") as handle:
+        handle.write(text)
+    files["report"] = out / "report.md"
+    return files
+
+
+@exit_on_usage_error
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.by.startswith("val_"):
+        fail(f"--by {args.by}: rank on a validation metric (val_auroc, val_fpr95, ...), never test")
+    try:
+        root = open_experiment(args.experiment)[1]
+        table = aggregate(load_trials(args.experiment))  # fails before any folder is created
+        out = Path(args.out) if args.out else (
+            Path(f"{root.rsplit('/', 1)[-1]}-report") if "://" in args.experiment
+            else Path(root) / "report")
+        ensure_writable_dir(out)
+        files = write_report(args.experiment, out, args.study_storage, args.by, args.top)
+    except NotAnExperiment as err:
+        fail(str(err))
+    if not args.quiet:
+        board = leaderboard(table, by=args.by).head(5)
+        print(board[["trial_id", f"{args.by}_mean", "test_auroc_mean", "msp_test_auroc_mean",
+                     "energy_test_auroc_mean"]].to_string(index=False, float_format="%.4f"))
+    print(f"report: {files['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
