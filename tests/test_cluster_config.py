@@ -1,0 +1,94 @@
+"""cluster.yaml and the on-premises example pass Ray's own checker (what `ray up` validates
+first), offline; broken copies fail; and the files keep the promises the README makes."""
+
+import copy
+import re
+
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from conftest import ROOT
+
+CONFIGS = ["cluster.yaml", "examples/cluster-onprem.yaml"]
+
+
+def ray_check(config: dict) -> dict:
+    """Ray's checks before `ray up` launches anything: defaults merged, then the schema."""
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_passes_rays_checker(name):
+    prepared = ray_check(load(name))
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+
+BROKEN = {
+    "no provider": lambda c: c.pop("provider"),
+    "float resources": lambda c: c["available_node_types"][c["head_node_type"]].update(
+        resources={"CPU": 0.5}),
+    "unknown head type": lambda c: c.update(head_node_type="missing"),
+    "unknown key": lambda c: c.update(max_wrokers=3),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BROKEN))
+def test_a_broken_copy_fails_rays_checker(breakage):
+    config = load("cluster.yaml")
+    BROKEN[breakage](config)
+    with pytest.raises(Exception):
+        ray_check(config)
+
+
+def test_onprem_example_broken_without_worker_ips_fails():
+    config = load("examples/cluster-onprem.yaml")
+    del config["provider"]["head_ip"]
+    with pytest.raises(Exception):
+        ray_check(config)
+
+
+def test_aws_cluster_has_a_cpu_head_and_two_gpu_worker_types():
+    config = load("cluster.yaml")
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"]["CPU"] == 0 and "GPU" not in head["resources"]
+    gpus = sorted(t["resources"].get("GPU", 0) for name, t in types.items()
+                  if name != config["head_node_type"])
+    assert gpus == [1, 4]
+    for node in types.values():  # an explicit image on every node type, never Ray's old default
+        assert node["node_config"]["ImageId"].startswith(("ami-", "resolve:ssm:"))
+    assert config["idle_timeout_minutes"] > 0 and config["max_workers"] >= 1
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_no_credentials_and_no_public_dashboard(name):
+    text = (ROOT / name).read_text()
+    assert not re.search(r"aws_(secret_)?access_key|AKIA[0-9A-Z]{16}|BEGIN .*PRIVATE KEY", text)
+    config = load(name)
+    assert "security_group" not in config["provider"]  # only SSH: Ray's default group
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in text
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_nodes_install_the_pinned_versions_this_project_is_tested_with(name):
+    config = load(name)
+    setup = "\n".join(config["setup_commands"])
+    assert "-r ~/cmg-sweep/requirements-cluster.txt" in setup and "-e ~/cmg-sweep" in setup
+    assert config["file_mounts"]["~/cmg-sweep"] == "."
+    pins = dict(line.split("==") for line in (ROOT / "requirements-cluster.txt").read_text()
+                .splitlines() if "==" in line and not line.startswith("#"))
+    assert pins["ray[default]"] == ray.__version__
+    import optuna
+    import torch
+
+    assert pins["optuna"] == optuna.__version__
+    assert pins["torch"] == torch.__version__.split("+")[0]
