@@ -1,9 +1,11 @@
 """Train-once-per-key stage 1: get a stage-1 artifact from the store, training it if missing.
 
 Exactly one trial trains a given key at a time: a lease from the `Stage1Leases` actor (one per
-sweep, in the driver's Ray job) decides who trains; the others wait for the artifact. A lease
-whose holder stops renewing it (a lost worker) expires, and the next trial takes over, resuming
-from the per-epoch checkpoints under ``KEY/partial/`` on the shared store.
+sweep, pinned to the driver's node) decides who trains; the others wait for the artifact. A lease
+is free again when its holder's node is gone (a lost spot worker) or it stops renewing it; the
+next trial, or the holder's own retry, takes over and resumes from the per-epoch checkpoints under
+``KEY/partial/`` on the shared store (``partial/owner.json`` names who trains it, and the
+artifact's ``meta.json`` records the epochs a resumed training started from).
 
     models = ensure_stage1(store, split, cfg, device, leases, owner=trial_id)
     models.classifier, models.cvae, models.features, models.trained
@@ -22,14 +24,16 @@ from typing import Callable
 
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cmg.config import RunConfig
 from cmg.data import Split
+from cmg.checkpoint import load_checkpoint
 from cmg.stage1 import load_stage1_model, train_classifier, train_cvae
 from cmg.stage2 import FrozenFeatures, freeze_features
 from tune.artifacts import ArtifactStore, stage1_key
 
-LEASE_SECONDS = 900.0  # a holder renews at every epoch; longer silence means it is gone
+LEASE_SECONDS = 900.0  # a holder renews at every epoch; longer silence means it hangs
 CACHE = Path(os.environ.get("CMG_CACHE", Path.home() / ".cache" / "cmg-sweep"))
 
 
@@ -38,23 +42,29 @@ class Stage1Leases:
     """Who is training which stage-1 key right now (lives as long as the sweep's driver)."""
 
     def __init__(self):
-        self.leases: dict[str, tuple[str, float]] = {}
+        self.leases: dict[str, tuple[str, str, float]] = {}  # key -> (owner, node id, renewed)
 
-    def acquire(self, key: str, owner: str) -> bool:
+    def acquire(self, key: str, owner: str, node_id: str) -> bool:
         holder = self.leases.get(key)
         now = time.time()
-        if holder is None or holder[0] == owner or now - holder[1] > LEASE_SECONDS:
-            self.leases[key] = (owner, now)
+        if (holder is None or holder[0] == owner or now - holder[2] > LEASE_SECONDS
+                or holder[1] not in self._alive_nodes()):
+            self.leases[key] = (owner, node_id, now)
             return True
         return False
 
     def renew(self, key: str, owner: str) -> None:
-        if self.leases.get(key, (owner,))[0] == owner:
-            self.leases[key] = (owner, time.time())
+        holder = self.leases.get(key)
+        if holder is not None and holder[0] == owner:
+            self.leases[key] = (owner, holder[1], time.time())
 
     def release(self, key: str, owner: str) -> None:
         if self.leases.get(key, (None,))[0] == owner:
             del self.leases[key]
+
+    @staticmethod
+    def _alive_nodes() -> set[str]:
+        return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
 
 
 LEASES_NAME = "cmg_stage1_leases"
@@ -67,8 +77,16 @@ def get_leases():
 
 
 def create_leases():
-    return Stage1Leases.options(name=LEASES_NAME, namespace=NAMESPACE,
-                                 get_if_exists=True).remote()
+    """Start the lease actor on the driver's own node (the head on a cluster), so that losing a
+    worker node never loses the leases."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Stage1Leases.options(name=LEASES_NAME, namespace=NAMESPACE, get_if_exists=True,
+                                scheduling_strategy=here).remote()
+
+
+def node_id() -> str:
+    """This process's Ray node id ("local" outside Ray)."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 @dataclass
@@ -86,14 +104,18 @@ EpochReport = Callable[[str, int, dict], None]  # (model kind, epoch, metrics)
 
 def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunConfig,
                        device: torch.device, renew: Callable[[], None],
-                       report: EpochReport | None) -> float:
+                       report: EpochReport | None, owner: str) -> float:
     """Train both models (resuming from KEY/partial/), publish the artifact; return seconds."""
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="cmg-stage1-") as tmp:
         local = {name: Path(tmp) / f"{name}.pt" for name in ("classifier", "cvae")}
+        resumed_from = {}
         for name, path in local.items():
             if store.exists(key, f"partial/{name}.pt"):
                 path.write_bytes(store.read_bytes(key, f"partial/{name}.pt"))
+                resumed_from[name] = int(load_checkpoint(path, name)["epoch"])
+        store.write_json(key, "partial/owner.json", {"owner": owner, "node_id": node_id(),
+                                                     "resumed_from": resumed_from})
 
         def on_epoch(kind):
             def callback(epoch, metrics):
@@ -119,7 +141,8 @@ def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunCon
             "key": key, "setting": split.setting, "partition": split.partition,
             "config": {k: v for k, v in cfg.to_dict().items() if k != "stage2"},
             "classifier_history": clf_hist, "cvae_history": cvae_hist,
-            "seconds": round(time.time() - started, 3), "device": str(device)})
+            "seconds": round(time.time() - started, 3), "device": str(device),
+            "resumed_from": resumed_from, "node_id": node_id()})
     return time.time() - started
 
 
@@ -154,11 +177,11 @@ def ensure_stage1(store: ArtifactStore, split: Split, cfg: RunConfig, device: to
     key = stage1_key(split.setting, split.partition, cfg)
     trained, seconds = False, 0.0
     while not store.exists(key):
-        if leases is None or ray.get(leases.acquire.remote(key, owner)):
+        if leases is None or ray.get(leases.acquire.remote(key, owner, node_id())):
             renew = (lambda: leases.renew.remote(key, owner)) if leases is not None else (
                 lambda: None)
             try:
-                seconds = _train_and_publish(store, key, split, cfg, device, renew, report)
+                seconds = _train_and_publish(store, key, split, cfg, device, renew, report, owner)
                 trained = True
             finally:
                 if leases is not None:

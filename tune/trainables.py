@@ -4,7 +4,9 @@ The stage-2 trainable runs the partitions in a fixed order and reports after eac
 partition's metrics (CMG and both baselines, val and test), and the running mean and standard
 deviation of every metric over the partitions done so far. `val_auroc_mean` is the objective;
 ASHA can stop a configuration after one or two partitions. A checkpoint after every partition
-holds the finished partitions, so a retried trial continues with the next partition.
+holds the finished partitions, so a retried trial (a crash, a lost node) continues with the next
+partition; every report names the Ray node it ran on (`node_id`) and how many partitions the
+trial restored from its checkpoint when it (re)started (`restored_partitions`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from cmg.pipeline import flat_metrics, result_dict
 from cmg.stage2 import run_stage2
 from tune.artifacts import ArtifactStore
 from tune.space import Param, to_overrides
-from tune.stage1 import ensure_stage1, get_leases
+from tune.stage1 import ensure_stage1, get_leases, node_id
 
 OBJECTIVE = "val_auroc_mean"
 
@@ -73,12 +75,13 @@ def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     split = split_for(ctx, partition, device)
 
     def report(kind: str, epoch: int, metrics: dict) -> None:
-        tune.report({"partition": partition, "model": kind, "epoch": epoch,
+        tune.report({"partition": partition, "model": kind, "epoch": epoch, "node_id": node_id(),
                      **{f"{kind}_{k}": v for k, v in metrics.items() if k != "epoch"}})
 
     models = ensure_stage1(ArtifactStore(ctx.store_uri), split, ctx.base, device, get_leases(),
                            _owner(), report)
     tune.report({"partition": partition, "model": "done", "stage1_key": models.key,
+                 "node_id": node_id(),
                  "stage1_trained": int(models.trained), "stage1_train_s": models.train_seconds})
 
 
@@ -102,6 +105,7 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             done = json.loads((Path(folder) / "partitions.json").read_text())
+    restored = len(done)
     store = ArtifactStore(ctx.store_uri)
     leases = get_leases()
     for partition in ctx.partitions[len(done):]:
@@ -127,5 +131,6 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
                 "stage1_trained_total": sum(r["stage1_trained"] for r in done),
                 "selected_epoch": result.selected_epoch,
                 "stage1_s": seconds["stage1"], "stage1_train_s": seconds["stage1_train"],
-                "stage2_s": seconds["stage2"],
+                "stage2_s": seconds["stage2"], "node_id": node_id(),
+                "restored_partitions": restored,
             }, checkpoint=tune.Checkpoint.from_directory(folder))

@@ -1,0 +1,131 @@
+"""Sweeps on a real multi-node Ray on this machine: a head (no CPUs: it only runs the driver, as
+in cluster.yaml) and worker nodes on loopback, each its own raylet with its own resources."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from ray.cluster_utils import Cluster
+
+from conftest import ROOT, SWEEP_SMOKE, run_sweep
+
+# detect a lost node in seconds, not Ray's default half a minute
+FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                          "health_check_failure_threshold": 3}
+
+
+@pytest.fixture
+def cluster(mnist_available):
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "_system_config": FAST_FAILURE_DETECTION})
+    workers = [c.add_node(num_cpus=1) for _ in range(2)]
+    c.wait_for_nodes()
+    yield c, workers
+    c.shutdown()
+
+
+def trial_rows(experiment: Path) -> dict[str, list[dict]]:
+    """Each trial's reports so far (a trial that has not reported yet has none)."""
+    out = {}
+    for folder in sorted(experiment.glob("stage2_trainable_*")):
+        result = folder / "result.json"
+        text = result.read_text() if result.exists() else ""
+        out[folder.name] = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return out
+
+
+def test_a_sweep_spreads_its_trials_over_the_worker_nodes(cluster, tmp_path):
+    c, workers = cluster
+    space = tmp_path / "space.yaml"
+    space.write_text("latent_dim: 32\nlr: 1.0e-4\nepochs: 1\n")
+    proc = run_sweep("--address", c.address, "--num-samples", "4", "--storage", str(tmp_path),
+                     "--name", "multi", "--space", str(space), "--scheduler", "none",
+                     "--no-report", *SWEEP_SMOKE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = trial_rows(tmp_path / "multi")
+    assert len(rows) == 4 and all(len(r) == 5 for r in rows.values())
+    nodes = {row["node_id"] for r in rows.values() for row in r}
+    assert nodes == {w.node_id for w in workers}  # both workers used, nothing on the head
+
+
+def _wait_for_partial_stage1(storage: Path, experiment: Path, deadline: float) -> dict:
+    """The owner record of a stage-1 model of partition >= 2 being trained by a trial that
+    already reported partition 1, once its first CVAE epoch is on the shared store."""
+    while time.time() < deadline:
+        reported = {r[0]["trial_id"] for r in trial_rows(experiment).values() if r}
+        for owner_file in storage.glob("stage1/*-p[2-5]-*/partial/owner.json"):
+            partial = owner_file.parent
+            if (partial / "cvae.pt").exists() and not (partial.parent / "meta.json").exists():
+                owner = json.loads(owner_file.read_text())
+                if owner["owner"] in reported:
+                    return {**owner, "key": partial.parent.name}
+        time.sleep(0.1)
+    raise AssertionError("no stage-1 training to interrupt appeared in time")
+
+
+def test_a_lost_worker_loses_nothing(cluster, tmp_path):
+    """Kill the worker node that is training a stage-1 model inside a trial that has finished a
+    partition: the trial is retried from its checkpoint (not from scratch), the stage-1
+    training resumes from its last epoch, and the sweep completes every trial exactly once."""
+    c, workers = cluster
+    space = tmp_path / "space.yaml"
+    space.write_text("latent_dim: 32\nlr: 1.0e-4\nepochs: 1\n")
+    args = ["--address", c.address, "--num-samples", "4", "--storage", str(tmp_path), "--name",
+            "lost", "--space", str(space), "--scheduler", "none", "--no-prewarm",
+            "--max-failures", "3", "--no-report", *SWEEP_SMOKE,
+            # stage 1 slow enough (several CVAE epochs) to be killed in the middle
+            "--set", "cvae.epochs=8", "--set", "data.train_limit=768"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = time.time()
+    sweep = subprocess.Popen([sys.executable, "-m", "tune.sweep", *args], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        victim = _wait_for_partial_stage1(tmp_path, tmp_path / "lost", time.time() + 600)
+        node = next(w for w in workers if w.node_id == victim["node_id"])
+        c.remove_node(node, allow_graceful=False)  # a spot worker disappears
+        c.add_node(num_cpus=1)  # and the autoscaler replaces it
+        output, _ = sweep.communicate(timeout=900)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, output
+    wall = time.time() - started
+
+    rows = trial_rows(tmp_path / "lost")
+    assert len(rows) == 4
+    for trial in rows.values():  # every partition exactly once, in order: nothing lost or redone
+        assert [r["partition"] for r in trial] == [1, 2, 3, 4, 5]
+    retried = [t for t in rows.values() if t[0]["trial_id"] == victim["owner"]][0]
+    assert retried[0]["node_id"] == victim["node_id"]  # partition 1 ran on the lost node
+    assert retried[0]["restored_partitions"] == 0
+    assert [r["restored_partitions"] for r in retried[1:]] == [1, 1, 1, 1]  # from its checkpoint
+    assert all(r["node_id"] != victim["node_id"] for r in retried[1:])
+
+    meta = json.loads((tmp_path / "stage1" / victim["key"] / "meta.json").read_text())
+    assert meta["resumed_from"]["classifier"] == 1  # finished before the loss: not retrained
+    assert 1 <= meta["resumed_from"]["cvae"] < 8  # resumed from its last epoch on the store
+    assert meta["node_id"] != victim["node_id"]
+    assert meta["cvae_history"][-1]["epoch"] == 8 and len(meta["cvae_history"]) == 8
+
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="lost", storage=JournalStorage(
+        JournalFileBackend(str(tmp_path / "lost" / "optuna.journal"))))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4  # none lost, none extra
+    nodes = sorted({r["node_id"][:8] for t in rows.values() for r in t})
+    retried_ids = sorted(t[0]["trial_id"] for t in rows.values()
+                         if any(r["restored_partitions"] for r in t))
+    print(f"\nlost-worker sweep: 4 trials complete on nodes {nodes}; killed node "
+          f"{victim['node_id'][:8]} while it trained {victim['key']} for trial {victim['owner']}; "
+          f"retried from their checkpoints: {retried_ids} (on "
+          f"{sorted({r['node_id'][:8] for r in retried[1:]})}); stage 1 resumed at classifier "
+          f"epoch {meta['resumed_from']['classifier']}, cvae epoch {meta['resumed_from']['cvae']} "
+          f"on node {meta['node_id'][:8]}; wall {wall:.1f} s")
