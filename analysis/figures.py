@@ -4,7 +4,7 @@
     history_figure(table).savefig("history.png")
     params_figure(table); partitions_figure(df, table); importance_figure(importance(path))
 
-Complete configurations (all five partitions) are filled markers; incomplete ones (stopped early
+Complete configurations (all partitions of the setting) are filled markers; incomplete ones (stopped early
 by ASHA, running, or failed) are hollow, because their mean covers fewer partitions.
 """
 
@@ -17,14 +17,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from analysis.trials import PARTITIONS, leaderboard
+from analysis.trials import is_complete, leaderboard
 from cmg.errors import atomic_write
 
 BASELINE_STYLE = {"msp": ("max-softmax", "tab:gray"), "energy": ("energy", "tab:brown")}
-
-
-def _complete(table: pd.DataFrame) -> pd.Series:
-    return table["n_partitions"] == PARTITIONS
 
 
 def _scatter(ax, x, y, complete: pd.Series, color: str = "tab:blue") -> None:
@@ -46,7 +42,7 @@ def history_figure(table: pd.DataFrame, by: str = "val_auroc") -> Figure:
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
     ordered = table.sort_values("trial_number")
-    complete = _complete(ordered)
+    complete = is_complete(ordered)
     _scatter(ax, ordered["trial_number"], ordered[f"{by}_mean"], complete)
     best = ordered[f"{by}_mean"].where(complete)
     best = (best.cummin() if by.endswith("fpr95") else best.cummax()).ffill()
@@ -71,7 +67,7 @@ def params_figure(table: pd.DataFrame, by: str = "val_auroc") -> Figure:
     cols = 3
     rows = max(1, -(-len(params) // cols))
     fig = Figure(figsize=(4 * cols, 3 * rows), layout="constrained")
-    complete = _complete(table)
+    complete = is_complete(table)
     for i, column in enumerate(params):
         ax = fig.add_subplot(rows, cols, i + 1)
         values = table[column]
@@ -108,9 +104,9 @@ def partitions_figure(df: pd.DataFrame, table: pd.DataFrame, top: int = 3,
                 ax.plot(rows["partition"], rows[f"{name}_test_auroc"], marker="s",
                         linestyle="--", color=color, label=label)
     if board.empty:
-        ax.text(0.5, 0.5, "no configuration finished all five partitions", ha="center",
+        ax.text(0.5, 0.5, "no configuration finished all its partitions", ha="center",
                 transform=ax.transAxes)
-    ax.set_xticks(range(1, PARTITIONS + 1))
+    ax.set_xticks(sorted(df["partition"].dropna().unique().astype(int)))
     ax.set(xlabel="partition", ylabel="test AUROC",
            title=f"Top configurations (ranked on {by}) against the baselines")
     ax.legend(fontsize="small")

@@ -23,7 +23,7 @@ import pandas as pd
 from analysis.figures import (history_figure, importance_figure, params_figure,
                               partitions_figure, save_png)
 from analysis.study import importance
-from analysis.trials import (PARTITIONS, NotAnExperiment, aggregate, leaderboard, load_trials,
+from analysis.trials import (NotAnExperiment, aggregate, leaderboard, load_trials,
                              open_experiment)
 from cmg.errors import (OneLineParser, atomic_write, ensure_writable_dir, exit_on_usage_error,
                         fail, help_formatter)
@@ -65,7 +65,7 @@ def _params(row: pd.Series) -> dict:
 def leaderboard_markdown(table: pd.DataFrame, by: str, top: int) -> str:
     board = leaderboard(table, by=by).head(top)
     if board.empty:
-        return "_No configuration has finished all five partitions yet._"
+        return "_No configuration has finished all its partitions yet._"
     full = table.set_index("trial_id")
     lines = []
     for rank, row in enumerate(board.itertuples(index=False), start=1):
@@ -91,7 +91,7 @@ def _short(value) -> str:
 def best_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
     board = leaderboard(table, by=by)
     if board.empty:
-        return "_No configuration has finished all five partitions yet._"
+        return "_No configuration has finished all its partitions yet._"
     best = table.set_index("trial_id").loc[board["trial_id"].iloc[0]]
     rows = df[df["trial_id"] == best.name].sort_values("partition")
     per_partition = rows[["partition", "val_auroc", "test_auroc", "msp_test_auroc",
@@ -103,7 +103,7 @@ def best_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
                           best[f"lift_{b}_test_auroc_ci_low"], best[f"lift_{b}_test_auroc_ci_high"], sign=True)
     return "\n".join([
         f"Trial `{best.name}`, selected on mean {by} "
-        f"{_fmt(best[f'{by}_mean'], best[f'{by}_std'])} over the five partitions.",
+        f"{_fmt(best[f'{by}_mean'], best[f'{by}_std'])} over its partitions.",
         "",
         f"- **Test AUROC {_fmt(best['test_auroc_mean'], best['test_auroc_std'])}** "
         f"(95% CI [{best['test_auroc_ci_low']:.4f}, {best['test_auroc_ci_high']:.4f}])",
@@ -121,12 +121,12 @@ def others_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
     """Trials left out of the leaderboard, so that nothing is silently dropped."""
     trials = df.groupby("trial_id", sort=False).agg(
         trial_number=("trial_number", "first"), status=("status", "first"),
-        partitions=("partition", "count"))
+        partitions=("partition", "count"), total=("partitions_total", "first"))
     means = table.set_index("trial_id")[f"{by}_mean"]
     trials[f"{by} so far"] = means.reindex(trials.index)
-    others = trials[trials["partitions"] < PARTITIONS].reset_index()
+    others = trials[trials["partitions"] < trials.pop("total")].reset_index()
     if others.empty:
-        return "_None: every trial finished all five partitions._"
+        return "_None: every trial finished all its partitions._"
     return others.to_markdown(index=False, floatfmt=".4f")
 
 
@@ -153,9 +153,10 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
         f"# Sweep report: {name}",
         "",
         f"Experiment `{experiment}`: {counts.sum()} trials, {counts.get('complete', 0)} over all "
-        f"five partitions, {counts.get('incomplete', 0)} incomplete (stopped early by ASHA or "
+        f"{int(df['partitions_total'].max())} partitions, {counts.get('incomplete', 0)} incomplete (stopped early by ASHA or "
         f"still running), {counts.get('error', 0)} failed. Configurations are ranked on the mean "
-        f"{by} over the five partitions (validation data); the test metrics are those of the "
+        f"{by} over the partitions (validation data; in different_dataset the mean over the OOD "
+        "sets); the test metrics are those of the "
         "ranked configurations and were never used to choose. Baselines (max-softmax, energy) "
         "come from the same stage-1 classifier as each CMG result; a lift is the mean over "
         "partitions of CMG minus the baseline, with a 95% t-interval.",

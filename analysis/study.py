@@ -7,9 +7,9 @@
 
 The study gives the search space (each parameter's distribution: range, log scale, choices);
 the objective of each configuration comes from the trial files, over complete configurations
-only (all five partitions). The study's own values cannot be used as they are: Tune tells Optuna
+only (every partition). The study's own values cannot be used as they are: Tune tells Optuna
 the running mean of a trial that ASHA stopped after one or two partitions, and that mean is not
-comparable with a mean over five.
+comparable with a mean over all of them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 from pyarrow import fs as pafs
 
-from analysis.trials import PARTITIONS, NotAnExperiment, aggregate, load_trials, open_experiment
+from analysis.trials import (NotAnExperiment, aggregate, is_complete, load_trials,
+                             open_experiment)
 
 JOURNAL = "optuna.journal"  # where tune.sweep keeps the study when no --study-storage is given
 
@@ -62,7 +63,7 @@ def importance(experiment: str | Path, study_storage: str | None = None,
     for trial in study.get_trials(deepcopy=False):
         distributions.update(trial.distributions)
     table = aggregate(load_trials(experiment))
-    complete = table[(table["n_partitions"] == PARTITIONS) & table[f"{by}_mean"].notna()]
+    complete = table[is_complete(table) & table[f"{by}_mean"].notna()]
     trials = []
     for _, row in complete.iterrows():
         params = {name: _native(row[f"param_{name}"]) for name in distributions

@@ -20,7 +20,7 @@ from scipy import stats
 
 from cmg.config import BASELINES, METRIC_NAMES
 
-PARTITIONS = 5
+PARTITIONS = 5  # Setting 1; a sweep's reports say how many they have (`partitions_total`)
 # CMG's flat metric names and the baselines', as the sweep reports them (cmg.pipeline.flat_metrics)
 CMG_METRICS = [f"{part}_{name}" for part in ("val", "test") for name in METRIC_NAMES]
 ALL_METRICS = CMG_METRICS + [f"{b}_{m}" for b in BASELINES for m in CMG_METRICS]
@@ -57,7 +57,7 @@ def _trial_number(folder_name: str) -> int:
 
 def load_trials(experiment: str | Path) -> pd.DataFrame:
     """One row per (trial, partition) reported: trial_id, trial_number (Tune's order of
-    creation), status, partition, the trial's parameters (prefixed `param_`) and every metric of
+    creation), status, partitions_total (5, or 1 for different_dataset), partition, the trial's parameters (prefixed `param_`) and every metric of
     CMG and of the baselines.
 
     status: "complete" (all five partitions), "error" (the trial failed: error.txt), else
@@ -80,10 +80,12 @@ def load_trials(experiment: str | Path) -> pd.DataFrame:
         text = _read_text(filesystem, f"{folder.path}/result.json") or ""
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         failed = _read_text(filesystem, f"{folder.path}/error.txt") is not None
-        status = ("error" if failed else "complete" if len(rows) >= PARTITIONS else "incomplete")
+        total = max((r.get("partitions_total", PARTITIONS) for r in rows), default=PARTITIONS)
+        status = ("error" if failed else "complete" if len(rows) >= total else "incomplete")
         trial_id = rows[0]["trial_id"] if rows else folder.base_name.split("_")[2]
         base = {"trial_id": trial_id, "trial_number": _trial_number(folder.base_name),
-                "status": status, **{f"param_{k}": v for k, v in params.items()}}
+                "status": status, "partitions_total": total,
+                **{f"param_{k}": v for k, v in params.items()}}
         for row in rows or [{}]:
             records.append({**base, "partition": row.get("partition"),
                             **{m: row.get(m) for m in ALL_METRICS}})
@@ -106,6 +108,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         n = len(group)
         row = {"trial_id": trial_id, "trial_number": group["trial_number"].iloc[0],
                "status": group["status"].iloc[0], "n_partitions": n,
+               "partitions_total": group["partitions_total"].iloc[0],
                **group[params].iloc[0].to_dict()}
         t = stats.t.ppf(0.975, n - 1) if n > 1 else float("nan")
         for metric in ALL_METRICS + lifts:
@@ -118,10 +121,15 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def is_complete(table: pd.DataFrame) -> pd.Series:
+    """Rows of `aggregate`'s table that cover every partition of their setting."""
+    return table["n_partitions"] == table["partitions_total"]
+
+
 def leaderboard(table: pd.DataFrame, by: str = "val_auroc") -> pd.DataFrame:
-    """Configurations with all five partitions only, best `by` (a validation metric) first, with
-    the test AUROC and both baselines' beside it."""
-    complete = table[table["n_partitions"] == PARTITIONS]
+    """Complete configurations only (every partition of the setting), best `by` (a validation
+    metric) first, with the test AUROC and both baselines' beside it."""
+    complete = table[is_complete(table)]
     ascending = by.endswith("fpr95")  # lower is better
     columns = ["trial_id", f"{by}_mean", f"{by}_std", "test_auroc_mean", "test_auroc_std",
                "msp_test_auroc_mean", "energy_test_auroc_mean", "lift_msp_test_auroc_mean",

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from cmg.config import BUDGETS, MODES, RunConfig, budget_config
-from cmg.data import Setting, get_setting, parse_partition
+from cmg.data import OOD_LOADERS, Setting, get_setting, parse_partition
 from cmg.errors import atomic_write, fail
 
 
@@ -29,6 +29,13 @@ def add_common_args(p: argparse.ArgumentParser, budget_default: str = "quick") -
     p.add_argument("--download", action="store_true",
                    help="let torchvision download missing data sets (needs internet)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def add_ood_dataset_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ood-dataset", default="all",
+                   help="different_dataset only: OOD test sets, comma-separated from "
+                        f"{', '.join(OOD_LOADERS)}, or all (those present; missing ones are "
+                        "skipped with a warning)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,4 +86,12 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append(f"{name:<20} {val['auroc']:9.4f} {test['auroc']:10.4f} "
                      f"{test['aupr_in']:8.4f} {test['aupr_out']:8.4f} {test['fpr95']:6.3f} "
                      f"{test['ind_acc']:7.4f}")
+    if "ood_sets" in metrics["test"]:  # Setting 2: the rows above are means over the OOD sets
+        sets = list(metrics["test"]["ood_sets"])
+        lines.append("test AUROC per OOD set: " + f"{'':<9}" + " ".join(f"{s:>12}" for s in sets))
+        for name, _, test in rows:
+            lines.append(f"{name:<33}" + " ".join(
+                f"{test['ood_sets'][s]['auroc']:12.4f}" for s in sets))
+        if metrics.get("skipped_ood_sets"):
+            lines.append(f"skipped (not found): {', '.join(metrics['skipped_ood_sets'])}")
     return lines

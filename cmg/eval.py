@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-from cmg.cli import add_common_args, setup_run, summary_lines, write_json
+from cmg.cli import add_common_args, add_ood_dataset_arg, setup_run, summary_lines, write_json
 from cmg.config import MODES
 from cmg.data import setting_names
 from cmg.errors import OneLineParser, exit_on_usage_error, help_formatter
@@ -31,9 +31,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--mode", default="CMG-energy", help=", ".join(MODES))
     p.add_argument("--params-dict-name", required=True, help="classifier checkpoint")
     p.add_argument("--params-dict-name2", required=True, help="CVAE checkpoint")
-    p.add_argument("--ood-dataset", default=None,
-                   help="OOD set of the different_dataset setting (not available yet)")
     p.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    add_ood_dataset_arg(p)
     add_common_args(p)
     return p
 
@@ -42,7 +41,8 @@ def build_parser() -> OneLineParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setting, partition, cfg, device = setup_run(args, args.task, args.partition, args.mode)
-    split = load_partition(setting.name, partition, cfg, device, args.data_root, args.download)
+    split = load_partition(setting.name, partition, cfg, device, args.data_root, args.download,
+                           args.ood_dataset)
     classifier = load_stage1_model(args.params_dict_name, "classifier", split, device)
     cvae = load_stage1_model(args.params_dict_name2, "cvae", split, device)
     start = time.perf_counter()

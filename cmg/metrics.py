@@ -58,9 +58,21 @@ def ood_metrics(score_ind, score_ood) -> dict[str, float]:
 
 
 def evaluate_logits(logits_ind: torch.Tensor, labels_ind: torch.Tensor, logits_ood: torch.Tensor,
-                    score_fn, num_classes: int) -> dict[str, float]:
-    """All metrics of one score on one evaluation set, plus IND accuracy over the K IND logits."""
-    metrics = ood_metrics(score_fn(logits_ind, num_classes), score_fn(logits_ood, num_classes))
+                    score_fn, num_classes: int,
+                    ood_slices: dict[str, slice] | None = None) -> dict[str, float]:
+    """All metrics of one score on one evaluation set, plus IND accuracy over the K IND logits.
+
+    With `ood_slices` (Setting 2: several OOD data sets concatenated in `logits_ood`) every OOD
+    metric is computed per set against the same IND images, reported under `ood_sets`, and the
+    top-level values are their mean over the sets."""
+    score_ind, score_ood = score_fn(logits_ind, num_classes), score_fn(logits_ood, num_classes)
+    if ood_slices is None:
+        metrics = ood_metrics(score_ind, score_ood)
+    else:
+        per_set = {name: ood_metrics(score_ind, score_ood[part]) for name, part in ood_slices.items()}
+        metrics = {m: float(np.mean([v[m] for v in per_set.values()]))
+                   for m in next(iter(per_set.values()))}
+        metrics["ood_sets"] = per_set
     pred = logits_ind[:, :num_classes].argmax(dim=1)
     metrics["ind_acc"] = float((pred == labels_ind.to(pred.device)).float().mean())
     return metrics

@@ -9,6 +9,7 @@ resumes or reuses them instead of training again.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,15 @@ from cmg.stage2 import Stage2Result, run_stage2
 
 
 def load_partition(setting: str, partition: int, cfg: RunConfig, device: str | torch.device,
-                   data_root=None, download: bool = False) -> Split:
-    """The partition's tensors, moved to the training device once."""
-    return make_split(get_setting(setting), partition, cfg.data, data_root, download).to(device)
+                   data_root=None, download: bool = False,
+                   ood_datasets: str | None = "all") -> Split:
+    """The partition's tensors, moved to the training device once. Setting 2 warns on stderr
+    about requested OOD sets that are not under the data root."""
+    split = make_split(get_setting(setting), partition, cfg.data, data_root, download, ood_datasets)
+    if split.skipped_ood_sets:
+        print(f"warning: OOD sets not found, skipped: {', '.join(split.skipped_ood_sets)} "
+              f"(evaluating on {', '.join(n for n, _, _ in split.ood_sets)})", file=sys.stderr)
+    return split.to(device)
 
 
 def result_dict(split: Split, cfg: RunConfig, result: Stage2Result, seconds: dict[str, float],
@@ -35,6 +42,9 @@ def result_dict(split: Split, cfg: RunConfig, result: Stage2Result, seconds: dic
         "budget": budget, "config": cfg.to_dict(),
         "val": result.val, "test": result.test,
         "baselines": result.baselines,
+        **({"ood_sets": {name: {"val_images": n_val, "test_images": n_test}
+                         for name, n_val, n_test in split.ood_sets},
+            "skipped_ood_sets": list(split.skipped_ood_sets)} if split.ood_sets else {}),
         "stage2": {"selected_epoch": result.selected_epoch, "margins": result.margins,
                    "history": result.history},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -43,21 +53,26 @@ def result_dict(split: Split, cfg: RunConfig, result: Stage2Result, seconds: dic
 
 def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     """A `result_dict` as flat keys: `val_auroc`, `test_fpr95`, ..., `msp_test_auroc`,
-    `energy_val_auroc`, ... (the names the sweep reports and the analysis reads)."""
-    flat = {f"{part}_{name}": result[part][name] for part in ("val", "test") for name in METRIC_NAMES}
-    for base in BASELINES:
+    `energy_val_auroc`, ... (the names the sweep reports and the analysis reads). In Setting 2
+    these are means over the OOD sets, and every set also has its own keys: `test_SVHN_auroc`,
+    `msp_test_SVHN_auroc`, ..."""
+    sources = {"": result, **{f"{b}_": result["baselines"][b] for b in BASELINES}}
+    flat = {}
+    for prefix, source in sources.items():
         for part in ("val", "test"):
-            for name in METRIC_NAMES:
-                flat[f"{base}_{part}_{name}"] = result["baselines"][base][part][name]
+            metrics = source[part]
+            flat.update({f"{prefix}{part}_{name}": metrics[name] for name in METRIC_NAMES})
+            for ood_set, values in metrics.get("ood_sets", {}).items():
+                flat.update({f"{prefix}{part}_{ood_set}_{name}": v for name, v in values.items()})
     return flat
 
 
 def run_partition(setting: str, partition: int, cfg: RunConfig,
                   device: str | torch.device = "cpu", data_root=None, download: bool = False,
                   workdir: str | Path | None = None, budget: str | None = None,
-                  quiet: bool = False) -> dict[str, Any]:
+                  quiet: bool = False, ood_datasets: str = "all") -> dict[str, Any]:
     device = torch.device(device)
-    split = load_partition(setting, partition, cfg, device, data_root, download)
+    split = load_partition(setting, partition, cfg, device, data_root, download, ood_datasets)
     ckpt = (lambda name: Path(workdir) / name) if workdir is not None else (lambda name: None)
     seconds = {}
     t = time.perf_counter()

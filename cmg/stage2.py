@@ -74,9 +74,15 @@ def _energy_loss(logits_in, logits_out, k, m_in, m_out) -> torch.Tensor:
     return F.relu(e_in - m_in).pow(2).mean() + F.relu(m_out - e_out).pow(2).mean()
 
 
-def _evaluate(head, feats, k, score_fn) -> dict[str, float]:
+def _evaluate(head, feats, k, score_fn, ood_slices=None) -> dict[str, float]:
     with torch.no_grad():
-        return evaluate_logits(head(feats["ind"]), feats["labels"], head(feats["ood"]), score_fn, k)
+        return evaluate_logits(head(feats["ind"]), feats["labels"], head(feats["ood"]), score_fn, k,
+                               ood_slices)
+
+
+def _slices(split: Split, part: str) -> dict[str, slice] | None:
+    """Per-OOD-set slices in Setting 2; None (one OOD set) in Setting 1."""
+    return split.ood_slices(part) if split.ood_sets else None
 
 
 @dataclass
@@ -97,7 +103,7 @@ def freeze_features(classifier: Classifier, split: Split, amp: bool = True) -> F
         evals[part] = {"ind": extract_features(classifier, ind_x, amp),
                        "ood": extract_features(classifier, ood_x, amp), "labels": ind_y}
     k = split.num_classes
-    baselines = {name: {part: _evaluate(classifier.head, evals[part], k, fn)
+    baselines = {name: {part: _evaluate(classifier.head, evals[part], k, fn, _slices(split, part))
                         for part in ("val", "test")} for name, fn in SCORES.items()}
     return FrozenFeatures(extract_features(classifier, split.train_x, amp), evals, baselines)
 
@@ -174,7 +180,7 @@ def run_stage2(classifier: Classifier, cvae: CVAE, split: Split, cfg: Stage2Conf
             raise TrainingDiverged(f"stage-2 loss became {mean_loss} in epoch {epoch + 1} "
                                    f"(lr={cfg.lr}, energy_weight={cfg.energy_weight})")
         head.eval()
-        val_auroc = _evaluate(head, evals["val"], k, score_fn)["auroc"]
+        val_auroc = _evaluate(head, evals["val"], k, score_fn, _slices(split, "val"))["auroc"]
         history.append({"epoch": epoch + 1, "loss": mean_loss, "val_auroc": val_auroc})
         if cfg.select == "last" or val_auroc > best[0]:
             best = (val_auroc, epoch + 1, copy.deepcopy(head.state_dict()))
@@ -185,8 +191,8 @@ def run_stage2(classifier: Classifier, cvae: CVAE, split: Split, cfg: Stage2Conf
     head.load_state_dict(best[2])
     head.eval()
     result = Stage2Result(
-        val=_evaluate(head, evals["val"], k, score_fn),
-        test=_evaluate(head, evals["test"], k, score_fn),
+        val=_evaluate(head, evals["val"], k, score_fn, _slices(split, "val")),
+        test=_evaluate(head, evals["test"], k, score_fn, _slices(split, "test")),
         baselines=features.baselines, margins=margins, history=history, selected_epoch=best[1],
         head={name: t.detach().cpu() for name, t in best[2].items()})
     bar.close(val_auroc=result.val["auroc"], selected_epoch=best[1])

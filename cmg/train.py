@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"unknown command '{args.command}'; choose one of {', '.join(COMMANDS)}")
     kind = COMMANDS[args.command]
     path = args.params_dict_name or f"ckpt/{kind}_{setting.name}_partition{partition}.pt"
-    split = load_partition(setting.name, partition, cfg, device, args.data_root, args.download)
+    split = load_partition(setting.name, partition, cfg, device, args.data_root, args.download,
+                           ood_datasets=None)  # stage 1 trains on IND images only
     if kind == "classifier":
         train_classifier(split, cfg.classifier, device, path, quiet=args.quiet)
     else:

@@ -24,15 +24,13 @@ from tune.space import Param, suggest
 from tune.stage1 import NAMESPACE, create_leases
 from tune.trainables import OBJECTIVE, SweepContext, stage1_trainable, stage2_trainable
 
-PARTITIONS = (1, 2, 3, 4, 5)
-
-
 class SweepProgress(tune.Callback):
     """A line per trial start, stage-1 epoch, finished partition and finished trial, with the
     ETA of the whole run; nothing with quiet=True."""
 
-    def __init__(self, total: int, quiet: bool, label: str = "sweep"):
+    def __init__(self, total: int, quiet: bool, label: str = "sweep", partitions: int = 5):
         self.bar = Progress(label, total, quiet, every=0)
+        self.partitions = partitions
         self.quiet, self.finished, self.best = quiet, 0, float("nan")
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -48,13 +46,13 @@ class SweepProgress(tune.Callback):
                   f"loss {result[kind + '_loss']:.4f}", flush=True)
         if not self.quiet and "partitions_done" in result:
             print(f"[trial {trial.trial_id}] partition {result['partition']} "
-                  f"({result['partitions_done']}/5): val AUROC {result['val_auroc']:.4f}, "
+                  f"({result['partitions_done']}/{self.partitions}): val AUROC {result['val_auroc']:.4f}, "
                   f"running mean {result[OBJECTIVE]:.4f}", flush=True)
 
     def _finish(self, trial):
         self.finished += 1
         last = trial.last_result or {}
-        if last.get("partitions_done") == len(PARTITIONS):
+        if last.get("partitions_done") == self.partitions:
             value = last[OBJECTIVE]
             self.best = value if not self.best >= value else self.best
         best = {} if self.best != self.best else {"best_val_auroc": self.best}  # not NaN
@@ -71,7 +69,8 @@ class SweepProgress(tune.Callback):
 def _prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool) -> int:
     """Train the base config's stage-1 models of all partitions in parallel; return how many."""
     store = ArtifactStore(ctx.store_uri)
-    missing = [p for p in ctx.partitions if not store.exists(stage1_key(ctx.setting, p, ctx.base))]
+    missing = [p for p in ctx.partitions
+               if not store.exists(stage1_key(ctx.setting, p, ctx.base, ctx.ood_sets))]
     if not missing:
         return 0
     if not quiet:
@@ -100,7 +99,8 @@ def _fail_orphans(study_factory: Callable, study_name: str) -> int:
     return len(orphans)
 
 
-def _summary(results, name: str, experiment: str, prewarm_trained: int) -> dict[str, Any]:
+def _summary(results, name: str, experiment: str, prewarm_trained: int,
+             partitions: int) -> dict[str, Any]:
     trials = {"total": 0, "complete": 0, "stopped": 0, "errored": 0}
     trained = reused = 0
     best = None
@@ -113,7 +113,7 @@ def _summary(results, name: str, experiment: str, prewarm_trained: int) -> dict[
         last = r.metrics or {}
         if r.error is not None:
             trials["errored"] += 1
-        elif last.get("partitions_done") == len(PARTITIONS):
+        elif last.get("partitions_done") == partitions:
             trials["complete"] += 1
             if best is None or last[OBJECTIVE] > best.metrics[OBJECTIVE]:
                 best = r
@@ -131,7 +131,7 @@ def _summary(results, name: str, experiment: str, prewarm_trained: int) -> dict[
 
 def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dict[str, Param],
               data_root: str, storage: str, name: str, first: dict[str, Any],
-              study_factory: Callable) -> dict[str, Any]:
+              study_factory: Callable, ood_sets: tuple = ()) -> dict[str, Any]:
     # the experiment state is saved after every partition on purpose: not a bottleneck here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if args.quiet:
@@ -147,16 +147,18 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
         resources = {"cpu": args.cpus_per_trial, "gpu": gpus}
         experiment = "/".join([storage, name])
         ctx = SweepContext(setting=setting.name, budget=args.budget, base=base, space=space,
-                           partitions=PARTITIONS, store_uri="/".join([storage, "stage1"]),
+                           partitions=tuple(setting.partitions),
+                           store_uri="/".join([storage, "stage1"]),
                            data_root=data_root, use_gpu=gpus > 0,
-                           threads=max(1, int(args.cpus_per_trial)))
+                           threads=max(1, int(args.cpus_per_trial)),
+                           ood_datasets=args.ood_dataset, ood_sets=ood_sets)
         leases = create_leases()  # the actor lives as long as this handle
         ray.get(leases.__ray_ready__.remote())
         if "://" not in experiment:
             Path(experiment).mkdir(parents=True, exist_ok=True)
         prewarm_trained = _prewarm(ctx, experiment, resources, args.quiet) if args.prewarm else 0
         trainable = tune.with_resources(tune.with_parameters(stage2_trainable, ctx=ctx), resources)
-        callbacks = [SweepProgress(args.num_samples, args.quiet)]
+        callbacks = [SweepProgress(args.num_samples, args.quiet, partitions=len(ctx.partitions))]
         run_config = tune.RunConfig(
             name=name, storage_path=storage, verbose=0, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
@@ -169,7 +171,7 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
                 space=functools.partial(suggest, space=space, modes=modes), metric=OBJECTIVE, mode="max",
                 points_to_evaluate=[first], seed=args.seed, study_name=name,
                 storage=study_factory())
-            scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(PARTITIONS),
+            scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(ctx.partitions),
                                        grace_period=1, reduction_factor=2)
                          if args.scheduler == "asha" else None)
             tuner = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
@@ -178,7 +180,7 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
                 scheduler=scheduler, num_samples=args.num_samples, metric=OBJECTIVE,
                 mode="max", reuse_actors=True))  # keep warm processes: imports, data, caches
         results = tuner.fit()
-        summary = _summary(results, name, experiment, prewarm_trained)
+        summary = _summary(results, name, experiment, prewarm_trained, len(ctx.partitions))
         summary["study"] = {"name": name, "orphans_failed": _fail_orphans(study_factory, name)}
         return summary
     finally:

@@ -174,7 +174,7 @@ def ensure_stage1(store: ArtifactStore, split: Split, cfg: RunConfig, device: to
                   leases=None, owner: str = "local", report: EpochReport | None = None,
                   poll_seconds: float = 1.0) -> Stage1Models:
     """Load the stage-1 artifact of (split, cfg), training it first if no one has."""
-    key = stage1_key(split.setting, split.partition, cfg)
+    key = stage1_key(split.setting, split.partition, cfg, split.ood_sets)
     trained, seconds = False, 0.0
     while not store.exists(key):
         if leases is None or ray.get(leases.acquire.remote(key, owner, node_id())):

@@ -1,5 +1,6 @@
 """`python -m tune.sweep`: search CMG's hyperparameters with Optuna on Ray Tune, scoring each
-configuration by its validation AUROC averaged over the five partitions.
+configuration by its validation AUROC averaged over the five partitions (Setting 2,
+`different_dataset`: over the OOD data sets present, in its single partition).
 
     python -m tune.sweep --setting same_dataset_mnist --budget quick --num-samples 16
     python -m tune.sweep --setting same_dataset_mnist --name demo --resume   # after a crash
@@ -17,14 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from cmg.cli import write_json
+from cmg.cli import add_ood_dataset_arg, write_json
 from cmg.config import BUDGETS, budget_config
 from cmg.data import get_setting, make_split, resolve_data_root, setting_names
 from cmg.errors import OneLineParser, exit_on_usage_error, fail, help_formatter
 from tune.space import default_space, first_point, load_space_file, mode_choices
-
-PARTITIONS = (1, 2, 3, 4, 5)
-
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m tune.sweep", description=__doc__.splitlines()[0][25:],
@@ -63,6 +61,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--data-root", default=None,
                    help="data folder (default: $CMG_DATA_ROOT, else ./datasets)")
     p.add_argument("--download", action="store_true", help="download missing data first")
+    add_ood_dataset_arg(p)
     p.add_argument("--no-report", dest="report", action="store_false",
                    help="skip writing EXPERIMENT/report (python -m analysis.report) at the end")
     p.add_argument("--quiet", action="store_true", help="only the final summary")
@@ -106,7 +105,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.num_samples < 1:
         fail("--num-samples must be at least 1")
     data_root = str(resolve_data_root(args.data_root))
-    make_split(setting, PARTITIONS[0], base.data, data_root, args.download)  # data present?
+    first_partition = min(setting.partitions)
+    split = make_split(setting, first_partition, base.data, data_root, args.download,
+                       args.ood_dataset)  # data present? (Setting 2: which OOD sets?)
+    if split.skipped_ood_sets:
+        print(f"warning: OOD sets not found, skipped: {', '.join(split.skipped_ood_sets)}; the "
+              f"objective is the mean over {', '.join(n for n, _, _ in split.ood_sets)}",
+              file=sys.stderr)
     storage = _resolve_storage(args.storage)
     name = args.name or f"{setting.name}-{args.mode}-{args.budget}"
     experiment = _join(storage, name)
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary = run_sweep(args, setting, modes, base, space, data_root, storage, name,
                         first_point(space, base, setting.default_sigma, modes),
-                        lambda: _study_storage(args.study_storage, experiment))
+                        lambda: _study_storage(args.study_storage, experiment), split.ood_sets)
     summary["wall_seconds"] = round(time.time() - started, 1)
     if "://" not in experiment:
         write_json(Path(experiment) / "summary.json", summary)
@@ -148,7 +153,7 @@ def _write_report(experiment: str, study_storage: str | None) -> str:
 
 def format_summary(s: dict) -> str:
     lines = [f"sweep {s['name']}: {s['trials']['total']} trials "
-             f"({s['trials']['complete']} over all 5 partitions, {s['trials']['stopped']} "
+             f"({s['trials']['complete']} complete, {s['trials']['stopped']} "
              f"stopped early, {s['trials']['errored']} errored) in {s.get('wall_seconds', 0):.0f} s"]
     best = s.get("best")
     if best:

@@ -47,6 +47,8 @@ class SweepContext:
     data_root: str
     use_gpu: bool
     threads: int
+    ood_datasets: str = "all"  # Setting 2: the OOD sets to evaluate on
+    ood_sets: tuple[tuple[str, int, int], ...] = ()  # Setting 2: their layout, as the driver found it
 
 
 def _device(ctx: SweepContext) -> torch.device:
@@ -55,13 +57,19 @@ def _device(ctx: SweepContext) -> torch.device:
 
 
 @functools.lru_cache(maxsize=5)
-def _split(setting: str, partition: int, data: DataConfig, device: str, data_root: str):
-    return make_split(setting, partition, data, data_root).to(device)
+def _split(setting: str, partition: int, data: DataConfig, device: str, data_root: str,
+           ood_datasets: str):
+    return make_split(setting, partition, data, data_root, ood_datasets=ood_datasets).to(device)
 
 
 def split_for(ctx: SweepContext, partition: int, device: torch.device):
     """The partition's tensors on the device, loaded once per worker process."""
-    return _split(ctx.setting, partition, ctx.base.data, str(device), ctx.data_root)
+    split = _split(ctx.setting, partition, ctx.base.data, str(device), ctx.data_root,
+                   ctx.ood_datasets)
+    if split.ood_sets != ctx.ood_sets:  # this node's data root differs from the driver's
+        raise RuntimeError(f"OOD sets on this node {split.ood_sets} differ from the driver's "
+                           f"{ctx.ood_sets}; give every node the same data")
+    return split
 
 
 def _owner() -> str:
@@ -125,7 +133,8 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "partitions.json").write_text(json.dumps(done))
             tune.report({
-                "partitions_done": len(done), "partition": partition,
+                "partitions_done": len(done), "partitions_total": len(ctx.partitions),
+                "partition": partition,
                 **record["metrics"], **aggregate([r["metrics"] for r in done]),
                 "stage1_key": models.key, "stage1_trained": record["stage1_trained"],
                 "stage1_trained_total": sum(r["stage1_trained"] for r in done),

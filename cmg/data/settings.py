@@ -32,6 +32,8 @@ SAME_DATASET_PARTITIONS: dict[int, tuple[int, ...]] = {
     4: (3, 4, 5, 6, 7, 8),
     5: (4, 5, 6, 7, 8, 9),
 }
+# Setting 2: all ten classes are IND in its single partition; OOD comes from other data sets.
+ALL_CLASSES_PARTITION: dict[int, tuple[int, ...]] = {1: tuple(range(10))}
 
 RawData = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 Source = Callable[[Path, bool], RawData]
@@ -50,6 +52,8 @@ class Setting:
     source: Source
     partitions: dict[int, tuple[int, ...]]
     num_source_classes: int = 10
+    # True: the OOD images come from other data sets (cmg.data.ood), not from held-out classes
+    ood_from_datasets: bool = False
 
     @property
     def default_sigma(self) -> float:
@@ -80,9 +84,6 @@ def register_setting(setting: Setting) -> Setting:
 def get_setting(name: str) -> Setting:
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
-        if name == "different_dataset":
-            fail("setting 'different_dataset' (Setting 2) is not available yet; "
-                 f"use one of {known}")
         fail(f"unknown setting '{name}'; choose one of {known}")
     return _REGISTRY[name]
 

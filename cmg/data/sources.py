@@ -80,20 +80,24 @@ def load_mnist(root: Path, download: bool = False) -> RawData:
 
 @functools.lru_cache(maxsize=2)
 def load_cifar10(root: Path, download: bool = False) -> RawData:
-    """CIFAR-10 as uint8 (N, 3, 32, 32) tensors and int64 labels (torchvision's batches)."""
-    import torchvision
+    """CIFAR-10 as uint8 (N, 3, 32, 32) tensors and int64 labels, read from torchvision's python
+    batches (cifar-10-batches-py); --download lets torchvision fetch and verify them first."""
+    from cmg.data.ood import read_cifar_batches
 
     folder = root / "cifar-10-batches-py"
-    if not folder.is_dir() and not download:
-        fail(f"CIFAR-10 not found in {folder}; pass --download, or point --data-root "
-             "(or $CMG_DATA_ROOT) at the folder that holds cifar-10-batches-py")
+    if download:
+        import torchvision
+
+        for train in (True, False):
+            torchvision.datasets.CIFAR10(str(root), train=train, download=True)
+    files = [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        fail(f"CIFAR-10 not found in {folder} (missing {', '.join(missing)}); pass --download, or "
+             "point --data-root (or $CMG_DATA_ROOT) at the folder that holds cifar-10-batches-py")
     try:
-        parts = [torchvision.datasets.CIFAR10(str(root), train=t, download=download)
-                 for t in (True, False)]
-    except RuntimeError as err:
+        train_x, train_y = read_cifar_batches(files[:5])
+        test_x, test_y = read_cifar_batches(files[5:])
+    except (OSError, ValueError, KeyError, EOFError) as err:
         fail(f"CIFAR-10 in {folder} is incomplete or corrupt ({err}); delete it and pass --download")
-    out = []
-    for part in parts:
-        out.append(torch.from_numpy(part.data).permute(0, 3, 1, 2).contiguous())
-        out.append(torch.tensor(part.targets, dtype=torch.long))
-    return tuple(out)  # type: ignore[return-value]
+    return train_x, train_y, test_x, test_y

@@ -3,7 +3,8 @@
 Validation is a fixed, seeded share (10%) of every class of the train split, drawn per class and
 independently of the partition. Validation IND = those images of the IND classes; validation OOD
 = those of the OOD classes (train split, never the test split), so model and hyperparameter
-selection never touches the test set. Images stay uint8 (N, C, H, W); `batches` slices them on
+selection never touches the test set. In Setting 2 (OOD = other data sets, which have no train
+split here) validation OOD is a fixed, seeded 20% of each OOD set and the test uses the other 80%. Images stay uint8 (N, C, H, W); `batches` slices them on
 the training device and `to_float` maps to [0, 1] (the reference's ToTensor, no normalisation).
 
     split = make_split("same_dataset_mnist", 1, DataConfig()).to("cuda")
@@ -20,8 +21,11 @@ from typing import Iterator
 import torch
 
 from cmg.config import DataConfig
+from cmg.data.ood import load_ood_sets
 from cmg.data.settings import Setting, get_setting
 from cmg.data.sources import resolve_data_root
+
+OOD_VAL_FRACTION = 0.2  # Setting 2: share of each OOD set used for validation (the rest: test)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,10 @@ class Split:
     test_ind_x: torch.Tensor
     test_ind_y: torch.Tensor
     test_ood_x: torch.Tensor
+    # Setting 2: the OOD parts are several data sets, concatenated in this order:
+    # (name, images in val_ood_x, images in test_ood_x). Empty: one OOD set, the held-out classes.
+    ood_sets: tuple[tuple[str, int, int], ...] = ()
+    skipped_ood_sets: tuple[str, ...] = ()  # requested with `all` but not under the data root
 
     @property
     def num_classes(self) -> int:
@@ -53,6 +61,17 @@ class Split:
         moved = {f.name: getattr(self, f.name).to(device)
                  for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
         return replace(self, **moved)
+
+    def ood_slices(self, part: str) -> dict[str, slice]:
+        """Where each OOD set lies in `{part}_ood_x` ("ood" = all of it in Setting 1)."""
+        if not self.ood_sets:
+            return {"ood": slice(0, len(getattr(self, f"{part}_ood_x")))}
+        out, start = {}, 0
+        for name, n_val, n_test in self.ood_sets:
+            n = n_val if part == "val" else n_test
+            out[name] = slice(start, start + n)
+            start += n
+        return out
 
     def eval_sets(self, part: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(IND images, IND labels, OOD images) of 'val' or 'test'."""
@@ -83,32 +102,60 @@ def _limit(idx: torch.Tensor, limit: int | None, seed: int, salt: int) -> torch.
     return idx[torch.randperm(len(idx), generator=_seeded(seed, salt))[:limit]]
 
 
+def _split_ood_sets(sets: dict[str, torch.Tensor], cfg: DataConfig):
+    """Setting 2: a fixed, seeded OOD_VAL_FRACTION of every OOD set for validation, the rest for
+    the test (each part capped at eval_limit)."""
+    val, test, layout = [], [], []
+    for i, (name, images) in enumerate(sets.items()):
+        order = torch.randperm(len(images), generator=_seeded(cfg.split_seed, 100 + i))
+        n_val = max(1, round(OOD_VAL_FRACTION * len(images)))
+        v = _limit(order[:n_val], cfg.eval_limit, cfg.split_seed, 200 + i)
+        t = _limit(order[n_val:], cfg.eval_limit, cfg.split_seed, 300 + i)
+        val.append(images[v])
+        test.append(images[t])
+        layout.append((name, len(v), len(t)))
+    return torch.cat(val), torch.cat(test), tuple(layout)
+
+
 def make_split(setting: str | Setting, partition: int, cfg: DataConfig = DataConfig(),
-               data_root: str | Path | None = None, download: bool = False) -> Split:
-    """Build the tensors of one partition (CPU); raises UsageError for missing data or partition."""
+               data_root: str | Path | None = None, download: bool = False,
+               ood_datasets: str | None = "all") -> Split:
+    """Build the tensors of one partition (CPU); raises UsageError for missing data or partition.
+    `ood_datasets` (Setting 2 only): `all` or a comma-separated list of OOD_LOADERS' names, or
+    None for no OOD images (stage-1 training needs none)."""
     s = get_setting(setting) if isinstance(setting, str) else setting
     ind, ood = s.ind_classes(partition), s.ood_classes(partition)
-    train_x, train_y, test_x, test_y = s.source(resolve_data_root(data_root), download)
+    root = resolve_data_root(data_root)
+    train_x, train_y, test_x, test_y = s.source(root, download)
     train_idx, val_idx = _split_train(train_y, range(s.num_source_classes), cfg)
 
     per_class = None if cfg.train_limit is None else max(1, cfg.train_limit // len(ind))
     train_sel = torch.cat([train_idx[c][:per_class] for c in ind])
     val_ind = _limit(torch.cat([val_idx[c] for c in ind]), cfg.eval_limit, cfg.split_seed, 1)
-    val_ood = _limit(torch.cat([val_idx[c] for c in ood]), cfg.eval_limit, cfg.split_seed, 2)
     test_ind = _limit(torch.nonzero(torch.isin(test_y, torch.tensor(ind))).flatten(),
                       cfg.eval_limit, cfg.split_seed, 3)
-    test_ood = _limit(torch.nonzero(torch.isin(test_y, torch.tensor(ood))).flatten(),
-                      cfg.eval_limit, cfg.split_seed, 4)
 
     relabel = torch.full((s.num_source_classes,), -1, dtype=torch.long)
     relabel[list(ind)] = torch.arange(len(ind))
+    extra = {}
+    if s.ood_from_datasets and ood_datasets is None:
+        val_ood_x = test_ood_x = train_x[:0]
+    elif s.ood_from_datasets:
+        sets, skipped = load_ood_sets(ood_datasets, root, download)
+        val_ood_x, test_ood_x, layout = _split_ood_sets(sets, cfg)
+        extra = {"ood_sets": layout, "skipped_ood_sets": tuple(skipped)}
+    else:  # Setting 1: the held-out classes of the same data set
+        val_ood = _limit(torch.cat([val_idx[c] for c in ood]), cfg.eval_limit, cfg.split_seed, 2)
+        test_ood = _limit(torch.nonzero(torch.isin(test_y, torch.tensor(ood))).flatten(),
+                          cfg.eval_limit, cfg.split_seed, 4)
+        val_ood_x, test_ood_x = train_x[val_ood], test_x[test_ood]
     return Split(
         setting=s.name, partition=partition, family=s.family, ind_classes=tuple(ind),
         train_x=train_x[train_sel], train_y=relabel[train_y[train_sel]],
         val_ind_x=train_x[val_ind], val_ind_y=relabel[train_y[val_ind]],
-        val_ood_x=train_x[val_ood],
+        val_ood_x=val_ood_x,
         test_ind_x=test_x[test_ind], test_ind_y=relabel[test_y[test_ind]],
-        test_ood_x=test_x[test_ood],
+        test_ood_x=test_ood_x, **extra,
     )
 
 

@@ -1,0 +1,126 @@
+"""Setting 2 (`different_dataset`): CIFAR-10 against other data sets, on a data root made of the
+20 real CIFAR-10 and 20 real CIFAR-100 test images that install with foolbox, synthetic 3x32x32
+images for volume, and OOD folders of generated PNG/JPEG images in both layouts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cmg.data import make_split
+from cmg.data.ood import load_image_folder
+from cmg.errors import UsageError
+from cifar_data import build_cifar_data_root, noise_png, real_images
+from conftest import SWEEP_SMOKE, run_sweep
+from test_cli import SMOKE, assert_usage_error, cli
+
+PRESENT = ["LSUN", "tinyImageNet", "CIFAR100"]
+ABSENT = ["SVHN", "LSUN-FIX", "ImageNet-FIX"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return build_cifar_data_root(tmp_path_factory.mktemp("data"))
+
+
+def test_image_folders_load_flat_and_nested_png_and_jpeg(data_root):
+    flat = load_image_folder(data_root / "LSUN_resize")
+    assert flat.shape == (25, 3, 32, 32) and flat.dtype == torch.uint8
+    first = np.array(Image.open(data_root / "LSUN_resize" / "0000.png"))
+    assert torch.equal(flat[0], torch.from_numpy(first).permute(2, 0, 1))  # PNG is lossless
+    assert load_image_folder(data_root / "Imagenet_resize").shape == (25, 3, 32, 32)
+
+
+def test_split_holds_out_a_seeded_fifth_of_each_ood_set_for_validation(data_root):
+    split = make_split("different_dataset", 1, data_root=data_root)
+    assert split.num_classes == 10 and split.image_shape == (3, 32, 32)
+    assert [name for name, _, _ in split.ood_sets] == ["LSUN", "tinyImageNet", "CIFAR100"]
+    assert split.skipped_ood_sets == tuple(ABSENT)
+    assert {name: (v, t) for name, v, t in split.ood_sets} == {
+        "LSUN": (5, 20), "tinyImageNet": (5, 20), "CIFAR100": (4, 16)}
+    # the real CIFAR-100 images are all used, none in both parts
+    cifar100 = torch.from_numpy(real_images("cifar100")[0])
+    val = split.val_ood_x[split.ood_slices("val")["CIFAR100"]]
+    test = split.test_ood_x[split.ood_slices("test")["CIFAR100"]]
+    seen = {bytes(x.numpy()) for x in torch.cat([val, test])}
+    assert seen == {bytes(x.numpy()) for x in cifar100} and len(val) + len(test) == 20
+    again = make_split("different_dataset", 1, data_root=data_root)
+    assert torch.equal(again.val_ood_x, split.val_ood_x)  # fixed and seeded
+    # validation IND comes from the CIFAR-10 train split; the real test images stay in the test
+    assert len(split.val_ind_x) == 60 and len(split.test_ind_x) == 120
+
+
+def test_a_wrong_size_image_or_an_empty_folder_is_a_one_line_error(tmp_path):
+    noise_png(tmp_path / "LSUN_fix" / "a.png", 0)
+    noise_png(tmp_path / "LSUN_fix" / "sub" / "b.png", 1, size=36)
+    with pytest.raises(UsageError, match=r"b\.png is 36x36, not 32x32"):
+        load_image_folder(tmp_path / "LSUN_fix")
+    (tmp_path / "Imagenet_fix").mkdir()
+    with pytest.raises(UsageError, match="no PNG or JPEG images in .*Imagenet_fix"):
+        load_image_folder(tmp_path / "Imagenet_fix")
+
+
+@pytest.mark.parametrize("ood, words", [
+    ("SVHN", ["SVHN not found", "--download"]),
+    ("MNIST", ["unknown OOD data set MNIST", "tinyImageNet"]),
+])
+def test_eval_with_an_absent_or_unknown_set_named_is_a_one_line_error(data_root, tmp_path, ood,
+                                                                         words):
+    proc = cli("cmg.run", "--setting", "different_dataset", "--ood-dataset", ood, "--data-root",
+               str(data_root), "--out", str(tmp_path / "out"), *SMOKE)
+    assert_usage_error(proc, *words)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_run_reports_every_present_ood_set_and_their_mean(data_root, tmp_path):
+    proc = cli("cmg.run", "--setting", "different_dataset", "--ood-dataset", "all",
+               "--data-root", str(data_root), "--out", str(tmp_path), *SMOKE,
+               "--set", "classifier.batch_size=100", "--set", "cvae.batch_size=100")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped: SVHN, LSUN-FIX, ImageNet-FIX" in proc.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(metrics["ood_sets"]) == PRESENT and metrics["skipped_ood_sets"] == ABSENT
+    for scores in (metrics, metrics["baselines"]["msp"], metrics["baselines"]["energy"]):
+        for part in ("val", "test"):
+            per_set = scores[part]["ood_sets"]
+            assert list(per_set) == PRESENT
+            for name in ("auroc", "fpr95"):
+                assert scores[part][name] == pytest.approx(
+                    np.mean([per_set[s][name] for s in PRESENT]))
+    assert "test AUROC per OOD set" in proc.stdout and "tinyImageNet" in proc.stdout
+
+
+def test_sweep_optimises_the_mean_over_the_present_ood_sets(data_root, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("epochs: 1\n")
+    proc = run_sweep("--setting", "different_dataset", "--num-samples", "2", "--storage",
+                     str(tmp_path), "--name", "d", "--space", str(space), "--data-root",
+                     str(data_root), "--no-report", *SWEEP_SMOKE,
+                     "--set", "classifier.batch_size=100", "--set", "cvae.batch_size=100")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skipped: SVHN, LSUN-FIX, ImageNet-FIX" in proc.stderr
+    rows = [json.loads(line) for f in sorted((tmp_path / "d").glob("stage2_trainable_*"))
+            for line in (f / "result.json").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["partitions_total"] == 1 for r in rows)
+    for r in rows:
+        assert r["val_auroc_mean"] == pytest.approx(
+            np.mean([r[f"val_{s}_auroc"] for s in PRESENT]))
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["trials"]["complete"] == 2
+
+
+def test_svhn_reads_torchvisions_test_file(tmp_path):
+    from scipy.io import savemat
+
+    from cmg.data.ood import load_svhn
+
+    images = np.random.default_rng(0).integers(0, 256, (7, 3, 32, 32), dtype=np.uint8)
+    (tmp_path / "SVHN").mkdir()
+    savemat(tmp_path / "SVHN" / "test_32x32.mat",
+            {"X": images.transpose(2, 3, 1, 0), "y": np.ones((7, 1))})  # SVHN's HWCN layout
+    assert torch.equal(load_svhn(tmp_path), torch.from_numpy(images))
