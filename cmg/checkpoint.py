@@ -49,15 +49,18 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict[st
     return state
 
 
-def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, path: str | os.PathLike) -> None:
-    """Strict load with a one-line error listing the first mismatched keys."""
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, path: str | os.PathLike,
+                           what: str = "checkpoint",
+                           fix: str = "was it trained for another setting?") -> None:
+    """Strict load with a one-line error listing the first mismatched keys (`what` names the
+    file's role, `fix` says what to check)."""
     own = set(model.state_dict())
     missing, unexpected = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
     if missing or unexpected:
-        fail(f"checkpoint {path} does not match the model: missing {missing[:3]}, "
-             f"unexpected {unexpected[:3]}; was it trained for another setting?")
+        fail(f"{what} {path} does not match the model: missing keys {missing[:4]}, "
+             f"unexpected keys {unexpected[:4]}; {fix}")
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
-        fail(f"checkpoint {path} does not match the model ({str(err).splitlines()[-1].strip()}); "
+        fail(f"{what} {path} does not match the model ({str(err).splitlines()[-1].strip()[:160]}); "
              "was it trained with another latent size or head width?")

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from cmg.backbone import FORMATS as BACKBONE_FORMATS
+from cmg.backbone import BackboneSpec
 from cmg.config import BUDGETS, MODES, RunConfig, budget_config
 from cmg.data import OOD_LOADERS, Setting, get_setting, parse_partition
 from cmg.errors import atomic_write, fail
@@ -29,6 +31,21 @@ def add_common_args(p: argparse.ArgumentParser, budget_default: str = "quick") -
     p.add_argument("--download", action="store_true",
                    help="let torchvision download missing data sets (needs internet)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def add_backbone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default=None, metavar="PATH",
+                   help="a pretrained model that replaces the stage-1 classifier (stage 1 then "
+                        "trains only the CVAE); see --backbone-format")
+    p.add_argument("--backbone-format", default="cmg", choices=list(BACKBONE_FORMATS),
+                   help="cmg: a cmg.train classifier checkpoint; csi: CSI's labelled CIFAR "
+                        "ResNet-18 state dict (its own linear head is fine-tuned); torchvision: a "
+                        "resnet18 state dict (a new head is trained)")
+
+
+def backbone_from_args(args: argparse.Namespace) -> BackboneSpec | None:
+    return (BackboneSpec.from_args(args.backbone, args.backbone_format)
+            if args.backbone else None)
 
 
 def add_ood_dataset_arg(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,8 @@
     metrics["test"]["auroc"], metrics["baselines"]["energy"]["test"]["auroc"]
 
 With a `workdir`, stage-1 checkpoints are kept there and a later call with the same config
-resumes or reuses them instead of training again.
+resumes or reuses them instead of training again. With a `backbone` (cmg.backbone), an external
+pretrained model replaces the stage-1 classifier.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from cmg.backbone import BackboneSpec
 from cmg.config import BASELINES, METRIC_NAMES, RunConfig
 from cmg.data import Split, get_setting, make_split
 from cmg.stage1 import train_classifier, train_cvae
@@ -35,9 +37,10 @@ def load_partition(setting: str, partition: int, cfg: RunConfig, device: str | t
 
 
 def result_dict(split: Split, cfg: RunConfig, result: Stage2Result, seconds: dict[str, float],
-                budget: str | None = None) -> dict[str, Any]:
+                budget: str | None = None, backbone: BackboneSpec | None = None) -> dict[str, Any]:
     """The metrics.json layout shared by `cmg.run`, `cmg.eval` and the sweep."""
     return {
+        **({"backbone": {"path": backbone.path, **backbone.identity()}} if backbone else {}),
         "setting": split.setting, "partition": split.partition, "mode": cfg.stage2.mode,
         "budget": budget, "config": cfg.to_dict(),
         "val": result.val, "test": result.test,
@@ -70,19 +73,26 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
 def run_partition(setting: str, partition: int, cfg: RunConfig,
                   device: str | torch.device = "cpu", data_root=None, download: bool = False,
                   workdir: str | Path | None = None, budget: str | None = None,
-                  quiet: bool = False, ood_datasets: str = "all") -> dict[str, Any]:
+                  quiet: bool = False, ood_datasets: str = "all",
+                  backbone: BackboneSpec | None = None) -> dict[str, Any]:
+    """With a `backbone`, it replaces the stage-1 classifier: stage 1 trains only the CVAE."""
     device = torch.device(device)
+    if backbone is not None:  # checked before any data is loaded
+        s = get_setting(setting)
+        classifier = backbone.load(len(s.ind_classes(partition)), s.family,
+                                   cfg.classifier.head_width, device)
     split = load_partition(setting, partition, cfg, device, data_root, download, ood_datasets)
     ckpt = (lambda name: Path(workdir) / name) if workdir is not None else (lambda name: None)
     seconds = {}
     t = time.perf_counter()
-    classifier, _ = train_classifier(split, cfg.classifier, device, ckpt("classifier.pt"),
-                                     quiet=quiet)
-    seconds["classifier"] = time.perf_counter() - t
+    if backbone is None:
+        classifier, _ = train_classifier(split, cfg.classifier, device, ckpt("classifier.pt"),
+                                         quiet=quiet)
+        seconds["classifier"] = time.perf_counter() - t
     t = time.perf_counter()
     cvae, _ = train_cvae(split, cfg.cvae, device, ckpt("cvae.pt"), quiet=quiet)
     seconds["cvae"] = time.perf_counter() - t
     t = time.perf_counter()
     result = run_stage2(classifier, cvae, split, cfg.stage2, device, cfg.classifier.amp, quiet)
     seconds["stage2"] = time.perf_counter() - t
-    return result_dict(split, cfg, result, seconds, budget)
+    return result_dict(split, cfg, result, seconds, budget, backbone)

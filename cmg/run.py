@@ -3,13 +3,15 @@
     python -m cmg.run --setting same_dataset_mnist --partition 1 --mode CMG-energy \
         --budget quick --out runs/mnist_p1
     python -m cmg.run --setting different_dataset --ood-dataset all --out runs/cifar_vs_all
+    python -m cmg.run --setting different_dataset --backbone csi/last.model --backbone-format csi
 """
 
 from __future__ import annotations
 
 import sys
 
-from cmg.cli import add_common_args, add_ood_dataset_arg, setup_run, summary_lines, write_json
+from cmg.cli import (add_backbone_args, add_common_args, add_ood_dataset_arg, backbone_from_args,
+                     setup_run, summary_lines, write_json)
 from cmg.config import MODES
 from cmg.data import setting_names
 from cmg.errors import OneLineParser, ensure_writable_dir, exit_on_usage_error, help_formatter
@@ -30,6 +32,7 @@ def build_parser() -> OneLineParser:
                    help="folder of the stage-1 checkpoints (default: --out); point runs of "
                         "both modes at one folder to train stage 1 once")
     add_ood_dataset_arg(p)
+    add_backbone_args(p)
     add_common_args(p)
     return p
 
@@ -38,10 +41,11 @@ def build_parser() -> OneLineParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setting, partition, cfg, device = setup_run(args, args.setting, args.partition, args.mode)
+    backbone = backbone_from_args(args)
     out = ensure_writable_dir(args.out or f"runs/{setting.name}_p{partition}_{args.mode}")
     metrics = run_partition(setting.name, partition, cfg, device, args.data_root, args.download,
                             workdir=args.stage1_dir or out, budget=args.budget, quiet=args.quiet,
-                            ood_datasets=args.ood_dataset)
+                            ood_datasets=args.ood_dataset, backbone=backbone)
     write_json(out / "metrics.json", metrics)
     print("\n".join(summary_lines(metrics)))
     print(f"wrote {out / 'metrics.json'}")

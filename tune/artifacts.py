@@ -25,20 +25,26 @@ from pathlib import Path
 
 from pyarrow import fs as pafs
 
+from cmg.backbone import BackboneSpec
 from cmg.config import RunConfig
 
 FORMAT_VERSION = 1
 
 
 def stage1_key(setting: str, partition: int, cfg: RunConfig,
-               ood_sets: tuple[tuple[str, int, int], ...] = ()) -> str:
+               ood_sets: tuple[tuple[str, int, int], ...] = (),
+               backbone: BackboneSpec | None = None) -> str:
     """Hash of what determines a stage-1 artifact (not the device, not stage 2). In Setting 2
-    the artifact's stored features cover the OOD sets present (`Split.ood_sets`), so they count."""
+    the artifact's stored features cover the OOD sets present (`Split.ood_sets`), so they count.
+    With an external backbone, its format and file hash replace the classifier's config."""
     identity = {"format": FORMAT_VERSION, "setting": setting, "partition": partition,
                 "classifier": cfg.to_dict()["classifier"], "cvae": cfg.to_dict()["cvae"],
                 "data": cfg.to_dict()["data"]}
     if ood_sets:
         identity["ood_sets"] = [list(entry) for entry in ood_sets]
+    if backbone is not None:
+        identity["classifier"] = {"backbone": backbone.identity(),
+                                  "head_width": cfg.classifier.head_width}
     blob = json.dumps(identity, sort_keys=True).encode()
     return f"{setting}-p{partition}-{hashlib.sha256(blob).hexdigest()[:16]}"
 

@@ -69,8 +69,8 @@ class SweepProgress(tune.Callback):
 def _prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool) -> int:
     """Train the base config's stage-1 models of all partitions in parallel; return how many."""
     store = ArtifactStore(ctx.store_uri)
-    missing = [p for p in ctx.partitions
-               if not store.exists(stage1_key(ctx.setting, p, ctx.base, ctx.ood_sets))]
+    missing = [p for p in ctx.partitions if not store.exists(
+        stage1_key(ctx.setting, p, ctx.base, ctx.ood_sets, ctx.backbone))]
     if not missing:
         return 0
     if not quiet:
@@ -131,7 +131,7 @@ def _summary(results, name: str, experiment: str, prewarm_trained: int,
 
 def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dict[str, Param],
               data_root: str, storage: str, name: str, first: dict[str, Any],
-              study_factory: Callable, ood_sets: tuple = ()) -> dict[str, Any]:
+              study_factory: Callable, ood_sets: tuple = (), backbone=None) -> dict[str, Any]:
     # the experiment state is saved after every partition on purpose: not a bottleneck here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if args.quiet:
@@ -151,7 +151,7 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
                            store_uri="/".join([storage, "stage1"]),
                            data_root=data_root, use_gpu=gpus > 0,
                            threads=max(1, int(args.cpus_per_trial)),
-                           ood_datasets=args.ood_dataset, ood_sets=ood_sets)
+                           ood_datasets=args.ood_dataset, ood_sets=ood_sets, backbone=backbone)
         leases = create_leases()  # the actor lives as long as this handle
         ray.get(leases.__ray_ready__.remote())
         if "://" not in experiment:

@@ -28,6 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cmg.config import RunConfig
 from cmg.data import Split
+from cmg.backbone import BackboneSpec
 from cmg.checkpoint import load_checkpoint
 from cmg.stage1 import load_stage1_model, train_classifier, train_cvae
 from cmg.stage2 import FrozenFeatures, freeze_features
@@ -104,8 +105,11 @@ EpochReport = Callable[[str, int, dict], None]  # (model kind, epoch, metrics)
 
 def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunConfig,
                        device: torch.device, renew: Callable[[], None],
-                       report: EpochReport | None, owner: str) -> float:
-    """Train both models (resuming from KEY/partial/), publish the artifact; return seconds."""
+                       report: EpochReport | None, owner: str,
+                       backbone: BackboneSpec | None) -> float:
+    """Train both models (resuming from KEY/partial/), publish the artifact; return seconds.
+    With a backbone only the CVAE trains, and the backbone file is published in the artifact
+    (so any node can load it)."""
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="cmg-stage1-") as tmp:
         local = {name: Path(tmp) / f"{name}.pt" for name in ("classifier", "cvae")}
@@ -125,8 +129,13 @@ def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunCon
                     report(kind, epoch, metrics)
             return callback
 
-        classifier, clf_hist = train_classifier(split, cfg.classifier, device, local["classifier"],
-                                                on_epoch("classifier"), quiet=True)
+        if backbone is None:
+            classifier, clf_hist = train_classifier(split, cfg.classifier, device,
+                                                    local["classifier"], on_epoch("classifier"),
+                                                    quiet=True)
+        else:
+            classifier, clf_hist = _backbone(backbone, split, cfg, device), []
+            local["classifier"] = Path(backbone.path)
         cvae, cvae_hist = train_cvae(split, cfg.cvae, device, local["cvae"], on_epoch("cvae"),
                                      quiet=True)
         features = freeze_features(classifier, split, cfg.classifier.amp)
@@ -136,13 +145,15 @@ def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunCon
                               for p, d in features.evals.items()}}, buffer)
         store.write_bytes(key, "features.pt", buffer.getvalue())
         for name, path in local.items():
-            store.put_file(key, f"{name}.pt", path)
+            store.put_file(key, f"{'backbone' if backbone and name == 'classifier' else name}.pt",
+                           path)
         store.write_json(key, "meta.json", {
             "key": key, "setting": split.setting, "partition": split.partition,
             "config": {k: v for k, v in cfg.to_dict().items() if k != "stage2"},
             "classifier_history": clf_hist, "cvae_history": cvae_hist,
             "seconds": round(time.time() - started, 3), "device": str(device),
-            "resumed_from": resumed_from, "node_id": node_id()})
+            "resumed_from": resumed_from, "node_id": node_id(),
+            **({"backbone": backbone.identity()} if backbone else {})})
     return time.time() - started
 
 
@@ -152,13 +163,21 @@ _LOADED: OrderedDict[tuple[str, str, str], tuple] = OrderedDict()
 _LOADED_MAX = 5  # one per partition
 
 
-def _load(store: ArtifactStore, key: str, split: Split, device: torch.device,
-          trained: bool) -> Stage1Models:
+def _backbone(backbone: BackboneSpec, split: Split, cfg: RunConfig, device: torch.device,
+              path: Path | None = None):
+    return backbone.load(split.num_classes, split.family, cfg.classifier.head_width, device, path)
+
+
+def _load(store: ArtifactStore, key: str, split: Split, cfg: RunConfig, device: torch.device,
+          trained: bool, backbone: BackboneSpec | None) -> Stage1Models:
     slot = (store.uri, key, str(device))
     if slot not in _LOADED:
         cache = CACHE / "stage1" / key
-        models = [load_stage1_model(store.get_file(key, f"{kind}.pt", cache / f"{kind}.pt"),
-                                    kind, split, device) for kind in ("classifier", "cvae")]
+        fetch = lambda name: store.get_file(key, name, cache / name)  # noqa: E731
+        classifier = (load_stage1_model(fetch("classifier.pt"), "classifier", split, device)
+                      if backbone is None else
+                      _backbone(backbone, split, cfg, device, fetch("backbone.pt")))
+        models = [classifier, load_stage1_model(fetch("cvae.pt"), "cvae", split, device)]
         raw = torch.load(store.get_file(key, "features.pt", cache / "features.pt"),
                          map_location=device, weights_only=True)
         features = FrozenFeatures(train=raw["train"], evals=raw["evals"],
@@ -172,22 +191,24 @@ def _load(store: ArtifactStore, key: str, split: Split, device: torch.device,
 
 def ensure_stage1(store: ArtifactStore, split: Split, cfg: RunConfig, device: torch.device,
                   leases=None, owner: str = "local", report: EpochReport | None = None,
-                  poll_seconds: float = 1.0) -> Stage1Models:
-    """Load the stage-1 artifact of (split, cfg), training it first if no one has."""
-    key = stage1_key(split.setting, split.partition, cfg, split.ood_sets)
+                  poll_seconds: float = 1.0, backbone: BackboneSpec | None = None) -> Stage1Models:
+    """Load the stage-1 artifact of (split, cfg), training it first if no one has. With a
+    `backbone`, it is the classifier and only the CVAE is trained."""
+    key = stage1_key(split.setting, split.partition, cfg, split.ood_sets, backbone)
     trained, seconds = False, 0.0
     while not store.exists(key):
         if leases is None or ray.get(leases.acquire.remote(key, owner, node_id())):
             renew = (lambda: leases.renew.remote(key, owner)) if leases is not None else (
                 lambda: None)
             try:
-                seconds = _train_and_publish(store, key, split, cfg, device, renew, report, owner)
+                seconds = _train_and_publish(store, key, split, cfg, device, renew, report, owner,
+                                             backbone)
                 trained = True
             finally:
                 if leases is not None:
                     ray.get(leases.release.remote(key, owner))
             break
         time.sleep(poll_seconds)
-    models = _load(store, key, split, device, trained)
+    models = _load(store, key, split, cfg, device, trained, backbone)
     models.train_seconds = seconds
     return models

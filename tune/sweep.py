@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from cmg.cli import add_ood_dataset_arg, write_json
+from cmg.cli import add_backbone_args, add_ood_dataset_arg, backbone_from_args, write_json
 from cmg.config import BUDGETS, budget_config
 from cmg.data import get_setting, make_split, resolve_data_root, setting_names
 from cmg.errors import OneLineParser, exit_on_usage_error, fail, help_formatter
@@ -62,6 +62,7 @@ def build_parser() -> OneLineParser:
                    help="data folder (default: $CMG_DATA_ROOT, else ./datasets)")
     p.add_argument("--download", action="store_true", help="download missing data first")
     add_ood_dataset_arg(p)
+    add_backbone_args(p)
     p.add_argument("--no-report", dest="report", action="store_false",
                    help="skip writing EXPERIMENT/report (python -m analysis.report) at the end")
     p.add_argument("--quiet", action="store_true", help="only the final summary")
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     first_partition = min(setting.partitions)
     split = make_split(setting, first_partition, base.data, data_root, args.download,
                        args.ood_dataset)  # data present? (Setting 2: which OOD sets?)
+    backbone = backbone_from_args(args)
+    if backbone is not None:  # strict load now: a bad file fails before Ray starts
+        backbone.load(split.num_classes, split.family, base.classifier.head_width)
     if split.skipped_ood_sets:
         print(f"warning: OOD sets not found, skipped: {', '.join(split.skipped_ood_sets)}; the "
               f"objective is the mean over {', '.join(n for n, _, _ in split.ood_sets)}",
@@ -128,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary = run_sweep(args, setting, modes, base, space, data_root, storage, name,
                         first_point(space, base, setting.default_sigma, modes),
-                        lambda: _study_storage(args.study_storage, experiment), split.ood_sets)
+                        lambda: _study_storage(args.study_storage, experiment), split.ood_sets,
+                        backbone)
     summary["wall_seconds"] = round(time.time() - started, 1)
     if "://" not in experiment:
         write_json(Path(experiment) / "summary.json", summary)

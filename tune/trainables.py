@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from ray import tune
 
+from cmg.backbone import BackboneSpec
 from cmg.config import DataConfig, RunConfig, apply_overrides
 from cmg.data import make_split
 from cmg.pipeline import flat_metrics, result_dict
@@ -49,6 +50,7 @@ class SweepContext:
     threads: int
     ood_datasets: str = "all"  # Setting 2: the OOD sets to evaluate on
     ood_sets: tuple[tuple[str, int, int], ...] = ()  # Setting 2: their layout, as the driver found it
+    backbone: BackboneSpec | None = None  # an external model in place of the stage-1 classifier
 
 
 def _device(ctx: SweepContext) -> torch.device:
@@ -87,7 +89,7 @@ def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
                      **{f"{kind}_{k}": v for k, v in metrics.items() if k != "epoch"}})
 
     models = ensure_stage1(ArtifactStore(ctx.store_uri), split, ctx.base, device, get_leases(),
-                           _owner(), report)
+                           _owner(), report, backbone=ctx.backbone)
     tune.report({"partition": partition, "model": "done", "stage1_key": models.key,
                  "node_id": node_id(),
                  "stage1_trained": int(models.trained), "stage1_train_s": models.train_seconds})
@@ -119,7 +121,7 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     for partition in ctx.partitions[len(done):]:
         started = time.perf_counter()
         split = split_for(ctx, partition, device)
-        models = ensure_stage1(store, split, cfg, device, leases, _owner())
+        models = ensure_stage1(store, split, cfg, device, leases, _owner(), backbone=ctx.backbone)
         stage1_s = time.perf_counter() - started
         result = run_stage2(models.classifier, models.cvae, split, cfg.stage2, device,
                             cfg.classifier.amp, quiet=True, features=models.features)
