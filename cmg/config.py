@@ -35,7 +35,7 @@ class ClassifierConfig:
     head_width: int = 512
     input_dropout: bool = False  # defect 5: the reference drops whole MNIST inputs (True restores it)
     seed: int = 0
-    amp: bool = True  # bf16 autocast, used on CUDA only
+    amp: bool = True  # bf16 autocast: training on CUDA; frozen inference on CUDA and bf16 CPUs
 
 
 @dataclass(frozen=True)
