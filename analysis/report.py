@@ -106,7 +106,8 @@ def best_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
         f"{_fmt(best[f'{by}_mean'], best[f'{by}_std'])} over its partitions.",
         "",
         f"- **Test AUROC {_fmt(best['test_auroc_mean'], best['test_auroc_std'])}** "
-        f"(95% CI [{best['test_auroc_ci_low']:.4f}, {best['test_auroc_ci_high']:.4f}])",
+        + (f"(95% CI [{best['test_auroc_ci_low']:.4f}, {best['test_auroc_ci_high']:.4f}])"
+           if pd.notna(best["test_auroc_ci_low"]) else "(one partition: no interval)"),
         f"- Baselines from the same stage-1 classifiers: max-softmax "
         f"{best['msp_test_auroc_mean']:.4f}, energy {best['energy_test_auroc_mean']:.4f}",
         f"- Paired lift in test AUROC: over max-softmax {lift('msp')}, over energy "
@@ -152,8 +153,8 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
     text = "\n".join([
         f"# Sweep report: {name}",
         "",
-        f"Experiment `{experiment}`: {counts.sum()} trials, {counts.get('complete', 0)} over all "
-        f"{int(df['partitions_total'].max())} partitions, {counts.get('incomplete', 0)} incomplete (stopped early by ASHA or "
+        f"Experiment `{experiment}`: {counts.sum()} trials, {counts.get('complete', 0)} complete "
+        f"(all {int(df['partitions_total'].max())} partitions), {counts.get('incomplete', 0)} incomplete (stopped early by ASHA or "
         f"still running), {counts.get('error', 0)} failed. Configurations are ranked on the mean "
         f"{by} over the partitions (validation data; in different_dataset the mean over the OOD "
         "sets); the test metrics are those of the "
