@@ -20,7 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cmg.cli import resolve_device  # noqa: E402
 from cmg.config import budget_config  # noqa: E402
+from cmg.data import SAME_DATASET_PARTITIONS, Setting, register_setting  # noqa: E402
+from cmg.data.synthetic import load_synthetic_cifar10  # noqa: E402
 from cmg.pipeline import load_partition  # noqa: E402
+
+# CIFAR shapes at CIFAR-10's size (50k train, 10k test images), for benchmarks without CIFAR-10
+register_setting(Setting(
+    "synthetic_cifar10_50k", family="cifar", partitions=SAME_DATASET_PARTITIONS,
+    source=lambda root, download=False: load_synthetic_cifar10(root, download, 50000, 10000)))
 
 
 class ReferenceDataset(torch.utils.data.Dataset):
@@ -53,7 +60,7 @@ def parser(doc: str, size: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--setting", default="same_dataset_mnist",
-                   help="same_dataset_mnist, synthetic_cifar10 (CIFAR shapes), ...")
+                   help="same_dataset_mnist, synthetic_cifar10_50k (CIFAR shapes and size), ...")
     p.add_argument("--partition", type=int, default=1)
     p.add_argument("--size", type=int, default=size, help="IND training images")
     p.add_argument("--epochs", type=int, default=2)

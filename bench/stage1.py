@@ -1,7 +1,7 @@
 """Stage 1 two ways, same models, data, batch size, learning rate and epochs, in one process.
 
     python bench/stage1.py                                  # CPU, MNIST partition 1, 2000 images
-    python bench/stage1.py --device cuda --setting synthetic_cifar10 --size 30000 --epochs 3
+    python bench/stage1.py --device cuda --setting synthetic_cifar10_50k --size 30000 --epochs 3
 
 Reference-style (as the reference trains its classifier and CVAE): a Dataset with per-image
 ToTensor (and, for CIFAR, per-image RandomCrop(32, padding=4) + RandomHorizontalFlip) and a

@@ -1,7 +1,7 @@
 """Stage 2 two ways, same models, data and epochs, in one process: reference-style vs the engine.
 
     python bench/stage2.py                                  # CPU, MNIST partition 1, 2000 images
-    python bench/stage2.py --device cuda --setting synthetic_cifar10 --size 30000
+    python bench/stage2.py --device cuda --setting synthetic_cifar10_50k --size 30000
 
 Reference-style (as the reference code runs stage 2): a Dataset with per-image ToTensor and a
 DataLoader; fp32; every step runs the whole network on the IND batch and on 128 pseudo-OOD images
