@@ -132,12 +132,14 @@ def others_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
 
 
 def write_report(experiment: str, out: Path, study_storage: str | None = None,
-                 by: str = "val_auroc", top: int = 10) -> dict[str, Path]:
-    """Write every file of the report into `out`; returns {name: path}."""
-    df = load_trials(experiment)
+                 by: str = "val_auroc", top: int = 10,
+                 df: pd.DataFrame | None = None) -> dict[str, Path]:
+    """Write every file of the report into `out`; returns {name: path}. Pass `df` (from
+    `load_trials`) if you have it, so the trial files are read once."""
+    df = load_trials(experiment) if df is None else df
     table = aggregate(df)
     try:
-        importances = importance(experiment, study_storage, by=by)
+        importances = importance(experiment, study_storage, by=by, table=table)
         importance_note = ("fANOVA over complete configurations; the study gives the search "
                            "space." if not importances.empty else
                            "Needs two or more complete configurations in which a parameter varies.")
@@ -197,16 +199,16 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--by {args.by}: rank on a validation metric (val_auroc, val_fpr95, ...), never test")
     try:
         root = open_experiment(args.experiment)[1]
-        table = aggregate(load_trials(args.experiment))  # fails before any folder is created
+        df = load_trials(args.experiment)  # fails before any folder is created
         out = Path(args.out) if args.out else (
             Path(f"{root.rsplit('/', 1)[-1]}-report") if "://" in args.experiment
             else Path(root) / "report")
         ensure_writable_dir(out)
-        files = write_report(args.experiment, out, args.study_storage, args.by, args.top)
+        files = write_report(args.experiment, out, args.study_storage, args.by, args.top, df)
     except NotAnExperiment as err:
         fail(str(err))
     if not args.quiet:
-        board = leaderboard(table, by=args.by).head(5)
+        board = leaderboard(aggregate(df), by=args.by).head(5)
         print(board[["trial_id", f"{args.by}_mean", "test_auroc_mean", "msp_test_auroc_mean",
                      "energy_test_auroc_mean"]].to_string(index=False, float_format="%.4f"))
     print(f"report: {files['report']}")

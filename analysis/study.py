@@ -50,11 +50,13 @@ def load_study(experiment: str | Path, study_storage: str | None = None):
 
 
 def importance(experiment: str | Path, study_storage: str | None = None,
-               by: str = "val_auroc", seed: int = 0) -> pd.DataFrame:
+               by: str = "val_auroc", seed: int = 0,
+               table: pd.DataFrame | None = None) -> pd.DataFrame:
     """Importance of each searched parameter for the mean `by` over the five partitions
     (Optuna's fANOVA evaluator, seeded), highest first; columns `param`, `importance`.
     Parameters drawn only in some configurations (e.g. mask_prob) are left out, as Optuna does.
-    Empty when fewer than two complete configurations exist."""
+    Empty when fewer than two complete configurations exist. Pass `table` (from `aggregate`) if
+    you have it, so the trial files are not read again."""
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
@@ -62,7 +64,8 @@ def importance(experiment: str | Path, study_storage: str | None = None,
     distributions: dict = {}
     for trial in study.get_trials(deepcopy=False):
         distributions.update(trial.distributions)
-    table = aggregate(load_trials(experiment))
+    if table is None:
+        table = aggregate(load_trials(experiment))
     complete = table[is_complete(table) & table[f"{by}_mean"].notna()]
     trials = []
     for _, row in complete.iterrows():

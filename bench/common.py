@@ -12,7 +12,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -22,6 +21,7 @@ from cmg.cli import resolve_device  # noqa: E402
 from cmg.config import budget_config  # noqa: E402
 from cmg.data import SAME_DATASET_PARTITIONS, Setting, register_setting  # noqa: E402
 from cmg.data.synthetic import load_synthetic_cifar10  # noqa: E402
+from cmg.metrics import ood_metrics  # noqa: E402
 from cmg.pipeline import load_partition  # noqa: E402
 
 # CIFAR shapes at CIFAR-10's size (50k train, 10k test images), for benchmarks without CIFAR-10
@@ -112,7 +112,4 @@ def report(images: int, measured: dict, device: torch.device, extra: dict | None
 
 
 def auroc(score_ind: torch.Tensor, score_ood: torch.Tensor) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    y = np.r_[np.zeros(len(score_ind)), np.ones(len(score_ood))]
-    return float(roc_auc_score(y, torch.cat([score_ind, score_ood]).float().cpu().numpy()))
+    return ood_metrics(score_ind, score_ood)["auroc"]

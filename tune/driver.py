@@ -46,8 +46,9 @@ class SweepProgress(tune.Callback):
                   f"loss {result[kind + '_loss']:.4f}", flush=True)
         if not self.quiet and "partitions_done" in result:
             print(f"[trial {trial.trial_id}] partition {result['partition']} "
-                  f"({result['partitions_done']}/{self.partitions}): val AUROC {result['val_auroc']:.4f}, "
-                  f"running mean {result[OBJECTIVE]:.4f}", flush=True)
+                  f"({result['partitions_done']}/{self.partitions}): "
+                  f"val AUROC {result['val_auroc']:.4f}, running mean {result[OBJECTIVE]:.4f}",
+                  flush=True)
 
     def _finish(self, trial):
         self.finished += 1

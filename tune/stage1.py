@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import io
 import os
-from collections import OrderedDict
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,10 +26,10 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cmg.config import RunConfig
-from cmg.data import Split
 from cmg.backbone import BackboneSpec
 from cmg.checkpoint import load_checkpoint
+from cmg.config import RunConfig
+from cmg.data import Split
 from cmg.stage1 import load_stage1_model, train_classifier, train_cvae
 from cmg.stage2 import FrozenFeatures, freeze_features
 from tune.artifacts import ArtifactStore, stage1_key
@@ -178,8 +178,7 @@ def _load(store: ArtifactStore, key: str, split: Split, cfg: RunConfig, device: 
                       if backbone is None else
                       _backbone(backbone, split, cfg, device, fetch("backbone.pt")))
         models = [classifier, load_stage1_model(fetch("cvae.pt"), "cvae", split, device)]
-        raw = torch.load(store.get_file(key, "features.pt", cache / "features.pt"),
-                         map_location=device, weights_only=True)
+        raw = torch.load(fetch("features.pt"), map_location=device, weights_only=True)
         features = FrozenFeatures(train=raw["train"], evals=raw["evals"],
                                   baselines=raw["baselines"])
         _LOADED[slot] = (*models, features)

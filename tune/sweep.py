@@ -7,7 +7,8 @@ configuration by its validation AUROC averaged over the five partitions (Setting
 
 The experiment folder (STORAGE/NAME) holds Tune's state, one folder per trial (params.json,
 result.json, checkpoints), the Optuna study (`optuna.journal`, unless --study-storage) and,
-at the end, `summary.json` and `report/` (python -m analysis.report: report.md, CSV, Parquet, PNGs). Stage-1 models live in STORAGE/stage1, shared by every sweep there.
+at the end, `summary.json` and `report/` (python -m analysis.report: report.md, CSV, Parquet,
+PNGs). Stage-1 models live in STORAGE/stage1, shared by every sweep there.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from cmg.config import BUDGETS, budget_config
 from cmg.data import get_setting, make_split, resolve_data_root, setting_names
 from cmg.errors import OneLineParser, exit_on_usage_error, fail, help_formatter
 from tune.space import default_space, first_point, load_space_file, mode_choices
+
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m tune.sweep", description=__doc__.splitlines()[0][25:],

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from cmg.data.sources import read_cifar_batches
 from cmg.errors import UsageError, fail
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -32,23 +33,6 @@ FOLDER_SETS = {"LSUN": "LSUN_resize", "tinyImageNet": "Imagenet_resize",
 
 class MissingOODSet(UsageError):
     """The OOD set is not under the data root (and was not downloaded)."""
-
-
-def _read_pickle(path: Path) -> dict:
-    import pickle
-
-    with open(path, "rb") as f:  # the data set's own file format (as torchvision reads it)
-        return pickle.load(f, encoding="latin1")
-
-
-def read_cifar_batches(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-10/100 python batches -> uint8 (N, 3, 32, 32) images and int64 labels."""
-    xs, ys = [], []
-    for path in files:
-        batch = _read_pickle(path)
-        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64))
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
 def _require(path: Path, dataset: str, root: Path, download: bool) -> None:

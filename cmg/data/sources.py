@@ -11,6 +11,7 @@ import functools
 import gzip
 import importlib.util
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -78,18 +79,30 @@ def load_mnist(root: Path, download: bool = False) -> RawData:
     return train_x[:, None], train_y.long(), test_x[:, None], test_y.long()
 
 
+def _read_pickle(path: Path) -> dict:
+    with open(path, "rb") as f:  # the data set's own file format (as torchvision reads it)
+        return pickle.load(f, encoding="latin1")
+
+
+def read_cifar_batches(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10/100 python batches -> uint8 (N, 3, 32, 32) images and int64 labels."""
+    xs, ys = [], []
+    for path in files:
+        batch = _read_pickle(path)
+        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
 @functools.lru_cache(maxsize=2)
 def load_cifar10(root: Path, download: bool = False) -> RawData:
     """CIFAR-10 as uint8 (N, 3, 32, 32) tensors and int64 labels, read from torchvision's python
     batches (cifar-10-batches-py); --download lets torchvision fetch and verify them first."""
-    from cmg.data.ood import read_cifar_batches
-
     folder = root / "cifar-10-batches-py"
-    if download:
+    if download:  # one archive holds both splits
         import torchvision
 
-        for train in (True, False):
-            torchvision.datasets.CIFAR10(str(root), train=train, download=True)
+        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
     files = [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
     missing = [f.name for f in files if not f.is_file()]
     if missing:

@@ -4,8 +4,9 @@ Validation is a fixed, seeded share (10%) of every class of the train split, dra
 independently of the partition. Validation IND = those images of the IND classes; validation OOD
 = those of the OOD classes (train split, never the test split), so model and hyperparameter
 selection never touches the test set. In Setting 2 (OOD = other data sets, which have no train
-split here) validation OOD is a fixed, seeded 20% of each OOD set and the test uses the other 80%. Images stay uint8 (N, C, H, W); `batches` slices them on
-the training device and `to_float` maps to [0, 1] (the reference's ToTensor, no normalisation).
+split here) validation OOD is a fixed, seeded 20% of each OOD set and the test uses the other
+80%. Images stay uint8 (N, C, H, W); `batches` slices them on the training device and
+`to_float` maps to [0, 1] (the reference's ToTensor, no normalisation).
 
     split = make_split("same_dataset_mnist", 1, DataConfig()).to("cuda")
     for idx in batches(len(split.train_x), 128, generator):
