@@ -46,9 +46,12 @@ def test_a_sweep_spreads_its_trials_over_the_worker_nodes(cluster, tmp_path):
     c, workers = cluster
     space = tmp_path / "space.yaml"
     space.write_text("latent_dim: 32\nlr: 1.0e-4\nepochs: 1\n")
+    # no prewarm: trials that train stage 1 themselves last long enough for the second worker's
+    # process to start (with stage 1 ready, smoke trials take ~2 s and one reused process on one
+    # worker could run them all before the other worker's process is up)
     proc = run_sweep("--address", c.address, "--num-samples", "4", "--storage", str(tmp_path),
                      "--name", "multi", "--space", str(space), "--scheduler", "none",
-                     "--no-report", *SWEEP_SMOKE)
+                     "--no-prewarm", "--no-report", *SWEEP_SMOKE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = trial_rows(tmp_path / "multi")
     assert len(rows) == 4 and all(len(r) == 5 for r in rows.values())
