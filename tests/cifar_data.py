@@ -13,12 +13,11 @@ from PIL import Image
 
 from cmg.data.synthetic import synthetic_images
 
-FOOLBOX = Path(importlib.util.find_spec("foolbox").origin).parent / "data"
-
 
 def real_images(prefix: str) -> tuple[np.ndarray, list[int]]:
     """foolbox's 20 real test images of CIFAR-10 or CIFAR-100 (NCHW uint8), labels from names."""
-    files = sorted(FOOLBOX.glob(f"{prefix}_*.png"))
+    foolbox = Path(importlib.util.find_spec("foolbox").origin).parent / "data"
+    files = sorted(foolbox.glob(f"{prefix}_*.png"))
     images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
     return images.transpose(0, 3, 1, 2), [int(f.stem.rsplit("_", 1)[1]) for f in files]
 
@@ -36,18 +35,21 @@ def noise_png(path: Path, seed: int, size: int = 32, fmt: str = "PNG") -> np.nda
     return pixels
 
 
-def build_cifar_data_root(root: Path) -> Path:
+def build_cifar_data_root(root: Path, real: bool = True) -> Path:
+    """`real=False`: synthetic images only (where foolbox is not installed, e.g. a GPU machine)."""
     train_x, train_y = synthetic_images(600, seed=1)
     for i in range(5):
         part = slice(120 * i, 120 * (i + 1))
         write_batch(root / "cifar-10-batches-py" / f"data_batch_{i + 1}",
                     train_x[part].numpy(), train_y[part].tolist())
-    real10, labels10 = real_images("cifar10")
+    real10, labels10 = real_images("cifar10") if real else synthetic_images(20, seed=3)
     synth_x, synth_y = synthetic_images(100, seed=2)
     write_batch(root / "cifar-10-batches-py" / "test_batch",
-                np.concatenate([real10, synth_x.numpy()]), labels10 + synth_y.tolist())
-    real100, labels100 = real_images("cifar100")
-    write_batch(root / "cifar-100-python" / "test", real100, labels100, key="fine_labels")
+                np.concatenate([np.asarray(real10), synth_x.numpy()]),
+                list(np.asarray(labels10).tolist()) + synth_y.tolist())
+    real100, labels100 = real_images("cifar100") if real else synthetic_images(20, seed=4)
+    write_batch(root / "cifar-100-python" / "test", np.asarray(real100),
+                np.asarray(labels100).tolist(), key="fine_labels")
     for i in range(25):  # LSUN: a flat folder of PNGs
         noise_png(root / "LSUN_resize" / f"{i:04d}.png", seed=i)
     for i in range(25):  # tinyImageNet: class sub-folders, PNG and JPEG
