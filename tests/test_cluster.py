@@ -68,8 +68,9 @@ def _wait_for_partial_stage1(storage: Path, experiment: Path, deadline: float) -
             partial = owner_file.parent
             if (partial / "cvae.pt").exists() and not (partial.parent / "meta.json").exists():
                 owner = json.loads(owner_file.read_text())
-                if owner["owner"] in reported:
-                    return {**owner, "key": partial.parent.name}
+                trial = owner["owner"].rsplit("/", 1)[-1]  # "EXPERIMENT/TRIAL_ID"
+                if trial in reported:
+                    return {**owner, "trial": trial, "key": partial.parent.name}
         time.sleep(0.1)
     raise AssertionError("no stage-1 training to interrupt appeared in time")
 
@@ -105,7 +106,7 @@ def test_a_lost_worker_loses_nothing(cluster, tmp_path):
     assert len(rows) == 4
     for trial in rows.values():  # every partition exactly once, in order: nothing lost or redone
         assert [r["partition"] for r in trial] == [1, 2, 3, 4, 5]
-    retried = [t for t in rows.values() if t[0]["trial_id"] == victim["owner"]][0]
+    retried = [t for t in rows.values() if t[0]["trial_id"] == victim["trial"]][0]
     assert retried[0]["node_id"] == victim["node_id"]  # partition 1 ran on the lost node
     assert retried[0]["restored_partitions"] == 0
     assert [r["restored_partitions"] for r in retried[1:]] == [1, 1, 1, 1]  # from its checkpoint
@@ -114,7 +115,7 @@ def test_a_lost_worker_loses_nothing(cluster, tmp_path):
     meta = json.loads((tmp_path / "stage1" / victim["key"] / "meta.json").read_text())
     assert meta["resumed_from"]["classifier"] == 1  # finished before the loss: not retrained
     assert 1 <= meta["resumed_from"]["cvae"] < 8  # resumed from its last epoch on the store
-    assert meta["node_id"] != victim["node_id"]
+    assert meta["node_id"] != victim["node_id"] and meta["trained_by"].startswith("lost/")
     assert meta["cvae_history"][-1]["epoch"] == 8 and len(meta["cvae_history"]) == 8
 
     from optuna.storages import JournalStorage
@@ -127,7 +128,7 @@ def test_a_lost_worker_loses_nothing(cluster, tmp_path):
     retried_ids = sorted(t[0]["trial_id"] for t in rows.values()
                          if any(r["restored_partitions"] for r in t))
     print(f"\nlost-worker sweep: 4 trials complete on nodes {nodes}; killed node "
-          f"{victim['node_id'][:8]} while it trained {victim['key']} for trial {victim['owner']}; "
+          f"{victim['node_id'][:8]} while it trained {victim['key']} for trial {victim['trial']}; "
           f"retried from their checkpoints: {retried_ids} (on "
           f"{sorted({r['node_id'][:8] for r in retried[1:]})}); stage 1 resumed at classifier "
           f"epoch {meta['resumed_from']['classifier']}, cvae epoch {meta['resumed_from']['cvae']} "

@@ -7,6 +7,7 @@ starts Ray or leaves a half-made experiment folder.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -67,13 +68,13 @@ class SweepProgress(tune.Callback):
         self._finish(trial)
 
 
-def _prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool) -> int:
-    """Train the base config's stage-1 models of all partitions in parallel; return how many."""
+def _prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool) -> None:
+    """Train the base config's stage-1 models of all partitions in parallel."""
     store = ArtifactStore(ctx.store_uri)
     missing = [p for p in ctx.partitions if not store.exists(
         stage1_key(ctx.setting, p, ctx.base, ctx.ood_sets, ctx.backbone))]
     if not missing:
-        return 0
+        return
     if not quiet:
         print(f"[sweep] training stage 1 of partitions {missing} in parallel", flush=True)
     tuner = tune.Tuner(
@@ -83,8 +84,15 @@ def _prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool) -
             name="stage1", storage_path=experiment, verbose=0,
             callbacks=[SweepProgress(len(missing), quiet, label="stage 1")],
             failure_config=tune.FailureConfig(max_failures=2)))
-    results = tuner.fit()
-    return sum(int(r.metrics.get("stage1_trained", 0)) for r in results if r.metrics)
+    tuner.fit()
+
+
+def _trained_by(store_uri: str, name: str) -> int:
+    """Stage-1 models that the experiment NAME trained (in any run of it, by any trial, including
+    trials that failed after training them): their meta.json says `trained_by: NAME/...`."""
+    store = ArtifactStore(store_uri)
+    return sum(store.read_json(key).get("trained_by", "").startswith(f"{name}/")
+               for key in store.keys())
 
 
 def _fail_orphans(study_factory: Callable, study_name: str) -> int:
@@ -100,16 +108,15 @@ def _fail_orphans(study_factory: Callable, study_name: str) -> int:
     return len(orphans)
 
 
-def _summary(results, name: str, experiment: str, prewarm_trained: int,
+def _summary(results, name: str, experiment: str, trained: int,
              partitions: int) -> dict[str, Any]:
     trials = {"total": 0, "complete": 0, "stopped": 0, "errored": 0}
-    trained = reused = 0
+    reused = 0
     best = None
     for r in results:
         trials["total"] += 1
         df = r.metrics_dataframe
         if df is not None and "stage1_trained" in df:
-            trained += int(df["stage1_trained"].sum())
             reused += int(len(df) - df["stage1_trained"].sum())
         last = r.metrics or {}
         if r.error is not None:
@@ -122,12 +129,17 @@ def _summary(results, name: str, experiment: str, prewarm_trained: int,
             trials["stopped"] += 1
     summary: dict[str, Any] = {
         "name": name, "experiment": experiment, "trials": trials,
-        "stage1_trained": trained + prewarm_trained, "stage1_reused": reused, "best": None}
+        "stage1_trained": trained, "stage1_reused": reused, "best": None}
     if best is not None:
-        keep = [k for k in best.metrics if k.endswith(("_mean", "_std"))]
+        keep = ["partitions_done"] + [k for k in best.metrics if k.endswith(("_mean", "_std"))]
         summary["best"] = {"trial_id": best.metrics.get("trial_id"), "params": best.config,
-                           "metrics": {k: best.metrics[k] for k in keep}}
+                           # JSON has no NaN: the sd of one partition is written as null
+                           "metrics": {k: _finite_or_none(best.metrics[k]) for k in keep}}
     return summary
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dict[str, Param],
@@ -152,12 +164,14 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
                            store_uri="/".join([storage, "stage1"]),
                            data_root=data_root, use_gpu=gpus > 0,
                            threads=max(1, int(args.cpus_per_trial)),
-                           ood_datasets=args.ood_dataset, ood_sets=ood_sets, backbone=backbone)
+                           ood_datasets=args.ood_dataset, ood_sets=ood_sets, backbone=backbone,
+                           name=name)
         leases = create_leases()  # the actor lives as long as this handle
         ray.get(leases.__ray_ready__.remote())
         if "://" not in experiment:
             Path(experiment).mkdir(parents=True, exist_ok=True)
-        prewarm_trained = _prewarm(ctx, experiment, resources, args.quiet) if args.prewarm else 0
+        if args.prewarm:
+            _prewarm(ctx, experiment, resources, args.quiet)
         trainable = tune.with_resources(tune.with_parameters(stage2_trainable, ctx=ctx), resources)
         callbacks = [SweepProgress(args.num_samples, args.quiet, partitions=len(ctx.partitions))]
         run_config = tune.RunConfig(
@@ -181,7 +195,8 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
                 scheduler=scheduler, num_samples=args.num_samples, metric=OBJECTIVE,
                 mode="max", reuse_actors=True))  # keep warm processes: imports, data, caches
         results = tuner.fit()
-        summary = _summary(results, name, experiment, prewarm_trained, len(ctx.partitions))
+        summary = _summary(results, name, experiment, _trained_by(ctx.store_uri, name),
+                           len(ctx.partitions))
         summary["study"] = {"name": name, "orphans_failed": _fail_orphans(study_factory, name)}
         return summary
     finally:

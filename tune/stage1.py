@@ -152,7 +152,7 @@ def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunCon
             "config": {k: v for k, v in cfg.to_dict().items() if k != "stage2"},
             "classifier_history": clf_hist, "cvae_history": cvae_hist,
             "seconds": round(time.time() - started, 3), "device": str(device),
-            "resumed_from": resumed_from, "node_id": node_id(),
+            "resumed_from": resumed_from, "node_id": node_id(), "trained_by": owner,
             **({"backbone": backbone.identity()} if backbone else {})})
     return time.time() - started
 

@@ -51,6 +51,7 @@ class SweepContext:
     ood_datasets: str = "all"  # Setting 2: the OOD sets to evaluate on
     ood_sets: tuple[tuple[str, int, int], ...] = ()  # Setting 2: their layout, as the driver found it
     backbone: BackboneSpec | None = None  # an external model in place of the stage-1 classifier
+    name: str = ""  # the experiment's name: stage-1 models it trains record "NAME/TRIAL_ID"
 
 
 def _device(ctx: SweepContext) -> torch.device:
@@ -74,8 +75,9 @@ def split_for(ctx: SweepContext, partition: int, device: torch.device):
     return split
 
 
-def _owner() -> str:
-    return tune.get_context().get_trial_id() or "driver"
+def _owner(ctx: SweepContext) -> str:
+    """Who trains a stage-1 model (its lease holder, and `trained_by` in its meta.json)."""
+    return f"{ctx.name}/{tune.get_context().get_trial_id() or 'driver'}"
 
 
 def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
@@ -89,20 +91,23 @@ def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
                      **{f"{kind}_{k}": v for k, v in metrics.items() if k != "epoch"}})
 
     models = ensure_stage1(ArtifactStore(ctx.store_uri), split, ctx.base, device, get_leases(),
-                           _owner(), report, backbone=ctx.backbone)
+                           _owner(ctx), report, backbone=ctx.backbone)
     tune.report({"partition": partition, "model": "done", "stage1_key": models.key,
                  "node_id": node_id(),
                  "stage1_trained": int(models.trained), "stage1_train_s": models.train_seconds})
 
 
 def aggregate(records: list[dict[str, float]]) -> dict[str, float]:
-    """Mean and (population) standard deviation over partitions of every flat metric."""
+    """Mean and sample standard deviation (NaN for one partition) over partitions of every flat
+    metric: the same statistics that `analysis.aggregate` computes from the trial files."""
     out = {}
+    n = len(records)
     for name in records[0]:
         values = [r[name] for r in records]
-        mean = sum(values) / len(values)
+        mean = sum(values) / n
         out[f"{name}_mean"] = mean
-        out[f"{name}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        out[f"{name}_std"] = (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+                              if n > 1 else math.nan)
     return out
 
 
@@ -121,7 +126,8 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     for partition in ctx.partitions[len(done):]:
         started = time.perf_counter()
         split = split_for(ctx, partition, device)
-        models = ensure_stage1(store, split, cfg, device, leases, _owner(), backbone=ctx.backbone)
+        models = ensure_stage1(store, split, cfg, device, leases, _owner(ctx),
+                               backbone=ctx.backbone)
         stage1_s = time.perf_counter() - started
         result = run_stage2(models.classifier, models.cvae, split, cfg.stage2, device,
                             cfg.classifier.amp, quiet=True, features=models.features)
