@@ -24,7 +24,7 @@ from analysis.figures import (history_figure, importance_figure, params_figure,
                               partitions_figure, save_png)
 from analysis.study import importance
 from analysis.trials import (NotAnExperiment, aggregate, leaderboard, load_trials,
-                             open_experiment)
+                             ood_sets, open_experiment)
 from cmg.errors import (OneLineParser, atomic_write, ensure_writable_dir, exit_on_usage_error,
                         fail, help_formatter)
 
@@ -112,10 +112,25 @@ def best_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
         f"{best['msp_test_auroc_mean']:.4f}, energy {best['energy_test_auroc_mean']:.4f}",
         f"- Paired lift in test AUROC: over max-softmax {lift('msp')}, over energy "
         f"{lift('energy')}",
-        f"- Parameters: " + ", ".join(f"`{k}={_short(v)}`" for k, v in _params(best).items()),
+        "- Parameters: " + ", ".join(f"`{k}={_short(v)}`" for k, v in _params(best).items()),
         "",
         per_partition.to_markdown(index=False, floatfmt=".4f"),
+        *per_ood_set(df, best),
     ])
+
+
+def per_ood_set(df: pd.DataFrame, best: pd.Series) -> list[str]:
+    """different_dataset: the best configuration on each OOD set, beside the baselines."""
+    names = ood_sets(df)
+    if not names:
+        return []
+    columns = {"val AUROC": "val_{}_auroc", "test AUROC": "test_{}_auroc",
+               "test FPR95": "test_{}_fpr95", "max-softmax test AUROC": "msp_test_{}_auroc",
+               "energy test AUROC": "energy_test_{}_auroc"}
+    rows = [{"OOD set": name, **{label: best.get(f"{key.format(name)}_mean")
+                                 for label, key in columns.items()}} for name in names]
+    return ["", "Per OOD set (the means above are over these sets):", "",
+            pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f")]
 
 
 def others_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:

@@ -24,6 +24,9 @@ PARTITIONS = 5  # Setting 1; a sweep's reports say how many they have (`partitio
 # CMG's flat metric names and the baselines', as the sweep reports them (cmg.pipeline.flat_metrics)
 CMG_METRICS = [f"{part}_{name}" for part in ("val", "test") for name in METRIC_NAMES]
 ALL_METRICS = CMG_METRICS + [f"{b}_{m}" for b in BASELINES for m in CMG_METRICS]
+# different_dataset also reports every OOD set's own metrics: `test_SVHN_auroc`, `msp_val_LSUN_fpr95`
+OOD_SET_METRIC = re.compile(r"^(?:(?:msp|energy)_)?(?:val|test)_(?P<set>.+?)_"
+                            r"(?P<metric>auroc|aupr_in|aupr_out|fpr95)$")
 
 
 class NotAnExperiment(ValueError):
@@ -87,21 +90,29 @@ def load_trials(experiment: str | Path) -> pd.DataFrame:
                 "status": status, "partitions_total": total,
                 **{f"param_{k}": v for k, v in params.items()}}
         for row in rows or [{}]:
+            per_set = {k: v for k, v in row.items() if OOD_SET_METRIC.match(k)}
             records.append({**base, "partition": row.get("partition"),
-                            **{m: row.get(m) for m in ALL_METRICS}})
+                            **{m: row.get(m) for m in ALL_METRICS}, **per_set})
     return pd.DataFrame.from_records(records)
 
 
+def ood_sets(df: pd.DataFrame) -> list[str]:
+    """The OOD sets that have their own metric columns (different_dataset), in report order."""
+    names = (OOD_SET_METRIC.match(c) for c in df.columns)
+    return list(dict.fromkeys(m["set"] for m in names if m))
+
+
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per trial: for every metric its mean, sample standard deviation and 95% t-interval
-    (`_ci_low`, `_ci_high`) over the partitions done, `n_partitions`, the status and parameters,
-    and the paired lift of CMG over each baseline (`lift_msp_val_auroc`: mean over partitions of
+    """One row per trial: for every metric (per OOD set too) its mean, sample standard deviation
+    and 95% t-interval (`_ci_low`, `_ci_high`) over the partitions done, `n_partitions`, the
+    status and parameters, and the paired lift of CMG over each baseline (`lift_msp_val_auroc`: mean over partitions of
     CMG minus max-softmax, with its own interval)."""
     done = df.dropna(subset=["partition"]).copy()
     for b in BASELINES:
         for part in ("val", "test"):
             done[f"lift_{b}_{part}_auroc"] = done[f"{part}_auroc"] - done[f"{b}_{part}_auroc"]
     lifts = [c for c in done.columns if c.startswith("lift_")]
+    per_set = [c for c in done.columns if OOD_SET_METRIC.match(c)]
     params = [c for c in df.columns if c.startswith("param_")]
     out = []
     for trial_id, group in done.groupby("trial_id", sort=False):
@@ -111,7 +122,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
                "partitions_total": group["partitions_total"].iloc[0],
                **group[params].iloc[0].to_dict()}
         t = stats.t.ppf(0.975, n - 1) if n > 1 else float("nan")
-        for metric in ALL_METRICS + lifts:
+        for metric in ALL_METRICS + per_set + lifts:
             values = group[metric].astype(float)
             mean, std = values.mean(), values.std(ddof=1)
             half = t * std / n ** 0.5

@@ -41,8 +41,9 @@ def test_aggregate_matches_numbers_computed_by_hand_from_the_trial_files(smoke_s
     assert row["test_auroc_ci_high"] == pytest.approx(mean + stats.t.ppf(0.975, 4) * sd / 5 ** 0.5)
     lift = statistics.mean(r["val_auroc"] - r["msp_val_auroc"] for r in rows)
     assert row["lift_msp_val_auroc_mean"] == pytest.approx(lift)
-    # the sweep's own running mean agrees
+    # the sweep's own running mean and sample sd agree
     assert row["val_auroc_mean"] == pytest.approx(rows[-1]["val_auroc_mean"])
+    assert row["test_auroc_std"] == pytest.approx(rows[-1]["test_auroc_std"])
 
 
 def test_leaderboard_keeps_incomplete_trials_out(smoke_sweep):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from analysis.report import write_report
 from cmg.data import make_split
 from cmg.data.ood import load_image_folder
 from cmg.errors import UsageError
@@ -112,6 +113,17 @@ def test_sweep_optimises_the_mean_over_the_present_ood_sets(data_root, tmp_path)
             np.mean([r[f"val_{s}_auroc"] for s in PRESENT]))
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert summary["trials"]["complete"] == 2
+    assert summary["best"]["metrics"]["val_auroc_std"] is None  # one partition: no spread
+    assert "one partition: no spread" in proc.stdout
+    # the report shows the selected configuration on every OOD set, beside the baselines
+    best = next(r for r in rows if r["trial_id"] == summary["best"]["trial_id"])
+    report = write_report(str(tmp_path / "d"), tmp_path / "report")["report"].read_text()
+    table = report[report.index("Per OOD set"):].split("\n\n")[1].splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == PRESENT
+    for line, name in zip(table[2:], PRESENT):
+        cells = [c.strip() for c in line.split("|")[2:-1]]
+        assert cells[1] == f"{best[f'test_{name}_auroc']:.4f}"
+        assert cells[3] == f"{best[f'msp_test_{name}_auroc']:.4f}"
 
 
 def test_svhn_reads_torchvisions_test_file(tmp_path):

@@ -158,6 +158,12 @@ def _write_report(experiment: str, study_storage: str | None) -> str:
     return f"report: {files['report']}"
 
 
+def _mean_sd(metrics: dict, name: str) -> str:
+    """'mean +- sample sd over partitions' (no sd for one partition: null in summary.json)."""
+    mean, sd = metrics[f"{name}_mean"], metrics[f"{name}_std"]
+    return f"{mean:.4f} +- {sd:.4f}" if sd is not None else f"{mean:.4f}"
+
+
 def format_summary(s: dict) -> str:
     lines = [f"sweep {s['name']}: {s['trials']['total']} trials "
              f"({s['trials']['complete']} complete, {s['trials']['stopped']} "
@@ -165,19 +171,14 @@ def format_summary(s: dict) -> str:
     best = s.get("best")
     if best:
         m = best["metrics"]
-        lines += [
-            f"best configuration (trial {best['trial_id']}): {json.dumps(best['params'])}",
-            f"  CMG          val AUROC {m['val_auroc_mean']:.4f} +- {m['val_auroc_std']:.4f}"
-            f"   test AUROC {m['test_auroc_mean']:.4f} +- {m['test_auroc_std']:.4f}",
-            f"  max-softmax  val AUROC {m['msp_val_auroc_mean']:.4f} +- "
-            f"{m['msp_val_auroc_std']:.4f}   test AUROC {m['msp_test_auroc_mean']:.4f} +- "
-            f"{m['msp_test_auroc_std']:.4f}",
-            f"  energy       val AUROC {m['energy_val_auroc_mean']:.4f} +- "
-            f"{m['energy_val_auroc_std']:.4f}   test AUROC {m['energy_test_auroc_mean']:.4f} +- "
-            f"{m['energy_test_auroc_std']:.4f}",
-        ]
+        lines.append(f"best configuration (trial {best['trial_id']}): {json.dumps(best['params'])}")
+        for label, prefix in (("CMG", ""), ("max-softmax", "msp_"), ("energy", "energy_")):
+            lines.append(f"  {label:<12} " + "   ".join(
+                f"{part} AUROC {_mean_sd(m, f'{prefix}{part}_auroc')}" for part in ("val", "test")))
+        if m.get("partitions_done") == 1:
+            lines.append("  (one partition: no spread)")
     else:
-        lines.append("no configuration finished all five partitions")
+        lines.append("no configuration finished all its partitions")
     lines += [f"stage-1 models: {s['stage1_trained']} trained, {s['stage1_reused']} reused",
               f"experiment: {s['experiment']}"]
     return "\n".join(lines)
