@@ -56,14 +56,16 @@ def reference_loader(images, labels, batch_size: int, device: torch.device, shuf
                                        pin_memory=device.type == "cuda")
 
 
-def parser(doc: str, size: int) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+def parser(doc: str, size: int, epochs: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--setting", default="same_dataset_mnist",
                    help="same_dataset_mnist, synthetic_cifar10_50k (CIFAR shapes and size), ...")
     p.add_argument("--partition", type=int, default=1)
     p.add_argument("--size", type=int, default=size, help="IND training images")
-    p.add_argument("--epochs", type=int, default=2)
+    if epochs:
+        p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--data-root", default=None)
     return p
 

@@ -70,15 +70,17 @@ def train_timed(split, cfg: ClassifierConfig, device, workdir: Path, curve_every
 
 
 def main() -> None:
-    p = parser(__doc__, size=0)
-    p.set_defaults(epochs=None)
-    p.add_argument("--reference-epochs", type=int, default=ClassifierConfig().epochs)
+    p = parser(__doc__, size=0, epochs=False)
+    p.add_argument("--reference-epochs", type=int, default=ClassifierConfig().epochs,
+                   help="the reference recipe's epochs (constant learning rate 1e-3)")
     p.add_argument("--fast", type=int, nargs="+", default=[4, 6, 8, 10],
                    help="epochs of each fast recipe to try")
     p.add_argument("--fast-lr", type=float, default=3e-3, help="one-cycle peak learning rate")
-    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="of the fast recipes")
     p.add_argument("--batch-size", type=int, default=ClassifierConfig().batch_size,
-                   help="both recipes")
+                   help="the reference recipe's batch size")
+    p.add_argument("--fast-batch-size", type=int, default=None,
+                   help="the fast recipes' batch size (default: --batch-size)")
     p.add_argument("--curve-every", type=int, default=10,
                    help="evaluate the reference every N epochs (0: only at the end)")
     p.add_argument("--tolerance", type=float, default=0.005, help="accuracy, as a fraction")
@@ -113,14 +115,17 @@ def compare(split, base: ClassifierConfig, args, device, work: Path) -> tuple[di
     fast = []
     for epochs in args.fast:
         cfg = replace(base, epochs=epochs, lr=args.fast_lr, schedule="onecycle",
-                      label_smoothing=args.label_smoothing)
+                      label_smoothing=args.label_smoothing,
+                      batch_size=args.fast_batch_size or base.batch_size)
         model, seconds, _ = train_timed(split, cfg, device, work)
         acc = test_accuracy(model, split)
         ratio = seconds / reference["seconds"]
         holds = acc >= ref_acc - args.tolerance and ratio <= 0.1
-        fast.append({"epochs": epochs, "lr": args.fast_lr, "seconds": round(seconds, 2),
+        fast.append({"epochs": epochs, "lr": args.fast_lr, "batch_size": cfg.batch_size,
+                     "seconds": round(seconds, 2),
                      "test_acc": round(acc, 4), "time_ratio": round(ratio, 4), "holds": holds})
-        print(f"fast: {epochs} epochs, one-cycle lr {args.fast_lr}, label smoothing "
+        print(f"fast: {epochs} epochs, batch {cfg.batch_size}, one-cycle lr {args.fast_lr}, "
+              f"label smoothing "
               f"{args.label_smoothing}: test accuracy {acc:.4f} in {seconds:.2f} s "
               f"({ratio:.3f} of the reference's time){'  HOLDS' if holds else ''}")
     return reference, fast
