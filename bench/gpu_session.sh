@@ -2,7 +2,7 @@
 # Every GPU measurement of bench/ in one run, for a short lease of a GPU machine (no Ray there):
 #   bash bench/gpu_session.sh            # JSON lines into ${OUT:-bench-out}/*.json, logs beside
 #   bash bench/gpu_session.sh cuda_check stage2_cifar    # only these steps
-# All steps' limits add up to about 17 minutes: pick steps to fit the lease you have. One
+# All steps' limits add up to about 20 minutes: pick steps to fit the lease you have. One
 # 600-s call of a 15-minute lease (start-up included) fits, e.g.:
 #   bash bench/gpu_session.sh cuda_check stage1_cifar recipe_mnist stage2_cifar pack_cifar_s2
 # Run it from the repository root with datasets/MNIST/raw present (copy the four .gz files).
@@ -23,6 +23,7 @@ step() {  # step NAME SECONDS COMMAND...
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 step cuda_check 120 $PY bench/cuda_check.py
 step stage1_cifar 100 $PY bench/stage1.py --device cuda --setting synthetic_cifar10_50k --size 30000 --epochs 3 --batch-size 512
+step stage1_cifar_compile 180 $PY bench/stage1.py --device cuda --setting synthetic_cifar10_50k --size 30000 --epochs 3 --batch-size 512 --compile
 step stage1_mnist 60 $PY bench/stage1.py --device cuda --size 30000 --epochs 3 --batch-size 512
 step recipe_mnist 150 $PY bench/recipe.py --device cuda
 step stage2_cifar 120 $PY bench/stage2.py --device cuda --setting synthetic_cifar10_50k --size 30000 --eval-limit 10000

@@ -55,6 +55,13 @@ def add_ood_dataset_arg(p: argparse.ArgumentParser) -> None:
                         "skipped with a warning)")
 
 
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the stage-1 training steps: compiling takes tens of "
+                        "seconds per network, so it pays on long trainings (paper budget); "
+                        "does not change what is trained (not part of a stage-1 model's key)")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

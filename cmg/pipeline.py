@@ -74,8 +74,10 @@ def run_partition(setting: str, partition: int, cfg: RunConfig,
                   device: str | torch.device = "cpu", data_root=None, download: bool = False,
                   workdir: str | Path | None = None, budget: str | None = None,
                   quiet: bool = False, ood_datasets: str = "all",
-                  backbone: BackboneSpec | None = None) -> dict[str, Any]:
-    """With a `backbone`, it replaces the stage-1 classifier: stage 1 trains only the CVAE."""
+                  backbone: BackboneSpec | None = None,
+                  compile_model: bool = False) -> dict[str, Any]:
+    """With a `backbone`, it replaces the stage-1 classifier: stage 1 trains only the CVAE.
+    `compile_model`: torch.compile the stage-1 training steps (see cmg.stage1.maybe_compile)."""
     device = torch.device(device)
     if backbone is not None:  # checked before any data is loaded
         s = get_setting(setting)
@@ -87,10 +89,11 @@ def run_partition(setting: str, partition: int, cfg: RunConfig,
     t = time.perf_counter()
     if backbone is None:
         classifier, _ = train_classifier(split, cfg.classifier, device, ckpt("classifier.pt"),
-                                         quiet=quiet)
+                                         quiet=quiet, compile_model=compile_model)
         seconds["classifier"] = time.perf_counter() - t
     t = time.perf_counter()
-    cvae, _ = train_cvae(split, cfg.cvae, device, ckpt("cvae.pt"), quiet=quiet)
+    cvae, _ = train_cvae(split, cfg.cvae, device, ckpt("cvae.pt"), quiet=quiet,
+                         compile_model=compile_model)
     seconds["cvae"] = time.perf_counter() - t
     t = time.perf_counter()
     result = run_stage2(classifier, cvae, split, cfg.stage2, device, cfg.classifier.amp, quiet)

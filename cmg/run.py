@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from cmg.cli import (add_backbone_args, add_common_args, add_ood_dataset_arg, backbone_from_args,
-                     setup_run, summary_lines, write_json)
+from cmg.cli import (add_backbone_args, add_common_args, add_compile_arg, add_ood_dataset_arg,
+                     backbone_from_args, setup_run, summary_lines, write_json)
 from cmg.config import MODES
 from cmg.data import setting_names
 from cmg.errors import OneLineParser, ensure_writable_dir, exit_on_usage_error, help_formatter
@@ -33,6 +33,7 @@ def build_parser() -> OneLineParser:
                         "both modes at one folder to train stage 1 once")
     add_ood_dataset_arg(p)
     add_backbone_args(p)
+    add_compile_arg(p)
     add_common_args(p)
     return p
 
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = ensure_writable_dir(args.out or f"runs/{setting.name}_p{partition}_{args.mode}")
     metrics = run_partition(setting.name, partition, cfg, device, args.data_root, args.download,
                             workdir=args.stage1_dir or out, budget=args.budget, quiet=args.quiet,
-                            ood_datasets=args.ood_dataset, backbone=backbone)
+                            ood_datasets=args.ood_dataset, backbone=backbone,
+                            compile_model=args.compile)
     write_json(out / "metrics.json", metrics)
     print("\n".join(summary_lines(metrics)))
     print(f"wrote {out / 'metrics.json'}")

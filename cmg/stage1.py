@@ -60,6 +60,14 @@ def inference_autocast(device: torch.device, amp: bool):
     return torch.autocast(dtype_device, dtype=torch.bfloat16, enabled=enabled)
 
 
+def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """`torch.compile` for the training steps of long trainings (the returned model is used for
+    the forward pass only; weights, checkpoints and inference stay on `model`). Compiling costs
+    about 40 s per network on this 2-core CPU and then ran MNIST classifier steps 1.14x faster,
+    so it pays only over thousands of steps: it is off unless asked for (`--compile`)."""
+    return torch.compile(model) if enabled else model
+
+
 def prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
@@ -152,12 +160,13 @@ def _fit(kind: str, model: torch.nn.Module, split: Split, cfg, device: torch.dev
 def train_classifier(split: Split, cfg: ClassifierConfig = ClassifierConfig(),
                      device: str | torch.device = "cpu",
                      checkpoint: str | os.PathLike | None = None,
-                     callback: EpochCallback | None = None,
-                     quiet: bool = False) -> tuple[Classifier, list[dict[str, float]]]:
+                     callback: EpochCallback | None = None, quiet: bool = False,
+                     compile_model: bool = False) -> tuple[Classifier, list[dict[str, float]]]:
     """Train (or resume) the IND classifier with cross-entropy over its K + 1 outputs."""
     device = torch.device(device)
     torch.manual_seed(cfg.seed)  # before building: the initial weights are part of the seed
     model = prepare(build_classifier(split.family, split.num_classes, cfg), device)
+    net = maybe_compile(model, compile_model)
     augment = split.family == "cifar"
     channels_last = device.type == "cuda"
 
@@ -167,7 +176,7 @@ def train_classifier(split: Split, cfg: ClassifierConfig = ClassifierConfig(),
             x = random_crop_flip(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = model(x)
+        logits = net(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         acc = (logits[:, :split.num_classes].argmax(1) == y).float().mean()
         return loss, {"loss": loss, "acc": acc}
@@ -178,15 +187,16 @@ def train_classifier(split: Split, cfg: ClassifierConfig = ClassifierConfig(),
 
 def train_cvae(split: Split, cfg: CVAEConfig = CVAEConfig(), device: str | torch.device = "cpu",
                checkpoint: str | os.PathLike | None = None, callback: EpochCallback | None = None,
-               quiet: bool = False) -> tuple[CVAE, list[dict[str, float]]]:
+               quiet: bool = False, compile_model: bool = False) -> tuple[CVAE, list[dict[str, float]]]:
     """Train (or resume) the CVAE: per-pixel MSE + kl_weight * KL, no augmentation."""
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     model = prepare(build_cvae(split.family, split.num_classes, cfg), device)
+    net = maybe_compile(model, compile_model)
 
     def loss_fn(x, y):
         x = to_float(x)
-        recon, mu, logvar = model(x, y)
+        recon, mu, logvar = net(x, y)
         loss = cvae_loss(x, recon, mu, logvar, cfg.kl_weight)
         return loss, {"loss": loss}
 

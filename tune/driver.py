@@ -165,7 +165,7 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
                            data_root=data_root, use_gpu=gpus > 0,
                            threads=max(1, int(args.cpus_per_trial)),
                            ood_datasets=args.ood_dataset, ood_sets=ood_sets, backbone=backbone,
-                           name=name)
+                           name=name, compile_model=args.compile)
         leases = create_leases()  # the actor lives as long as this handle
         ray.get(leases.__ray_ready__.remote())
         if "://" not in experiment:

@@ -106,7 +106,7 @@ EpochReport = Callable[[str, int, dict], None]  # (model kind, epoch, metrics)
 def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunConfig,
                        device: torch.device, renew: Callable[[], None],
                        report: EpochReport | None, owner: str,
-                       backbone: BackboneSpec | None) -> float:
+                       backbone: BackboneSpec | None, compile_model: bool = False) -> float:
     """Train both models (resuming from KEY/partial/), publish the artifact; return seconds.
     With a backbone only the CVAE trains, and the backbone file is published in the artifact
     (so any node can load it)."""
@@ -132,12 +132,12 @@ def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunCon
         if backbone is None:
             classifier, clf_hist = train_classifier(split, cfg.classifier, device,
                                                     local["classifier"], on_epoch("classifier"),
-                                                    quiet=True)
+                                                    quiet=True, compile_model=compile_model)
         else:
             classifier, clf_hist = _backbone(backbone, split, cfg, device), []
             local["classifier"] = Path(backbone.path)
         cvae, cvae_hist = train_cvae(split, cfg.cvae, device, local["cvae"], on_epoch("cvae"),
-                                     quiet=True)
+                                     quiet=True, compile_model=compile_model)
         features = freeze_features(classifier, split, cfg.classifier.amp)
         buffer = io.BytesIO()
         torch.save({"train": features.train.cpu(), "baselines": features.baselines,
@@ -190,9 +190,11 @@ def _load(store: ArtifactStore, key: str, split: Split, cfg: RunConfig, device: 
 
 def ensure_stage1(store: ArtifactStore, split: Split, cfg: RunConfig, device: torch.device,
                   leases=None, owner: str = "local", report: EpochReport | None = None,
-                  poll_seconds: float = 1.0, backbone: BackboneSpec | None = None) -> Stage1Models:
+                  poll_seconds: float = 1.0, backbone: BackboneSpec | None = None,
+                  compile_model: bool = False) -> Stage1Models:
     """Load the stage-1 artifact of (split, cfg), training it first if no one has. With a
-    `backbone`, it is the classifier and only the CVAE is trained."""
+    `backbone`, it is the classifier and only the CVAE is trained; `compile_model`
+    torch.compiles the training steps (not part of the key: the same models either way)."""
     key = stage1_key(split.setting, split.partition, cfg, split.ood_sets, backbone)
     trained, seconds = False, 0.0
     while not store.exists(key):
@@ -201,7 +203,7 @@ def ensure_stage1(store: ArtifactStore, split: Split, cfg: RunConfig, device: to
                 lambda: None)
             try:
                 seconds = _train_and_publish(store, key, split, cfg, device, renew, report, owner,
-                                             backbone)
+                                             backbone, compile_model)
                 trained = True
             finally:
                 if leases is not None:

@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from cmg.cli import add_backbone_args, add_ood_dataset_arg, backbone_from_args, write_json
+from cmg.cli import (add_backbone_args, add_compile_arg, add_ood_dataset_arg, backbone_from_args,
+                     write_json)
 from cmg.config import BUDGETS, budget_config
 from cmg.data import get_setting, make_split, resolve_data_root, setting_names
 from cmg.errors import OneLineParser, exit_on_usage_error, fail, help_formatter
@@ -65,6 +66,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--download", action="store_true", help="download missing data first")
     add_ood_dataset_arg(p)
     add_backbone_args(p)
+    add_compile_arg(p)
     p.add_argument("--no-report", dest="report", action="store_false",
                    help="skip writing EXPERIMENT/report (python -m analysis.report) at the end")
     p.add_argument("--quiet", action="store_true", help="only the final summary")

@@ -52,6 +52,7 @@ class SweepContext:
     ood_sets: tuple[tuple[str, int, int], ...] = ()  # Setting 2: their layout, as the driver found it
     backbone: BackboneSpec | None = None  # an external model in place of the stage-1 classifier
     name: str = ""  # the experiment's name: stage-1 models it trains record "NAME/TRIAL_ID"
+    compile_model: bool = False  # torch.compile stage-1 training (--compile)
 
 
 def _device(ctx: SweepContext) -> torch.device:
@@ -91,7 +92,8 @@ def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
                      **{f"{kind}_{k}": v for k, v in metrics.items() if k != "epoch"}})
 
     models = ensure_stage1(ArtifactStore(ctx.store_uri), split, ctx.base, device, get_leases(),
-                           _owner(ctx), report, backbone=ctx.backbone)
+                           _owner(ctx), report, backbone=ctx.backbone,
+                           compile_model=ctx.compile_model)
     tune.report({"partition": partition, "model": "done", "stage1_key": models.key,
                  "node_id": node_id(),
                  "stage1_trained": int(models.trained), "stage1_train_s": models.train_seconds})
@@ -127,7 +129,7 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
         started = time.perf_counter()
         split = split_for(ctx, partition, device)
         models = ensure_stage1(store, split, cfg, device, leases, _owner(ctx),
-                               backbone=ctx.backbone)
+                               backbone=ctx.backbone, compile_model=ctx.compile_model)
         stage1_s = time.perf_counter() - started
         result = run_stage2(models.classifier, models.cvae, split, cfg.stage2, device,
                             cfg.classifier.amp, quiet=True, features=models.features)
