@@ -153,6 +153,7 @@ def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunCon
             "classifier_history": clf_hist, "cvae_history": cvae_hist,
             "seconds": round(time.time() - started, 3), "device": str(device),
             "resumed_from": resumed_from, "node_id": node_id(), "trained_by": owner,
+            "compiled": compile_model,
             **({"backbone": backbone.identity()} if backbone else {})})
     return time.time() - started
 
