@@ -23,14 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # cmg/, and the tests' data-root builder
 
 import torch  # noqa: E402
 
 from cmg.backbone import BackboneSpec  # noqa: E402
 from cmg.config import budget_config  # noqa: E402
 from cmg.pipeline import flat_metrics, run_partition  # noqa: E402
-from tests.cifar_data import build_cifar_data_root  # noqa: E402
+from cifar_data import build_cifar_data_root  # noqa: E402
 
 REAL = {"same_dataset_mnist"}
 CIFAR_SMOKE = ["classifier.epochs=4", "cvae.epochs=4", "stage2.epochs=3", "data.eval_limit=60"]

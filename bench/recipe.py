@@ -35,7 +35,7 @@ from cmg.stage2 import extract_features
 
 
 @torch.no_grad()
-def test_accuracy(model, split) -> float:
+def ind_test_accuracy(model, split) -> float:
     feats = extract_features(model, split.test_ind_x)
     logits = ind_logits(model.head(feats), split.num_classes)
     return (logits.argmax(1) == split.test_ind_y).float().mean().item()
@@ -49,7 +49,7 @@ def sync(device: torch.device) -> None:
 def train_timed(split, cfg: ClassifierConfig, device, workdir: Path, curve_every: int = 0):
     """Train with a checkpoint per epoch, as the pipeline does; return (model, training seconds,
     [(epoch, test accuracy)] every `curve_every` epochs, read back from the checkpoint)."""
-    checkpoint = workdir / f"classifier-{cfg.epochs}-{cfg.schedule}.pt"
+    checkpoint = Path(tempfile.mkdtemp(dir=workdir)) / "classifier.pt"  # a fresh one per recipe
     curve: list[tuple[int, float]] = []
     excluded = 0.0  # seconds spent evaluating inside the callback, not training
 
@@ -59,7 +59,7 @@ def train_timed(split, cfg: ClassifierConfig, device, workdir: Path, curve_every
             start = time.perf_counter()
             model = build_classifier(split.family, split.num_classes, cfg)
             model.load_state_dict(load_checkpoint(checkpoint, "classifier")["model"])
-            curve.append((epoch, test_accuracy(prepare(model, device).eval(), split)))
+            curve.append((epoch, ind_test_accuracy(prepare(model, device).eval(), split)))
             excluded += time.perf_counter() - start
 
     sync(device)
@@ -105,7 +105,7 @@ def main() -> None:
 def compare(split, base: ClassifierConfig, args, device, work: Path) -> tuple[dict, list[dict]]:
     ref_cfg = replace(base, epochs=args.reference_epochs)
     model, seconds, curve = train_timed(split, ref_cfg, device, work, args.curve_every)
-    ref_acc = curve[-1][1] if curve else test_accuracy(model, split)
+    ref_acc = curve[-1][1] if curve else ind_test_accuracy(model, split)
     reference = {"epochs": ref_cfg.epochs, "lr": ref_cfg.lr, "seconds": round(seconds, 2),
                  "test_acc": round(ref_acc, 4), "curve": [[e, round(a, 4)] for e, a in curve]}
     print(f"reference: {ref_cfg.epochs} epochs, constant lr {ref_cfg.lr}: "
@@ -118,7 +118,7 @@ def compare(split, base: ClassifierConfig, args, device, work: Path) -> tuple[di
                       label_smoothing=args.label_smoothing,
                       batch_size=args.fast_batch_size or base.batch_size)
         model, seconds, _ = train_timed(split, cfg, device, work)
-        acc = test_accuracy(model, split)
+        acc = ind_test_accuracy(model, split)
         ratio = seconds / reference["seconds"]
         holds = acc >= ref_acc - args.tolerance and ratio <= 0.1
         fast.append({"epochs": epochs, "lr": args.fast_lr, "batch_size": cfg.batch_size,
