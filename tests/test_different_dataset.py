@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from analysis.report import write_report
+from cmg.config import budget_config
 from cmg.data import make_split
 from cmg.data.ood import load_image_folder
 from cmg.errors import UsageError
@@ -136,3 +137,26 @@ def test_svhn_reads_torchvisions_test_file(tmp_path):
     savemat(tmp_path / "SVHN" / "test_32x32.mat",
             {"X": images.transpose(2, 3, 1, 0), "y": np.ones((7, 1))})  # SVHN's HWCN layout
     assert torch.equal(load_svhn(tmp_path), torch.from_numpy(images))
+
+
+def test_another_choice_of_ood_sets_reuses_the_stage1_models(data_root, tmp_path):
+    """The OOD sets evaluated are not part of stage 1: a sweep on other OOD data finds the
+    models trained for the first and only computes their features for the new sets."""
+    from tune.artifacts import ArtifactStore, features_name
+    from tune.stage1 import ensure_stage1
+
+    cfg = budget_config("smoke", "cifar", ["classifier.batch_size=100", "cvae.batch_size=100"])
+    store = ArtifactStore(str(tmp_path / "stage1"))
+    first_split = make_split("different_dataset", 1, cfg.data, data_root, ood_datasets="LSUN")
+    first = ensure_stage1(store, first_split, cfg, torch.device("cpu"))
+    split = make_split("different_dataset", 1, cfg.data, data_root,
+                       ood_datasets="LSUN,CIFAR100")
+    second = ensure_stage1(store, split, cfg, torch.device("cpu"))
+    assert first.trained and not second.trained and first.key == second.key
+    assert store.keys() == [first.key]
+    assert {features_name(first_split.ood_sets), features_name(split.ood_sets)} == {
+        p.name for p in (tmp_path / "stage1" / first.key).glob("features*.pt")}
+    # the new features are those of the same frozen network on the new OOD images
+    assert torch.equal(second.features.train, first.features.train)
+    assert len(second.features.evals["test"]["ood"]) == len(split.test_ood_x)
+    assert second.features.baselines["msp"]["test"]["ood_sets"].keys() == {"LSUN", "CIFAR100"}

@@ -10,7 +10,10 @@ every later sweep that needs the same stage 1 finds it::
     store.exists(key)                                    # True once `meta.json` is written
 
 Layout: ``ROOT/KEY/{classifier.pt, cvae.pt, features.pt, meta.json}``; `meta.json` is written
-last and marks the artifact complete. ``ROOT/KEY/partial/`` holds the per-epoch checkpoints of a
+last and marks the artifact complete. In different_dataset the features depend on which OOD sets
+are evaluated, the models do not: they are ``features-<layout hash>.pt`` (`features_name`), one
+per OOD-set layout, computed from the stored models by the first trial that needs them, so
+evaluating on another set of OOD data never retrains stage 1. ``ROOT/KEY/partial/`` holds the per-epoch checkpoints of a
 training in progress, so a trial that moves to another node continues from its last epoch.
 Every file is written to a temporary name and moved into place.
 """
@@ -32,21 +35,26 @@ FORMAT_VERSION = 1
 
 
 def stage1_key(setting: str, partition: int, cfg: RunConfig,
-               ood_sets: tuple[tuple[str, int, int], ...] = (),
                backbone: BackboneSpec | None = None) -> str:
-    """Hash of what determines a stage-1 artifact (not the device, not stage 2). In Setting 2
-    the artifact's stored features cover the OOD sets present (`Split.ood_sets`), so they count.
-    With an external backbone, its format and file hash replace the classifier's config."""
+    """Hash of what determines the stage-1 models (not the device, not stage 2, not the OOD
+    sets evaluated). With an external backbone, its format and file hash replace the
+    classifier's config."""
     identity = {"format": FORMAT_VERSION, "setting": setting, "partition": partition,
                 "classifier": cfg.to_dict()["classifier"], "cvae": cfg.to_dict()["cvae"],
                 "data": cfg.to_dict()["data"]}
-    if ood_sets:
-        identity["ood_sets"] = [list(entry) for entry in ood_sets]
     if backbone is not None:
         identity["classifier"] = {"backbone": backbone.identity(),
                                   "head_width": cfg.classifier.head_width}
     blob = json.dumps(identity, sort_keys=True).encode()
     return f"{setting}-p{partition}-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+def features_name(ood_sets: tuple[tuple[str, int, int], ...] = ()) -> str:
+    """The artifact's features file for an OOD-set layout (`Split.ood_sets`; empty in Setting 1)."""
+    if not ood_sets:
+        return "features.pt"
+    blob = json.dumps([list(entry) for entry in ood_sets]).encode()
+    return f"features-{hashlib.sha256(blob).hexdigest()[:12]}.pt"
 
 
 def _open(uri: str) -> tuple[pafs.FileSystem, str]:

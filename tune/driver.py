@@ -72,7 +72,7 @@ def _prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool) -
     """Train the base config's stage-1 models of all partitions in parallel."""
     store = ArtifactStore(ctx.store_uri)
     missing = [p for p in ctx.partitions if not store.exists(
-        stage1_key(ctx.setting, p, ctx.base, ctx.ood_sets, ctx.backbone))]
+        stage1_key(ctx.setting, p, ctx.base, ctx.backbone))]
     if not missing:
         return
     if not quiet:

@@ -32,7 +32,7 @@ from cmg.config import RunConfig
 from cmg.data import Split
 from cmg.stage1 import load_stage1_model, train_classifier, train_cvae
 from cmg.stage2 import FrozenFeatures, freeze_features
-from tune.artifacts import ArtifactStore, stage1_key
+from tune.artifacts import ArtifactStore, features_name, stage1_key
 
 LEASE_SECONDS = 900.0  # a holder renews at every epoch; longer silence means it hangs
 CACHE = Path(os.environ.get("CMG_CACHE", Path.home() / ".cache" / "cmg-sweep"))
@@ -138,12 +138,7 @@ def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunCon
             local["classifier"] = Path(backbone.path)
         cvae, cvae_hist = train_cvae(split, cfg.cvae, device, local["cvae"], on_epoch("cvae"),
                                      quiet=True, compile_model=compile_model)
-        features = freeze_features(classifier, split, cfg.classifier.amp)
-        buffer = io.BytesIO()
-        torch.save({"train": features.train.cpu(), "baselines": features.baselines,
-                    "evals": {p: {k: v.cpu() for k, v in d.items()}
-                              for p, d in features.evals.items()}}, buffer)
-        store.write_bytes(key, "features.pt", buffer.getvalue())
+        _publish_features(store, key, split, cfg, classifier)
         for name, path in local.items():
             store.put_file(key, f"{'backbone' if backbone and name == 'classifier' else name}.pt",
                            path)
@@ -164,6 +159,19 @@ _LOADED: OrderedDict[tuple[str, str, str], tuple] = OrderedDict()
 _LOADED_MAX = 5  # one per partition
 
 
+def _publish_features(store: ArtifactStore, key: str, split: Split, cfg: RunConfig,
+                      classifier: torch.nn.Module) -> FrozenFeatures:
+    """Compute the frozen network's features for the split's OOD-set layout and store them.
+    Two trials that do this at once write the same content; the last move wins."""
+    features = freeze_features(classifier, split, cfg.classifier.amp)
+    buffer = io.BytesIO()
+    torch.save({"train": features.train.cpu(), "baselines": features.baselines,
+                "evals": {p: {k: v.cpu() for k, v in d.items()}
+                          for p, d in features.evals.items()}}, buffer)
+    store.write_bytes(key, features_name(split.ood_sets), buffer.getvalue())
+    return features
+
+
 def _backbone(backbone: BackboneSpec, split: Split, cfg: RunConfig, device: torch.device,
               path: Path | None = None):
     return backbone.load(split.num_classes, split.family, cfg.classifier.head_width, device, path)
@@ -171,7 +179,8 @@ def _backbone(backbone: BackboneSpec, split: Split, cfg: RunConfig, device: torc
 
 def _load(store: ArtifactStore, key: str, split: Split, cfg: RunConfig, device: torch.device,
           trained: bool, backbone: BackboneSpec | None) -> Stage1Models:
-    slot = (store.uri, key, str(device))
+    features_file = features_name(split.ood_sets)
+    slot = (store.uri, key, features_file, str(device))
     if slot not in _LOADED:
         cache = CACHE / "stage1" / key
         fetch = lambda name: store.get_file(key, name, cache / name)  # noqa: E731
@@ -179,9 +188,12 @@ def _load(store: ArtifactStore, key: str, split: Split, cfg: RunConfig, device: 
                       if backbone is None else
                       _backbone(backbone, split, cfg, device, fetch("backbone.pt")))
         models = [classifier, load_stage1_model(fetch("cvae.pt"), "cvae", split, device)]
-        raw = torch.load(fetch("features.pt"), map_location=device, weights_only=True)
-        features = FrozenFeatures(train=raw["train"], evals=raw["evals"],
-                                  baselines=raw["baselines"])
+        if store.exists(key, features_file):
+            raw = torch.load(fetch(features_file), map_location=device, weights_only=True)
+            features = FrozenFeatures(train=raw["train"], evals=raw["evals"],
+                                      baselines=raw["baselines"])
+        else:  # another set of OOD data than the models were trained beside: no retraining
+            features = _publish_features(store, key, split, cfg, classifier)
         _LOADED[slot] = (*models, features)
         while len(_LOADED) > _LOADED_MAX:
             _LOADED.popitem(last=False)
@@ -196,7 +208,7 @@ def ensure_stage1(store: ArtifactStore, split: Split, cfg: RunConfig, device: to
     """Load the stage-1 artifact of (split, cfg), training it first if no one has. With a
     `backbone`, it is the classifier and only the CVAE is trained; `compile_model`
     torch.compiles the training steps (not part of the key: the same models either way)."""
-    key = stage1_key(split.setting, split.partition, cfg, split.ood_sets, backbone)
+    key = stage1_key(split.setting, split.partition, cfg, backbone)
     trained, seconds = False, 0.0
     while not store.exists(key):
         if leases is None or ray.get(leases.acquire.remote(key, owner, node_id())):
