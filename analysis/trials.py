@@ -24,7 +24,8 @@ PARTITIONS = 5  # Setting 1; a sweep's reports say how many they have (`partitio
 # CMG's flat metric names and the baselines', as the sweep reports them (cmg.pipeline.flat_metrics)
 CMG_METRICS = [f"{part}_{name}" for part in ("val", "test") for name in METRIC_NAMES]
 ALL_METRICS = CMG_METRICS + [f"{b}_{m}" for b in BASELINES for m in CMG_METRICS]
-# different_dataset also reports every OOD set's own metrics: `test_SVHN_auroc`, `msp_val_LSUN_fpr95`
+# different_dataset also reports every OOD set's own metrics (`test_SVHN_auroc`,
+# `msp_val_LSUN_fpr95`, ...)
 OOD_SET_METRIC = re.compile(r"^(?:(?:msp|energy)_)?(?:val|test)_(?P<set>.+?)_"
                             r"(?P<metric>auroc|aupr_in|aupr_out|fpr95)$")
 
@@ -105,8 +106,8 @@ def ood_sets(df: pd.DataFrame) -> list[str]:
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per trial: for every metric (per OOD set too) its mean, sample standard deviation
     and 95% t-interval (`_ci_low`, `_ci_high`) over the partitions done, `n_partitions`, the
-    status and parameters, and the paired lift of CMG over each baseline (`lift_msp_val_auroc`: mean over partitions of
-    CMG minus max-softmax, with its own interval)."""
+    status and parameters, and the paired lift of CMG over each baseline (`lift_msp_val_auroc`:
+    mean over partitions of CMG minus max-softmax, with its own interval)."""
     done = df.dropna(subset=["partition"]).copy()
     for b in BASELINES:
         for part in ("val", "test"):

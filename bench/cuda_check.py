@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from cmg.backbone import BackboneSpec  # noqa: E402
 from cmg.config import budget_config  # noqa: E402
+from cmg.data import get_setting  # noqa: E402
 from cmg.pipeline import flat_metrics, run_partition  # noqa: E402
 from cifar_data import build_cifar_data_root  # noqa: E402
 
@@ -80,7 +81,7 @@ def main() -> int:
             m = run_partition(setting, 1, cfg, device, data_root=data_root, workdir=work,
                               budget=budget, quiet=True, backbone=spec)
             wall = time.perf_counter() - start
-            problems = check(m, setting in REAL, 10 if setting == "different_dataset" else 6)
+            problems = check(m, setting in REAL, len(get_setting(setting).ind_classes(1)))
             if spec is not None and "classifier" in m["seconds"]:
                 problems.append("a run with a backbone trained a classifier")
             failures += [f"{setting} {mode}: {p}" for p in problems]

@@ -187,7 +187,8 @@ def train_classifier(split: Split, cfg: ClassifierConfig = ClassifierConfig(),
 
 def train_cvae(split: Split, cfg: CVAEConfig = CVAEConfig(), device: str | torch.device = "cpu",
                checkpoint: str | os.PathLike | None = None, callback: EpochCallback | None = None,
-               quiet: bool = False, compile_model: bool = False) -> tuple[CVAE, list[dict[str, float]]]:
+               quiet: bool = False,
+               compile_model: bool = False) -> tuple[CVAE, list[dict[str, float]]]:
     """Train (or resume) the CVAE: per-pixel MSE + kl_weight * KL, no augmentation."""
     device = torch.device(device)
     torch.manual_seed(cfg.seed)

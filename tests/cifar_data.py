@@ -42,14 +42,18 @@ def build_cifar_data_root(root: Path, real: bool = True) -> Path:
         part = slice(120 * i, 120 * (i + 1))
         write_batch(root / "cifar-10-batches-py" / f"data_batch_{i + 1}",
                     train_x[part].numpy(), train_y[part].tolist())
-    real10, labels10 = real_images("cifar10") if real else synthetic_images(20, seed=3)
+    def twenty(prefix: str, seed: int) -> tuple[np.ndarray, list[int]]:
+        if real:
+            return real_images(prefix)
+        x, y = synthetic_images(20, seed=seed)
+        return x.numpy(), y.tolist()
+
+    real10, labels10 = twenty("cifar10", seed=3)
     synth_x, synth_y = synthetic_images(100, seed=2)
     write_batch(root / "cifar-10-batches-py" / "test_batch",
-                np.concatenate([np.asarray(real10), synth_x.numpy()]),
-                list(np.asarray(labels10).tolist()) + synth_y.tolist())
-    real100, labels100 = real_images("cifar100") if real else synthetic_images(20, seed=4)
-    write_batch(root / "cifar-100-python" / "test", np.asarray(real100),
-                np.asarray(labels100).tolist(), key="fine_labels")
+                np.concatenate([real10, synth_x.numpy()]), labels10 + synth_y.tolist())
+    real100, labels100 = twenty("cifar100", seed=4)
+    write_batch(root / "cifar-100-python" / "test", real100, labels100, key="fine_labels")
     for i in range(25):  # LSUN: a flat folder of PNGs
         noise_png(root / "LSUN_resize" / f"{i:04d}.png", seed=i)
     for i in range(25):  # tinyImageNet: class sub-folders, PNG and JPEG

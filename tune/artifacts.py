@@ -10,11 +10,12 @@ every later sweep that needs the same stage 1 finds it::
     store.exists(key)                                    # True once `meta.json` is written
 
 Layout: ``ROOT/KEY/{classifier.pt, cvae.pt, features.pt, meta.json}``; `meta.json` is written
-last and marks the artifact complete. In different_dataset the features depend on which OOD sets
-are evaluated, the models do not: they are ``features-<layout hash>.pt`` (`features_name`), one
-per OOD-set layout, computed from the stored models by the first trial that needs them, so
-evaluating on another set of OOD data never retrains stage 1. ``ROOT/KEY/partial/`` holds the per-epoch checkpoints of a
-training in progress, so a trial that moves to another node continues from its last epoch.
+last and marks the artifact complete. In different_dataset the features depend on which OOD
+sets are evaluated, the models do not: they are ``features-<layout hash>.pt`` (`features_name`),
+one per OOD-set layout, computed from the stored models by the first trial that needs them, so
+evaluating on other OOD data never retrains stage 1. ``ROOT/KEY/partial/`` holds the per-epoch
+checkpoints of a training in progress, so a trial that moves to another node continues from its
+last epoch.
 Every file is written to a temporary name and moved into place.
 """
 

@@ -155,7 +155,7 @@ def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunCon
 
 # Artifacts loaded in this worker process, most recent last: trial processes are reused, and
 # stage 2 never modifies the frozen models or features, so the next trial skips the reload.
-_LOADED: OrderedDict[tuple[str, str, str], tuple] = OrderedDict()
+_LOADED: OrderedDict[tuple[str, str, str, str], tuple] = OrderedDict()  # uri, key, features, device
 _LOADED_MAX = 5  # one per partition
 
 

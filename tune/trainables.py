@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -103,13 +104,10 @@ def aggregate(records: list[dict[str, float]]) -> dict[str, float]:
     """Mean and sample standard deviation (NaN for one partition) over partitions of every flat
     metric: the same statistics that `analysis.aggregate` computes from the trial files."""
     out = {}
-    n = len(records)
     for name in records[0]:
         values = [r[name] for r in records]
-        mean = sum(values) / n
-        out[f"{name}_mean"] = mean
-        out[f"{name}_std"] = (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-                              if n > 1 else math.nan)
+        out[f"{name}_mean"] = statistics.fmean(values)
+        out[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
     return out
 
 
