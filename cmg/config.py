@@ -110,6 +110,13 @@ SECTIONS = {"classifier": ClassifierConfig, "cvae": CVAEConfig, "stage2": Stage2
             "data": DataConfig}
 
 
+_QUICK = {
+    "classifier.epochs": 2, "classifier.batch_size": 128, "classifier.lr": 3e-3,
+    "classifier.schedule": "onecycle", "classifier.label_smoothing": 0.1,
+    "cvae.epochs": 12, "cvae.batch_size": 128, "cvae.lr": 2e-3,
+    "stage2.epochs": 3, "data.train_limit": 6000, "data.eval_limit": 2000,
+}
+
 # `budget`: per (budget, model family) overrides of the reference defaults. "mnist" and "cifar" are
 # the two model families; a setting names its family. Only work amounts and recipes change here.
 BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -123,24 +130,10 @@ BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # a few minutes per partition on 2 CPU cores, meaningful AUROC on MNIST: a one-cycle recipe
     # with a larger learning rate and label smoothing gets far in few epochs
-    "quick": {
-        "*": {
-            "classifier.epochs": 2, "classifier.batch_size": 128, "classifier.lr": 3e-3,
-            "classifier.schedule": "onecycle", "classifier.label_smoothing": 0.1,
-            "cvae.epochs": 12, "cvae.batch_size": 128, "cvae.lr": 2e-3,
-            "stage2.epochs": 3, "data.train_limit": 6000, "data.eval_limit": 2000,
-        },
-    },
-    # the README's demo sweep: a whole sweep on 2 CPU cores in minutes
-    "demo": {
-        "*": {
-            "classifier.epochs": 2, "classifier.batch_size": 128, "classifier.lr": 3e-3,
-            "classifier.schedule": "onecycle", "classifier.label_smoothing": 0.1,
-            "cvae.epochs": 8, "cvae.batch_size": 128, "cvae.lr": 2e-3,
-            "stage2.epochs": 2, "stage2.ood_per_batch": 64, "data.train_limit": 2400,
-            "data.eval_limit": 1000,
-        },
-    },
+    "quick": {"*": _QUICK},
+    # the README's demo sweep: the quick recipe on less data, a whole sweep on 2 CPU cores in minutes
+    "demo": {"*": {**_QUICK, "cvae.epochs": 8, "stage2.epochs": 2, "stage2.ood_per_batch": 64,
+                   "data.train_limit": 2400, "data.eval_limit": 1000}},
     # the reference's epochs and batch sizes, all the data
     "paper": {
         "mnist": {},

@@ -1,1 +1,2 @@
-"""Ray Tune + Optuna sweeps over CMG (not built yet: see the project's issue on tune/)."""
+"""Ray Tune + Optuna sweeps over CMG: `python -m tune.sweep` (see tune/sweep.py), the Ray
+trainables, the train-once stage-1 store and the search space."""
