@@ -111,7 +111,7 @@ class LinearHead(nn.Module):
         return self.out(f)
 
 
-class FrozenFeatures(nn.Module):
+class FrozenExtractor(nn.Module):
     """Wraps a feature extractor: no gradients, always in eval mode (BatchNorm stats fixed)."""
 
     def __init__(self, net: nn.Module):
@@ -119,7 +119,7 @@ class FrozenFeatures(nn.Module):
         self.net = net.eval().requires_grad_(False)
         self.out_dim = net.out_dim
 
-    def train(self, mode: bool = True) -> "FrozenFeatures":
+    def train(self, mode: bool = True) -> "FrozenExtractor":
         super().train(False)  # whoever asks for training mode, the backbone stays in eval
         return self
 
@@ -133,7 +133,7 @@ class BackboneClassifier(nn.Module):
     def __init__(self, features: nn.Module, head: nn.Module, num_classes: int):
         super().__init__()
         self.num_classes = num_classes
-        self.features = FrozenFeatures(features)
+        self.features = FrozenExtractor(features)
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
