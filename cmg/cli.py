@@ -14,7 +14,7 @@ from cmg.backbone import FORMATS as BACKBONE_FORMATS
 from cmg.backbone import BackboneSpec
 from cmg.config import BUDGET_NOTES, BUDGETS, MODES, RunConfig, budget_config
 from cmg.data import OOD_LOADERS, Setting, load_setting, parse_partition, setting_names
-from cmg.errors import atomic_write, fail
+from cmg.errors import add_quiet_arg, atomic_write, fail
 
 
 def add_setting_args(p: argparse.ArgumentParser) -> None:
@@ -27,20 +27,24 @@ def add_setting_args(p: argparse.ArgumentParser) -> None:
                                           "looking up --setting; repeatable")
 
 
-def add_budget_args(p: argparse.ArgumentParser, budget_help: str = "work preset") -> None:
+def add_budget_args(p: argparse.ArgumentParser) -> None:
     """--budget and --set: which RunConfig (cmg/config.py) a command builds."""
     notes = "; ".join(f"{name}: {BUDGET_NOTES[name]}" for name in BUDGETS)
     p.add_argument("--budget", default="quick", choices=list(BUDGETS),
-                   help=f"{budget_help} ({notes})")
+                   help=f"how much work per partition ({notes})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any knob, e.g. --set stage2.sigma=4 --set classifier.epochs=3 "
                         "(repeatable; keys and types in cmg/config.py)")
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    """--data-root and --download: where the images are."""
+def add_data_root_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None,
                    help="data folder (default: $CMG_DATA_ROOT, else ./datasets)")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """--data-root and --download: where the images are."""
+    add_data_root_arg(p)
     p.add_argument("--download", action="store_true",
                    help="let torchvision download missing data sets first (needs internet)")
 
@@ -48,10 +52,6 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:N, or auto (cuda when available)")
-
-
-def add_quiet_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quiet", action="store_true", help="no progress lines, only the result")
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:

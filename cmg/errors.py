@@ -81,6 +81,11 @@ def command_parser(prog: str, doc: str) -> OneLineParser:
     return OneLineParser(prog=prog, description=describe(doc), formatter_class=help_formatter)
 
 
+def add_quiet_arg(p: argparse.ArgumentParser) -> None:
+    """--quiet, the same in every command (here, not in cmg.cli, for `analysis`: no torch)."""
+    p.add_argument("--quiet", action="store_true", help="no progress lines, only the result")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary file beside `path`; rename it over `path` only if the block succeeds."""

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 from cmg.cli import (add_backbone_args, add_budget_args, add_compile_arg, add_data_args,
-                     add_ood_dataset_arg, add_quiet_arg, add_setting_args, backbone_from_args,
-                     write_json)
+                     add_ood_dataset_arg, add_setting_args, backbone_from_args, write_json)
 from cmg.config import budget_config
 from cmg.data import load_setting, make_split, resolve_data_root, setting_modules
-from cmg.errors import OneLineParser, command_parser, exit_on_usage_error, fail
+from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
 from tune.loggers import LOGGERS, check_loggers, parse_duration
 from tune.space import default_space, first_point, load_space_file, mode_choices
 
@@ -33,11 +32,12 @@ def build_parser() -> OneLineParser:
     p = command_parser("python -m tune.sweep", __doc__)
     add_setting_args(p)
     p.add_argument("--mode", default="CMG-energy", help="CMG-energy, CMG-softmax or both")
-    add_budget_args(p, budget_help="work per trial")
+    add_budget_args(p)
     p.add_argument("--num-samples", type=int, default=16, help="configurations to try")
     p.add_argument("--time-budget", default=None, metavar="DURATION", type=parse_duration,
-                   help="stop starting trials after this long, e.g. 90m, 2h, 3600 (seconds); "
-                        "running trials end, and the sweep finishes with its report")
+                   help="stop the search after this long (e.g. 90m, 2h, 3600 seconds; the "
+                        "stage-1 prewarm counts): no new trial starts, running ones stop with the "
+                        "partitions they finished, and the sweep ends with its summary and report")
     p.add_argument("--storage", default="experiments",
                    help="folder or pyarrow URI (s3://..., gs://...) for experiments and stage-1 models")
     p.add_argument("--name", default=None, help="experiment name (default: SETTING-MODE-BUDGET)")
