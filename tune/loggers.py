@@ -30,14 +30,14 @@ LOGGERS = {
 }
 
 
-def check_loggers(names: list[str], experiment: str) -> None:
+def check_loggers(names: list[str], storage: str) -> None:
     """Fail with one line, before Ray starts, when a chosen logger's package is not installed
     or it has nowhere to write."""
     for name in dict.fromkeys(names):
         package, install = LOGGERS[name]
         if importlib.util.find_spec(package) is None:
             fail(f"--logger {name} needs the {package} package: {install}")
-    if "mlflow" in names and "://" in experiment and not os.environ.get("MLFLOW_TRACKING_URI"):
+    if "mlflow" in names and "://" in storage and not os.environ.get("MLFLOW_TRACKING_URI"):
         fail("--logger mlflow with a remote --storage: set MLFLOW_TRACKING_URI")
 
 

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     # -- validate everything before anything is written -----------------------------------
     setting = load_setting(args.setting, args.setting_modules)
     modules = setting_modules(args.setting, args.setting_modules)  # imported by every trial too
+    check_loggers(args.loggers, args.storage)
     modes = mode_choices(args.mode)
     seeds = [f"{s}.seed={args.seed}" for s in ("classifier", "cvae", "stage2")]
     base = budget_config(args.budget, setting.family, seeds + list(args.overrides))
@@ -128,7 +129,6 @@ def main(argv: list[str] | None = None) -> dict:
     storage = _resolve_storage(args.storage)
     name = args.name or f"{setting.name}-{args.mode}-{args.budget}"
     experiment = _join(storage, name)
-    check_loggers(args.loggers, experiment)
     if "://" not in storage:
         exists = Path(experiment, "tuner.pkl").exists()
         if args.resume and not exists:
