@@ -1,6 +1,6 @@
 """Every knob of CMG in one place: typed configs, the reference defaults and the budgets.
 
-The dataclass defaults ARE the reference's defaults (``../shared/cmg-method.md``), except where
+The dataclass defaults ARE the reference implementation's defaults (docs/design.md), except where
 a known defect of the reference is fixed on purpose (noted beside the field). A budget
 (`smoke`, `quick`, `paper`) changes only how much work is done, and any field can still be
 overridden with a dotted key::
