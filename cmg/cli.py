@@ -49,16 +49,12 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="let torchvision download missing data sets first (needs internet)")
 
 
-def add_device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda, cuda:N, or auto (cuda when available)")
-
-
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """The options of every cmg command: budget, overrides, seed, device, data, quiet."""
     add_budget_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of every model and of generation")
-    add_device_arg(p)
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N, or auto (cuda when available)")
     add_data_args(p)
     add_quiet_arg(p)
 
