@@ -25,15 +25,14 @@ from analysis.figures import (history_figure, importance_figure, params_figure,
 from analysis.study import importance
 from analysis.trials import (NotAnExperiment, aggregate, leaderboard, load_trials,
                              ood_sets, open_experiment)
-from cmg.errors import (OneLineParser, atomic_write, ensure_writable_dir, exit_on_usage_error,
-                        fail, help_formatter)
+from cmg.errors import (OneLineParser, add_quiet_arg, atomic_write, command_parser,
+                        ensure_writable_dir, exit_on_usage_error, fail)
 
 FIGURES = ("history", "params", "partitions", "importance")
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="python -m analysis.report", formatter_class=help_formatter,
-                      description="Tables, figures and a Markdown report of a tune.sweep experiment.")
+    p = command_parser("python -m analysis.report", __doc__)
     p.add_argument("experiment", help="experiment folder (STORAGE/NAME) or a pyarrow URI")
     p.add_argument("--out", default=None,
                    help="output folder (default: EXPERIMENT/report; ./NAME-report for a URI)")
@@ -43,7 +42,7 @@ def build_parser() -> OneLineParser:
                    help="validation metric that ranks configurations (val_auroc, val_aupr_in, "
                         "val_aupr_out, val_fpr95)")
     p.add_argument("--top", type=int, default=10, help="rows of the leaderboard in report.md")
-    p.add_argument("--quiet", action="store_true", help="print only the report's path")
+    add_quiet_arg(p)
     return p
 
 

@@ -17,10 +17,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cmg.cli import resolve_device  # noqa: E402
+from cmg.cli import add_data_root_arg, resolve_device  # noqa: E402
 from cmg.config import budget_config  # noqa: E402
 from cmg.data import SAME_DATASET_PARTITIONS, Setting, register_setting  # noqa: E402
 from cmg.data.synthetic import load_synthetic_cifar10  # noqa: E402
+from cmg.errors import describe, help_formatter  # noqa: E402
 from cmg.metrics import ood_metrics  # noqa: E402
 from cmg.pipeline import load_partition  # noqa: E402
 
@@ -57,16 +58,15 @@ def reference_loader(images, labels, batch_size: int, device: torch.device, shuf
 
 
 def parser(doc: str, size: int, epochs: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=describe(doc), formatter_class=help_formatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--setting", default="same_dataset_mnist",
                    help="same_dataset_mnist, synthetic_cifar10_50k (CIFAR shapes and size), ...")
-    p.add_argument("--partition", type=int, default=1)
+    p.add_argument("--partition", type=int, default=1, help="class partition, 1..5")
     p.add_argument("--size", type=int, default=size, help="IND training images")
     if epochs:
-        p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--data-root", default=None)
+        p.add_argument("--epochs", type=int, default=2, help="epochs of each model")
+    add_data_root_arg(p)
     return p
 
 

@@ -71,6 +71,8 @@ def run(args: argparse.Namespace, procs: int) -> float:
 
 
 def main() -> None:
+    from cmg.cli import add_data_root_arg
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--setting", default="same_dataset_mnist")
@@ -78,7 +80,7 @@ def main() -> None:
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--size", type=int, default=6000, help="IND training images per process")
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--data-root", default=None)
+    add_data_root_arg(p)
     args = p.parse_args()
     ips = {}
     for n in args.procs:

@@ -1,4 +1,5 @@
-"""Options shared by the command lines (`cmg.run`, `cmg.train`, `cmg.eval`) and the summary table."""
+"""Options shared by the command lines (`cmg.run`, `cmg.train`, `cmg.eval`, `tune.sweep`), each
+declared once here, and the summary table."""
 
 from __future__ import annotations
 
@@ -11,26 +12,51 @@ import torch
 
 from cmg.backbone import FORMATS as BACKBONE_FORMATS
 from cmg.backbone import BackboneSpec
-from cmg.config import BUDGETS, MODES, RunConfig, budget_config
-from cmg.data import OOD_LOADERS, Setting, get_setting, parse_partition
-from cmg.errors import atomic_write, fail
+from cmg.config import BUDGET_NOTES, BUDGETS, MODES, RunConfig, budget_config
+from cmg.data import OOD_LOADERS, Setting, load_setting, parse_partition, setting_names
+from cmg.errors import add_quiet_arg, atomic_write, fail
 
 
-def add_common_args(p: argparse.ArgumentParser, budget_default: str = "quick") -> None:
-    p.add_argument("--budget", default=budget_default, choices=list(BUDGETS),
-                   help="work preset: smoke (seconds, tests), quick (minutes on a CPU), "
-                        "paper (the reference's epochs)")
+def add_setting_args(p: argparse.ArgumentParser) -> None:
+    """--setting (a registered name or MODULE:NAME) and --setting-module."""
+    p.add_argument("--setting", default="same_dataset_mnist",
+                   help=f"data setting: {', '.join(setting_names())}, or MODULE:NAME for one that "
+                        "MODULE registers (see cmg/data/settings.py)")
+    p.add_argument("--setting-module", dest="setting_modules", action="append", default=[],
+                   metavar="MODULE", help="import MODULE (which registers settings) before "
+                                          "looking up --setting; repeatable")
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    """--budget and --set: which RunConfig (cmg/config.py) a command builds."""
+    notes = "; ".join(f"{name}: {BUDGET_NOTES[name]}" for name in BUDGETS)
+    p.add_argument("--budget", default="quick", choices=list(BUDGETS),
+                   help=f"how much work per partition ({notes})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any knob, e.g. --set stage2.sigma=4 --set classifier.epochs=3 "
-                        "(repeatable; keys in cmg/config.py)")
+                        "(repeatable; keys and types in cmg/config.py)")
+
+
+def add_data_root_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", default=None,
+                   help="data folder (default: $CMG_DATA_ROOT, else ./datasets)")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """--data-root and --download: where the images are."""
+    add_data_root_arg(p)
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision download missing data sets first (needs internet)")
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The options of every cmg command: budget, overrides, seed, device, data, quiet."""
+    add_budget_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of every model and of generation")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:N, or auto (cuda when available)")
-    p.add_argument("--data-root", default=None,
-                   help="data folder (default: $CMG_DATA_ROOT, else ./datasets)")
-    p.add_argument("--download", action="store_true",
-                   help="let torchvision download missing data sets (needs internet)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_data_args(p)
+    add_quiet_arg(p)
 
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
@@ -81,9 +107,11 @@ def config_from_args(args: argparse.Namespace, family: str, mode: str | None = N
 
 
 def setup_run(args: argparse.Namespace, setting_name: str, partition_text: str,
-              mode: str | None = None) -> tuple[Setting, int, RunConfig, torch.device]:
-    """Validate setting, partition and mode; build the config and pick the device."""
-    setting = get_setting(setting_name)
+              mode: str | None = None,
+              modules: tuple[str, ...] = ()) -> tuple[Setting, int, RunConfig, torch.device]:
+    """Validate setting (after importing `modules`), partition and mode; build the config and
+    pick the device."""
+    setting = load_setting(setting_name, modules)
     partition = parse_partition(partition_text)
     setting.ind_classes(partition)
     if mode is not None and mode not in MODES:

@@ -1,6 +1,6 @@
 """Every knob of CMG in one place: typed configs, the reference defaults and the budgets.
 
-The dataclass defaults ARE the reference's defaults (``../shared/cmg-method.md``), except where
+The dataclass defaults ARE the reference implementation's defaults (docs/design.md), except where
 a known defect of the reference is fixed on purpose (noted beside the field). A budget
 (`smoke`, `quick`, `paper`) changes only how much work is done, and any field can still be
 overridden with a dotted key::
@@ -11,7 +11,7 @@ overridden with a dotted key::
 from __future__ import annotations
 
 import dataclasses
-import json
+import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable
 
@@ -117,6 +117,14 @@ _QUICK = {
     "stage2.epochs": 3, "data.train_limit": 6000, "data.eval_limit": 2000,
 }
 
+# What each budget is for (shown by every command's --budget help).
+BUDGET_NOTES = {
+    "smoke": "seconds, for tests",
+    "quick": "minutes per partition on a CPU",
+    "demo": "a whole sweep on 2 CPU cores in minutes",
+    "paper": "the reference's epochs, all the data",
+}
+
 # `budget`: per (budget, model family) overrides of the reference defaults. "mnist" and "cifar" are
 # the two model families; a setting names its family. Only work amounts and recipes change here.
 BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -142,19 +150,42 @@ BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def _parse_value(raw: str, current: Any) -> Any:
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _field_type(section: type, name: str) -> tuple[type, bool]:
+    """(the field's base type, whether it also takes None) from its annotation."""
+    hint = typing.get_type_hints(section)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return (args[0] if args else hint), len(args) < len(typing.get_args(hint))
+
+
+def _parse_value(key: str, raw: Any, kind: type, optional: bool) -> Any:
+    """`raw` (text from --set, or a value from a budget or the search space) as the field's type;
+    a value that does not fit is a one-line error naming the key, the type and the value."""
     if isinstance(raw, str):
+        text = raw.strip()
+        if optional and text.lower() in ("none", "null"):
+            return None
+        if kind is str:
+            return text
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw  # bare strings such as CMG-energy
-    else:
-        value = raw
-    if isinstance(current, bool) and isinstance(value, str):
-        value = {"true": True, "false": False}.get(value.lower(), value)
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    return value
+            if kind is bool:
+                return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
+            return kind(text)
+        except (KeyError, ValueError):
+            pass
+    elif raw is None and optional:
+        return None
+    elif kind is bool and isinstance(raw, bool):
+        return raw
+    elif kind is int and isinstance(raw, (int, float)) and not isinstance(raw, bool) \
+            and float(raw).is_integer():
+        return int(raw)
+    elif kind is float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return float(raw)
+    expected = _TYPE_NAMES[kind] + (" or none" if optional else "")
+    fail(f"{key} takes {expected}, not '{raw}' (field types: cmg/config.py)")
 
 
 def apply_overrides(cfg: RunConfig, overrides: Iterable[str] | dict[str, Any]) -> RunConfig:
@@ -166,8 +197,8 @@ def apply_overrides(cfg: RunConfig, overrides: Iterable[str] | dict[str, Any]) -
         if section not in sections or name not in {f.name for f in fields(sections[section])}:
             fail(f"unknown setting key '{key}'; known keys look like "
                  f"'classifier.epochs' or 'stage2.sigma' (see cmg/config.py)")
-        current = getattr(sections[section], name)
-        sections[section] = replace(sections[section], **{name: _parse_value(raw, current)})
+        value = _parse_value(key, raw, *_field_type(type(sections[section]), name))
+        sections[section] = replace(sections[section], **{name: value})
     cfg = RunConfig(**sections)
     validate(cfg)
     return cfg

@@ -50,8 +50,40 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show an option's default once, and only when it says something: not for None, flags,
+    empty lists, or a help text that already describes its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("(default" in text or default in (None, argparse.SUPPRESS) or isinstance(default, bool)
+                or default == []):
+            return text
+        return super()._get_help_string(action)
+
+
 def help_formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
+    return DefaultsFormatter(prog, max_help_position=32)
+
+
+def describe(doc: str) -> str:
+    """A command's --help description from its module docstring: the first paragraph, without a
+    leading "`python -m NAME`: ", starting with a capital letter."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    if paragraph.startswith("`"):
+        paragraph = paragraph.split("`: ", 1)[-1]
+    return paragraph[:1].upper() + paragraph[1:]
+
+
+def command_parser(prog: str, doc: str) -> OneLineParser:
+    """The parser of a command line: one-line errors, its docstring as description, defaults once."""
+    return OneLineParser(prog=prog, description=describe(doc), formatter_class=help_formatter)
+
+
+def add_quiet_arg(p: argparse.ArgumentParser) -> None:
+    """--quiet, the same in every command (here, not in cmg.cli, for `analysis`: no torch)."""
+    p.add_argument("--quiet", action="store_true", help="no progress lines, only the result")
 
 
 @contextlib.contextmanager

@@ -16,15 +16,14 @@ import time
 from cmg.cli import add_common_args, add_ood_dataset_arg, setup_run, summary_lines, write_json
 from cmg.config import MODES
 from cmg.data import setting_names
-from cmg.errors import OneLineParser, exit_on_usage_error, help_formatter
+from cmg.errors import OneLineParser, command_parser, exit_on_usage_error
 from cmg.pipeline import load_partition, result_dict
 from cmg.stage1 import load_stage1_model
 from cmg.stage2 import run_stage2
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="python -m cmg.eval", description="Stage 2 of CMG and its evaluation.",
-                      formatter_class=help_formatter)
+    p = command_parser("python -m cmg.eval", __doc__)
     p.add_argument("--task", default="same_dataset_mnist",
                    help=f"data setting: {', '.join(setting_names())}")
     p.add_argument("--partition", default="partition1", help="partition1..partition5 (or 1..5)")

@@ -11,18 +11,15 @@ from __future__ import annotations
 import sys
 
 from cmg.cli import (add_backbone_args, add_common_args, add_compile_arg, add_ood_dataset_arg,
-                     backbone_from_args, setup_run, summary_lines, write_json)
+                     add_setting_args, backbone_from_args, setup_run, summary_lines, write_json)
 from cmg.config import MODES
-from cmg.data import setting_names
-from cmg.errors import OneLineParser, ensure_writable_dir, exit_on_usage_error, help_formatter
+from cmg.errors import OneLineParser, command_parser, ensure_writable_dir, exit_on_usage_error
 from cmg.pipeline import run_partition
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="python -m cmg.run", description=__doc__.splitlines()[0][18:],
-                      formatter_class=help_formatter)
-    p.add_argument("--setting", default="same_dataset_mnist",
-                   help=f"data setting: {', '.join(setting_names())}")
+    p = command_parser("python -m cmg.run", __doc__)
+    add_setting_args(p)
     p.add_argument("--partition", default="1", help="1..5 (or partition1..partition5)")
     p.add_argument("--mode", default="CMG-energy", help=f"stage-2 loss: {', '.join(MODES)}")
     p.add_argument("--out", default=None,
@@ -41,7 +38,8 @@ def build_parser() -> OneLineParser:
 @exit_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    setting, partition, cfg, device = setup_run(args, args.setting, args.partition, args.mode)
+    setting, partition, cfg, device = setup_run(args, args.setting, args.partition, args.mode,
+                                                args.setting_modules)
     backbone = backbone_from_args(args)
     out = ensure_writable_dir(args.out or f"runs/{setting.name}_p{partition}_{args.mode}")
     metrics = run_partition(setting.name, partition, cfg, device, args.data_root, args.download,

@@ -14,7 +14,7 @@ import sys
 
 from cmg.cli import add_common_args, setup_run
 from cmg.data import setting_names
-from cmg.errors import OneLineParser, exit_on_usage_error, fail, help_formatter
+from cmg.errors import OneLineParser, command_parser, exit_on_usage_error, fail
 from cmg.pipeline import load_partition
 from cmg.stage1 import train_classifier, train_cvae
 
@@ -22,8 +22,7 @@ COMMANDS = {"train_classifier": "classifier", "train_cvae": "cvae"}
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="python -m cmg.train", description="Stage 1 of CMG: train the IND "
-                      "classifier or the CVAE of one partition.", formatter_class=help_formatter)
+    p = command_parser("python -m cmg.train", __doc__)
     p.add_argument("--task", default="same_dataset_mnist",
                    help=f"data setting: {', '.join(setting_names())}")
     p.add_argument("--partition", default="partition1", help="partition1..partition5 (or 1..5)")

@@ -34,8 +34,12 @@ def assert_usage_error(proc, *words):
     (["--partition", "6"], ["partition 6"]),
     (["--budget", "huge"], ["--budget", "smoke"]),
     (["--set", "stage2.sigmaa=3"], ["stage2.sigmaa"]),
-    (["--setting", "same_dataset_cifar10", "--data-root", "/nonexistent"], ["--download",
-                                                                             "/nonexistent"]),
+    (["--set", "stage2.epochs=abc"], ["stage2.epochs", "an integer", "'abc'"]),
+    (["--setting", "same_dataset_cifar10", "--data-root", "/nonexistent"],
+     ["--download", "/nonexistent", "synthetic_cifar10"]),
+    (["--setting", "no_such_module:mine"], ["cannot import setting module 'no_such_module'"]),
+    (["--setting", "cmg.config:mine"], ["module 'cmg.config' registers no setting 'mine'"]),
+    (["--setting-module", "no_such_module"], ["no_such_module", "--setting-module"]),
 ])
 def test_run_bad_input(tmp_path, args, words):
     out = tmp_path / "out"
@@ -100,3 +104,60 @@ def test_help_lists_every_option_with_its_default(module):
                    "--set"):
         assert option in proc.stdout
     assert "(default: quick)" in proc.stdout
+
+
+@pytest.mark.parametrize("override, words", [
+    ("stage2.epochs=abc", ["stage2.epochs takes an integer", "'abc'"]),
+    ("stage2.epochs=2.5", ["stage2.epochs takes an integer", "'2.5'"]),
+    ("stage2.lr=fast", ["stage2.lr takes a number", "'fast'"]),
+    ("stage2.sigma=big", ["stage2.sigma takes a number or none", "'big'"]),
+    ("data.train_limit=all", ["data.train_limit takes an integer or none", "'all'"]),
+    ("classifier.amp=maybe", ["classifier.amp takes true or false", "'maybe'"]),
+    ("stage2.epochs=none", ["stage2.epochs takes an integer", "'none'"]),
+])
+def test_set_is_type_checked_against_the_field(override, words):
+    from cmg.config import budget_config
+    from cmg.errors import UsageError
+
+    with pytest.raises(UsageError) as err:
+        budget_config("smoke", "mnist", [override])
+    assert "\n" not in str(err.value)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_set_parses_every_field_type():
+    from cmg.config import budget_config
+
+    cfg = budget_config("smoke", "mnist", [
+        "stage2.epochs=3", "stage2.lr=2e-4", "stage2.sigma=4", "stage2.m_in=none",
+        "data.train_limit=100", "data.eval_limit=null", "classifier.amp=false",
+        "data.augment=TRUE", "stage2.mode=CMG-softmax"])
+    s2 = cfg.stage2
+    assert (s2.epochs, s2.lr, s2.sigma, s2.m_in, s2.mode) == (3, 2e-4, 4.0, None, "CMG-softmax")
+    assert isinstance(s2.sigma, float) and isinstance(s2.epochs, int)
+    assert (cfg.data.train_limit, cfg.data.eval_limit) == (100, None)
+    assert (cfg.classifier.amp, cfg.data.augment) == (False, True)
+
+
+def test_download_without_network_is_one_line(tmp_path, monkeypatch, capsys):
+    """torchvision's real download code runs; only the network is faked away."""
+    import urllib.error
+    import urllib.request
+
+    from cmg.run import main
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    root, out = tmp_path / "data", tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--setting", "same_dataset_cifar10", "--download", "--data-root", str(root),
+              "--out", str(out), *SMOKE])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "--download could not fetch CIFAR-10" in err[0] and "name resolution" in err[0]
+    assert "drop --download" in err[0] and str(root) in err[0]
+    assert not (out / "metrics.json").exists()

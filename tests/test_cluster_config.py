@@ -92,3 +92,31 @@ def test_nodes_install_the_pinned_versions_this_project_is_tested_with(name):
 
     assert pins["optuna"] == optuna.__version__
     assert pins["torch"] == torch.__version__.split("+")[0]
+
+
+def _launch_command(name: str) -> list[str]:
+    """The `python -m tune.sweep ...` command that a config's comments tell the user to run."""
+    import shlex
+
+    lines = [line.lstrip("#").strip() for line in (ROOT / name).read_text().splitlines()
+             if line.startswith("#")]
+    text = " ".join(lines).replace("\\ ", " ")
+    command = re.search(r"python -m tune.sweep (.*?)\"", text).group(1)
+    return shlex.split(command)
+
+
+@pytest.mark.parametrize("name", ["examples/cluster-onprem.yaml"])
+def test_the_printed_launch_command_parses_and_names_the_data(name):
+    from tune.sweep import build_parser
+
+    args = build_parser().parse_args(_launch_command(name))
+    assert args.data_root and args.data_root.startswith("/mnt/shared")
+    assert args.storage.startswith("/mnt/shared") and args.address == "auto"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_ray_start_raises_the_open_files_limit(name):
+    config = load(name)
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        if "ray start" in command:
+            assert re.match(r"ulimit -n \d+; ray start", command), command

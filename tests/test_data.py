@@ -10,7 +10,7 @@ from cmg.data import get_setting, make_split, parse_partition, random_crop_flip
 from cmg.data.sources import resolve_data_root
 from cmg.errors import UsageError
 
-SPEC_TABLE = {  # ../shared/cmg-method.md: partition -> (IND ids, OOD ids)
+SPEC_TABLE = {  # the reference's partition table: partition -> (IND ids, OOD ids)
     1: ([0, 1, 2, 3, 4, 5], [6, 7, 8, 9]),
     2: ([1, 2, 3, 4, 5, 6], [0, 7, 8, 9]),
     3: ([2, 3, 4, 5, 6, 7], [0, 1, 8, 9]),

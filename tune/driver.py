@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ from ray.tune.search.optuna import OptunaSearch
 from cmg.config import RunConfig
 from cmg.progress import Progress
 from tune.artifacts import ArtifactStore, stage1_key
+from tune.loggers import logger_callbacks
 from tune.space import Param, suggest
 from tune.stage1 import NAMESPACE, create_leases
 from tune.trainables import OBJECTIVE, SweepContext, stage1_trainable, stage2_trainable
@@ -82,7 +84,8 @@ def _prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool) -
         param_space={"partition": tune.grid_search(missing)},
         run_config=tune.RunConfig(
             name="stage1", storage_path=experiment, verbose=0,
-            callbacks=[SweepProgress(len(missing), quiet, label="stage 1")],
+            callbacks=[SweepProgress(len(missing), quiet, label="stage 1"),
+                       *logger_callbacks([], experiment, "stage1")],
             failure_config=tune.FailureConfig(max_failures=2)))
     tuner.fit()
 
@@ -144,9 +147,16 @@ def _finite_or_none(value: Any) -> Any:
 
 def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dict[str, Param],
               data_root: str, storage: str, name: str, first: dict[str, Any],
-              study_factory: Callable, ood_sets: tuple = (), backbone=None) -> dict[str, Any]:
+              study_factory: Callable, ood_sets: tuple = (), backbone=None,
+              setting_modules: tuple[str, ...] = ()) -> dict[str, Any]:
+    started = time.monotonic()  # --time-budget counts from here, the stage-1 prewarm included
     # the experiment state is saved after every partition on purpose: not a bottleneck here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Ray's old console output with verbose=0 prints nothing; the new one still prints a
+    # "Configuration for experiment" box and a TensorBoard hint into its session folder
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # TensorBoard files only with --logger tensorboard (logger_callbacks adds Ray's JSON and CSV)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     if args.quiet:
         import optuna
 
@@ -165,7 +175,8 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
                            data_root=data_root, use_gpu=gpus > 0,
                            threads=max(1, int(args.cpus_per_trial)),
                            ood_datasets=args.ood_dataset, ood_sets=ood_sets, backbone=backbone,
-                           name=name, compile_model=args.compile)
+                           name=name, compile_model=args.compile,
+                           setting_modules=setting_modules)
         leases = create_leases()  # the actor lives as long as this handle
         ray.get(leases.__ray_ready__.remote())
         if "://" not in experiment:
@@ -173,7 +184,10 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
         if args.prewarm:
             _prewarm(ctx, experiment, resources, args.quiet)
         trainable = tune.with_resources(tune.with_parameters(stage2_trainable, ctx=ctx), resources)
-        callbacks = [SweepProgress(args.num_samples, args.quiet, partitions=len(ctx.partitions))]
+        callbacks = [SweepProgress(args.num_samples, args.quiet, partitions=len(ctx.partitions)),
+                     *logger_callbacks(args.loggers, experiment, name)]
+        if "tensorboard" in args.loggers and not args.quiet:
+            print(f"[sweep] TensorBoard: tensorboard --logdir {experiment}", flush=True)
         run_config = tune.RunConfig(
             name=name, storage_path=storage, verbose=0, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
@@ -193,7 +207,9 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
                 search_alg=(ConcurrencyLimiter(searcher, args.max_concurrent)
                             if args.max_concurrent else searcher),
                 scheduler=scheduler, num_samples=args.num_samples, metric=OBJECTIVE,
-                mode="max", reuse_actors=True))  # keep warm processes: imports, data, caches
+                mode="max", reuse_actors=True,  # keep warm processes: imports, data, caches
+                time_budget_s=(max(1.0, args.time_budget - (time.monotonic() - started))
+                               if args.time_budget else None)))
         results = tuner.fit()
         summary = _summary(results, name, experiment, _trained_by(ctx.store_uri, name),
                            len(ctx.partitions))

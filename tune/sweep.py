@@ -19,22 +19,25 @@ import sys
 import time
 from pathlib import Path
 
-from cmg.cli import (add_backbone_args, add_compile_arg, add_ood_dataset_arg, backbone_from_args,
-                     write_json)
-from cmg.config import BUDGETS, budget_config
-from cmg.data import get_setting, make_split, resolve_data_root, setting_names
-from cmg.errors import OneLineParser, exit_on_usage_error, fail, help_formatter
+from cmg.cli import (add_backbone_args, add_budget_args, add_compile_arg, add_data_args,
+                     add_ood_dataset_arg, add_setting_args, backbone_from_args, write_json)
+from cmg.config import budget_config
+from cmg.data import load_setting, make_split, resolve_data_root, setting_modules
+from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
+from tune.loggers import LOGGERS, check_loggers, parse_duration
 from tune.space import default_space, first_point, load_space_file, mode_choices
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="python -m tune.sweep", description=__doc__.splitlines()[0][25:],
-                      formatter_class=help_formatter)
-    p.add_argument("--setting", default="same_dataset_mnist",
-                   help=f"data setting: {', '.join(setting_names())}")
+    p = command_parser("python -m tune.sweep", __doc__)
+    add_setting_args(p)
     p.add_argument("--mode", default="CMG-energy", help="CMG-energy, CMG-softmax or both")
-    p.add_argument("--budget", default="quick", choices=list(BUDGETS), help="work per trial")
+    add_budget_args(p)
     p.add_argument("--num-samples", type=int, default=16, help="configurations to try")
+    p.add_argument("--time-budget", default=None, metavar="DURATION", type=parse_duration,
+                   help="stop the search after this long (e.g. 90m, 2h, 3600 seconds; the "
+                        "stage-1 prewarm counts): no new trial starts, running ones stop with the "
+                        "partitions they finished, and the sweep ends with its summary and report")
     p.add_argument("--storage", default="experiments",
                    help="folder or pyarrow URI (s3://..., gs://...) for experiments and stage-1 models")
     p.add_argument("--name", default=None, help="experiment name (default: SETTING-MODE-BUDGET)")
@@ -56,20 +59,21 @@ def build_parser() -> OneLineParser:
                    help="retries of a failed trial, from its last checkpoint")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join, e.g. auto or HOST:6379 (default: a local Ray)")
+    p.add_argument("--logger", dest="loggers", action="append", default=[], choices=list(LOGGERS),
+                   help="also send every trial's configuration and metrics to this tracker "
+                        "(repeatable): tensorboard (event files in each trial folder), mlflow "
+                        "($MLFLOW_TRACKING_URI, else EXPERIMENT/mlflow.db), wandb ($WANDB_PROJECT, "
+                        "$WANDB_MODE=offline)")
     p.add_argument("--no-prewarm", dest="prewarm", action="store_false",
                    help="skip training the default stage-1 models of all partitions in "
                         "parallel before the search")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="fix any cmg knob for the whole sweep, e.g. --set cvae.epochs=20")
-    p.add_argument("--data-root", default=None,
-                   help="data folder (default: $CMG_DATA_ROOT, else ./datasets)")
-    p.add_argument("--download", action="store_true", help="download missing data first")
+    add_data_args(p)
     add_ood_dataset_arg(p)
     add_backbone_args(p)
     add_compile_arg(p)
     p.add_argument("--no-report", dest="report", action="store_false",
                    help="skip writing EXPERIMENT/report (python -m analysis.report) at the end")
-    p.add_argument("--quiet", action="store_true", help="only the final summary")
+    add_quiet_arg(p)
     return p
 
 
@@ -100,7 +104,9 @@ def _study_storage(url: str | None, experiment: str):
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     # -- validate everything before anything is written -----------------------------------
-    setting = get_setting(args.setting)
+    setting = load_setting(args.setting, args.setting_modules)
+    modules = setting_modules(args.setting, args.setting_modules)  # imported by every trial too
+    check_loggers(args.loggers, args.storage)
     modes = mode_choices(args.mode)
     seeds = [f"{s}.seed={args.seed}" for s in ("classifier", "cvae", "stage2")]
     base = budget_config(args.budget, setting.family, seeds + list(args.overrides))
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = run_sweep(args, setting, modes, base, space, data_root, storage, name,
                         first_point(space, base, setting.default_sigma, modes),
                         lambda: _study_storage(args.study_storage, experiment), split.ood_sets,
-                        backbone)
+                        backbone, modules)
     summary["wall_seconds"] = round(time.time() - started, 1)
     if "://" not in experiment:
         write_json(Path(experiment) / "summary.json", summary)

@@ -26,7 +26,7 @@ from ray import tune
 
 from cmg.backbone import BackboneSpec
 from cmg.config import DataConfig, RunConfig, apply_overrides
-from cmg.data import make_split
+from cmg.data import import_setting_modules, make_split
 from cmg.pipeline import flat_metrics, result_dict
 from cmg.stage2 import run_stage2
 from tune.artifacts import ArtifactStore
@@ -54,6 +54,7 @@ class SweepContext:
     backbone: BackboneSpec | None = None  # an external model in place of the stage-1 classifier
     name: str = ""  # the experiment's name: stage-1 models it trains record "NAME/TRIAL_ID"
     compile_model: bool = False  # torch.compile stage-1 training (--compile)
+    setting_modules: tuple[str, ...] = ()  # imported before the setting is looked up (user's own)
 
 
 def _device(ctx: SweepContext) -> torch.device:
@@ -69,6 +70,7 @@ def _split(setting: str, partition: int, data: DataConfig, device: str, data_roo
 
 def split_for(ctx: SweepContext, partition: int, device: torch.device):
     """The partition's tensors on the device, loaded once per worker process."""
+    import_setting_modules(ctx.setting_modules)  # a user's setting registers itself on import
     split = _split(ctx.setting, partition, ctx.base.data, str(device), ctx.data_root,
                    ctx.ood_datasets)
     if split.ood_sets != ctx.ood_sets:  # this node's data root differs from the driver's

@@ -4,7 +4,8 @@ synthetic CIFAR-shaped setting for machines without CIFAR-10."""
 
 from cmg.data.ood import OOD_LOADERS, load_ood_sets, parse_ood_datasets
 from cmg.data.settings import (ALL_CLASSES_PARTITION, SAME_DATASET_PARTITIONS, Setting,
-                               get_setting, parse_partition, register_setting, setting_names)
+                               get_setting, import_setting_modules, load_setting, parse_partition,
+                               register_setting, setting_modules, setting_names)
 from cmg.data.sources import load_cifar10, load_mnist, resolve_data_root
 from cmg.data.synthetic import load_synthetic_cifar10
 from cmg.data.split import Split, batches, make_split, random_crop_flip, to_float
@@ -20,5 +21,6 @@ register_setting(Setting("different_dataset", family="cifar", source=load_cifar1
 
 __all__ = ["ALL_CLASSES_PARTITION", "OOD_LOADERS", "SAME_DATASET_PARTITIONS", "load_ood_sets",
            "parse_ood_datasets", "Setting", "Split", "batches", "get_setting",
-           "load_cifar10", "load_mnist", "make_split", "parse_partition", "random_crop_flip",
-           "register_setting", "resolve_data_root", "setting_names", "to_float"]
+           "import_setting_modules", "load_cifar10", "load_mnist", "load_setting", "make_split",
+           "parse_partition", "random_crop_flip",
+           "register_setting", "resolve_data_root", "setting_modules", "setting_names", "to_float"]

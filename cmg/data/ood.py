@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cmg.data.sources import read_cifar_batches
+from cmg.data.sources import fetch_or_fail, read_cifar_batches
 from cmg.errors import UsageError, fail
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -41,9 +41,11 @@ def _require(path: Path, dataset: str, root: Path, download: bool) -> None:
         import torchvision
 
         if dataset == "SVHN":
-            torchvision.datasets.SVHN(str(root / "SVHN"), split="test", download=True)
+            fetch_or_fail(dataset, root, lambda: torchvision.datasets.SVHN(
+                str(root / "SVHN"), split="test", download=True))
         else:
-            torchvision.datasets.CIFAR100(str(root), train=False, download=True)
+            fetch_or_fail(dataset, root, lambda: torchvision.datasets.CIFAR100(
+                str(root), train=False, download=True))
     if not path.is_file():
         raise MissingOODSet(f"{dataset} not found at {path}; pass --download")
 

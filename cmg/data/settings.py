@@ -11,13 +11,19 @@ Setting 1; add your own with `register_setting`::
 
     register_setting(Setting("same_dataset_fashion", family="mnist", source=load_fashion,
                              partitions=SAME_DATASET_PARTITIONS))
+
+A setting registered in a module (say `mysets.py`) reaches every command line, and every trial
+process of a sweep, with `--setting mysets:same_dataset_fashion` (or `--setting-module mysets
+--setting same_dataset_fashion`): the module is imported before the setting is looked up, so it
+must be importable on every node (the working directory or $PYTHONPATH).
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -86,6 +92,32 @@ def get_setting(name: str) -> Setting:
         known = ", ".join(sorted(_REGISTRY))
         fail(f"unknown setting '{name}'; choose one of {known}")
     return _REGISTRY[name]
+
+
+def setting_modules(spec: str, modules: Iterable[str] = ()) -> tuple[str, ...]:
+    """The modules to import before looking up `spec`: `modules`, and MODULE of "MODULE:NAME"."""
+    module, sep, _ = spec.rpartition(":")
+    return tuple(dict.fromkeys([*modules, *([module] if sep else [])]))
+
+
+def import_setting_modules(modules: Iterable[str]) -> None:
+    """Import the modules that register a user's own settings (in the driver and every trial)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            fail(f"cannot import setting module '{module}' ({err}); put it in the working "
+                 "directory or on $PYTHONPATH, or fix --setting MODULE:NAME / --setting-module")
+
+
+def load_setting(spec: str, modules: Iterable[str] = ()) -> Setting:
+    """A setting by name ("same_dataset_mnist") or by "MODULE:NAME", after importing `modules`."""
+    module, sep, name = spec.rpartition(":")
+    import_setting_modules(setting_modules(spec, modules))
+    if sep and name not in _REGISTRY:
+        fail(f"module '{module}' registers no setting '{name}'; registered settings: "
+             f"{', '.join(sorted(_REGISTRY))}")
+    return get_setting(name)
 
 
 def setting_names() -> list[str]:

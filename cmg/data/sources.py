@@ -7,12 +7,15 @@ unless the user passes `--download`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import importlib.util
+import io
 import os
 import pickle
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +31,18 @@ def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
     """`data_root` if given, else $CMG_DATA_ROOT, else ./datasets; always absolute."""
     chosen = data_root or os.environ.get("CMG_DATA_ROOT") or "datasets"
     return Path(chosen).expanduser().resolve()
+
+
+def fetch_or_fail(name: str, root: Path, fetch: Callable[[], object]) -> None:
+    """Run torchvision's download `fetch` for data set `name`; no network (or a failed
+    check) is one line naming what to do instead. torchvision's retry messages are dropped."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            fetch()
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises both
+        reason = " ".join(str(err).split())
+        fail(f"--download could not fetch {name} ({reason}); without internet, copy the data "
+             f"into {root} (or point --data-root at it) and drop --download")
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -64,8 +79,9 @@ def load_mnist(root: Path, download: bool = False) -> RawData:
     if folder is None and download:
         import torchvision
 
-        torchvision.datasets.MNIST(str(root), train=True, download=True)
-        torchvision.datasets.MNIST(str(root), train=False, download=True)
+        fetch_or_fail("MNIST", root, lambda: [torchvision.datasets.MNIST(str(root), train=train,
+                                                                    download=True)
+                                         for train in (True, False)])
         folder = _find_mnist_dir(root)
     if folder is None:
         fail(f"MNIST not found in {root / 'MNIST' / 'raw'}; pass --download, point --data-root "
@@ -102,12 +118,14 @@ def load_cifar10(root: Path, download: bool = False) -> RawData:
     if download:  # one archive holds both splits
         import torchvision
 
-        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        fetch_or_fail("CIFAR-10", root,
+                 lambda: torchvision.datasets.CIFAR10(str(root), train=True, download=True))
     files = [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        fail(f"CIFAR-10 not found in {folder} (missing {', '.join(missing)}); pass --download, or "
-             "point --data-root (or $CMG_DATA_ROOT) at the folder that holds cifar-10-batches-py")
+        fail(f"CIFAR-10 not found in {folder} (missing {', '.join(missing)}); pass --download, "
+             "point --data-root (or $CMG_DATA_ROOT) at the folder that holds cifar-10-batches-py, "
+             "or try the CIFAR path without data: --setting synthetic_cifar10")
     try:
         train_x, train_y = read_cifar_batches(files[:5])
         test_x, test_y = read_cifar_batches(files[5:])

@@ -1,7 +1,7 @@
 """The IND classifiers: a feature extractor followed by an MLP head.
 
 The head has K + 1 outputs: the K IND classes and, at index K, the "OOD" slot that CMG-softmax
-trains in stage 2 (the reference kept 11 outputs for 6 classes; see README, "Design"). Baselines
+trains in stage 2 (the reference kept 11 outputs for 6 classes; see docs/design.md). Baselines
 and energies only ever use the K IND logits (`ind_logits`), in training and at test time
 (the reference's defect 2 mixed the two).
 
