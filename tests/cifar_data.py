@@ -16,7 +16,13 @@ from cmg.data.synthetic import synthetic_images
 
 def real_images(prefix: str) -> tuple[np.ndarray, list[int]]:
     """foolbox's 20 real test images of CIFAR-10 or CIFAR-100 (NCHW uint8), labels from names."""
-    foolbox = Path(importlib.util.find_spec("foolbox").origin).parent / "data"
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None:
+        import pytest
+
+        pytest.fail("the CIFAR tests need foolbox's 20 real CIFAR images: "
+                    "pip install -e '.[dev]' (or pip install foolbox==3.3.4)", pytrace=False)
+    foolbox = Path(spec.origin).parent / "data"
     files = sorted(foolbox.glob(f"{prefix}_*.png"))
     images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
     return images.transpose(0, 3, 1, 2), [int(f.stem.rsplit("_", 1)[1]) for f in files]

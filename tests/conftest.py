@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,9 @@ SWEEP_SMOKE = ["--budget", "smoke", "--set", "data.train_limit=192", "--set", "d
                "--quiet"]
 
 
-def run_sweep(*args, timeout=900, **popen):
-    """`python -m tune.sweep ARGS` in a subprocess (a real local Ray); returns CompletedProcess."""
+def run_sweep(*args, timeout=540, **popen):
+    """`python -m tune.sweep ARGS` in a subprocess (a real local Ray); returns CompletedProcess.
+    The default timeout stays under pytest's 600 s per test, so it is the one that fires."""
     import os
     import subprocess
     import sys
@@ -30,6 +32,15 @@ def run_sweep(*args, timeout=900, **popen):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "tune.sweep", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def result_rows(trial_folder: Path) -> list[dict]:
+    """A trial's reports so far: the complete lines of its `result.json` (Tune appends one JSON
+    line per report; a last line without its newline is still being written and is left out)."""
+    result = trial_folder / "result.json"
+    text = result.read_text() if result.exists() else ""
+    return [json.loads(line) for line in text.splitlines(keepends=True)
+            if line.endswith("\n") and line.strip()]
 
 
 @pytest.fixture(scope="session")

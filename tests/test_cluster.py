@@ -15,7 +15,9 @@ import pytest
 from optuna.trial import TrialState
 from ray.cluster_utils import Cluster
 
-from conftest import ROOT, SWEEP_SMOKE, run_sweep
+from cmg.checkpoint import load_checkpoint
+from conftest import ROOT, SWEEP_SMOKE, result_rows, run_sweep
+from tune.artifacts import ArtifactStore
 
 # detect a lost node in seconds, not Ray's default half a minute
 FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
@@ -34,12 +36,8 @@ def cluster(mnist_available):
 
 def trial_rows(experiment: Path) -> dict[str, list[dict]]:
     """Each trial's reports so far (a trial that has not reported yet has none)."""
-    out = {}
-    for folder in sorted(experiment.glob("stage2_trainable_*")):
-        result = folder / "result.json"
-        text = result.read_text() if result.exists() else ""
-        out[folder.name] = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return out
+    return {folder.name: result_rows(folder)
+            for folder in sorted(experiment.glob("stage2_trainable_*"))}
 
 
 def test_a_sweep_spreads_its_trials_over_the_worker_nodes(cluster, tmp_path):
@@ -59,18 +57,26 @@ def test_a_sweep_spreads_its_trials_over_the_worker_nodes(cluster, tmp_path):
     assert nodes == {w.node_id for w in workers}  # both workers used, nothing on the head
 
 
+CVAE_EPOCHS = 16  # stage 1 long enough to be killed in the middle
+KILL_BY_EPOCH = 4  # kill only with 12 or more CVAE epochs left, far longer than the kill takes
+
+
 def _wait_for_partial_stage1(storage: Path, experiment: Path, deadline: float) -> dict:
-    """The owner record of a stage-1 model of partition >= 2 being trained by a trial that
-    already reported partition 1, once its first CVAE epoch is on the shared store."""
+    """The owner record of a stage-1 model of partition P >= 2 being trained by a trial that
+    has reported partitions 1..P-1, once its CVAE has finished 1 to KILL_BY_EPOCH epochs on the
+    shared store (and so has at least CVAE_EPOCHS - KILL_BY_EPOCH to go)."""
     while time.time() < deadline:
-        reported = {r[0]["trial_id"] for r in trial_rows(experiment).values() if r}
+        reported = {r[0]["trial_id"]: len(r) for r in trial_rows(experiment).values() if r}
         for owner_file in storage.glob("stage1/*-p[2-5]-*/partial/owner.json"):
             partial = owner_file.parent
             if (partial / "cvae.pt").exists() and not (partial.parent / "meta.json").exists():
                 owner = json.loads(owner_file.read_text())
                 trial = owner["owner"].rsplit("/", 1)[-1]  # "EXPERIMENT/TRIAL_ID"
-                if trial in reported:
-                    return {**owner, "trial": trial, "key": partial.parent.name}
+                partition = int(partial.parent.name.rsplit("-p", 1)[1].split("-")[0])
+                epoch = load_checkpoint(partial / "cvae.pt", "cvae")["epoch"]
+                if reported.get(trial) == partition - 1 and epoch <= KILL_BY_EPOCH:
+                    return {**owner, "trial": trial, "key": partial.parent.name,
+                            "partition": partition}
         time.sleep(0.1)
     raise AssertionError("no stage-1 training to interrupt appeared in time")
 
@@ -85,18 +91,17 @@ def test_a_lost_worker_loses_nothing(cluster, tmp_path):
     args = ["--address", c.address, "--num-samples", "4", "--storage", str(tmp_path), "--name",
             "lost", "--space", str(space), "--scheduler", "none", "--no-prewarm",
             "--max-failures", "3", "--no-report", *SWEEP_SMOKE,
-            # stage 1 slow enough (several CVAE epochs) to be killed in the middle
-            "--set", "cvae.epochs=8", "--set", "data.train_limit=768"]
+            "--set", f"cvae.epochs={CVAE_EPOCHS}", "--set", "data.train_limit=512"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = time.time()
     sweep = subprocess.Popen([sys.executable, "-m", "tune.sweep", *args], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        victim = _wait_for_partial_stage1(tmp_path, tmp_path / "lost", time.time() + 600)
+    try:  # both waits together stay under pytest's 600 s
+        victim = _wait_for_partial_stage1(tmp_path, tmp_path / "lost", time.time() + 200)
         node = next(w for w in workers if w.node_id == victim["node_id"])
         c.remove_node(node, allow_graceful=False)  # a spot worker disappears
         c.add_node(num_cpus=1)  # and the autoscaler replaces it
-        output, _ = sweep.communicate(timeout=900)
+        output, _ = sweep.communicate(timeout=330)
     finally:
         sweep.kill()
     assert sweep.returncode == 0, output
@@ -107,16 +112,22 @@ def test_a_lost_worker_loses_nothing(cluster, tmp_path):
     for trial in rows.values():  # every partition exactly once, in order: nothing lost or redone
         assert [r["partition"] for r in trial] == [1, 2, 3, 4, 5]
     retried = [t for t in rows.values() if t[0]["trial_id"] == victim["trial"]][0]
-    assert retried[0]["node_id"] == victim["node_id"]  # partition 1 ran on the lost node
-    assert retried[0]["restored_partitions"] == 0
-    assert [r["restored_partitions"] for r in retried[1:]] == [1, 1, 1, 1]  # from its checkpoint
-    assert all(r["node_id"] != victim["node_id"] for r in retried[1:])
+    before, after = retried[:victim["partition"] - 1], retried[victim["partition"] - 1:]
+    # partitions 1..P-1 ran on the lost node; P..5 elsewhere, restored from its checkpoint
+    assert all(r["node_id"] == victim["node_id"] and r["restored_partitions"] == 0
+               for r in before)
+    assert [r["restored_partitions"] for r in after] == [len(before)] * len(after)
+    assert all(r["node_id"] != victim["node_id"] for r in after)
 
     meta = json.loads((tmp_path / "stage1" / victim["key"] / "meta.json").read_text())
     assert meta["resumed_from"]["classifier"] == 1  # finished before the loss: not retrained
-    assert 1 <= meta["resumed_from"]["cvae"] < 8  # resumed from its last epoch on the store
+    assert 1 <= meta["resumed_from"]["cvae"] < CVAE_EPOCHS  # from its last epoch on the store
     assert meta["node_id"] != victim["node_id"] and meta["trained_by"].startswith("lost/")
-    assert meta["cvae_history"][-1]["epoch"] == 8 and len(meta["cvae_history"]) == 8
+    assert [h["epoch"] for h in meta["cvae_history"]] == list(range(1, CVAE_EPOCHS + 1))
+    # the store's training log: started on the lost node, then resumed once elsewhere
+    log = ArtifactStore(str(tmp_path / "stage1")).trainings(victim["key"])
+    assert [t["node_id"] == victim["node_id"] for t in log] == [True, False]
+    assert log[1]["resumed_from"] == meta["resumed_from"]
 
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend

@@ -7,6 +7,8 @@ import re
 import pytest
 import ray
 import yaml
+from click import ClickException
+from jsonschema import ValidationError
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from conftest import ROOT
@@ -31,27 +33,32 @@ def test_config_passes_rays_checker(name):
     assert prepared["head_node_type"] in prepared["available_node_types"]
 
 
-BROKEN = {
-    "no provider": lambda c: c.pop("provider"),
-    "float resources": lambda c: c["available_node_types"][c["head_node_type"]].update(
-        resources={"CPU": 0.5}),
-    "unknown head type": lambda c: c.update(head_node_type="missing"),
-    "unknown key": lambda c: c.update(max_wrokers=3),
+BROKEN = {  # breakage -> (the change, the error Ray's checker raises, words of its message)
+    "no provider": (lambda c: c.pop("provider"), KeyError, "provider"),
+    "float resources": (lambda c: c["available_node_types"][c["head_node_type"]].update(
+        resources={"CPU": 0.5}), ValidationError, "0.5 is not of type 'integer'"),
+    "unknown head type": (lambda c: c.update(head_node_type="missing"), ValueError,
+                          "`head_node_type` must be one of `available_node_types`"),
+    "unknown key": (lambda c: c.update(max_wrokers=3), ValidationError,
+                    r"\('max_wrokers' was unexpected\)"),
 }
 
 
 @pytest.mark.parametrize("breakage", list(BROKEN))
 def test_a_broken_copy_fails_rays_checker(breakage):
     config = load("cluster.yaml")
-    BROKEN[breakage](config)
-    with pytest.raises(Exception):
+    change, error, words = BROKEN[breakage]
+    change(config)
+    with pytest.raises(error, match=words):
         ray_check(config)
 
 
-def test_onprem_example_broken_without_worker_ips_fails():
+@pytest.mark.parametrize("missing", ["worker_ips", "head_ip"])
+def test_onprem_example_without_its_machines_fails_rays_checker(missing):
     config = load("examples/cluster-onprem.yaml")
-    del config["provider"]["head_ip"]
-    with pytest.raises(Exception):
+    ray_check(copy.deepcopy(config))  # complete, it passes
+    del config["provider"][missing]
+    with pytest.raises(ClickException, match="Please supply a `head_ip` and list of `worker_ips`"):
         ray_check(config)
 
 

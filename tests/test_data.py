@@ -61,8 +61,13 @@ def test_split_relabels_and_keeps_validation_off_the_test_split(mnist_available,
     assert len(split.test_ood_x) == int(torch.isin(test_y, torch.tensor(ood)).sum())
     n_ood_train = int(torch.isin(train_y, torch.tensor(ood)).sum())
     assert abs(len(split.val_ood_x) - 0.1 * n_ood_train) <= 4
-    flat = lambda t: {bytes(r) for r in t.flatten(1).numpy()}  # noqa: E731
-    assert not flat(split.val_ood_x[:200]) & flat(split.train_x)
+    # no image in two of training, validation and test, compared by content (real MNIST has
+    # no duplicate images across these, so any shared image is a leak)
+    flat = lambda *ts: {bytes(r) for t in ts for r in t.flatten(1).numpy()}  # noqa: E731
+    train, val = flat(split.train_x), flat(split.val_ind_x, split.val_ood_x)
+    test = flat(split.test_ind_x, split.test_ood_x)
+    assert len(train) == len(split.train_x) and len(flat(split.val_ind_x)) == len(split.val_ind_x)
+    assert (len(train & val), len(val & test), len(train & test)) == (0, 0, 0)
     # the test IND images carry the test labels, relabelled
     first = int(torch.nonzero(torch.isin(test_y, torch.tensor(ind)))[0])
     assert torch.equal(split.test_ind_x[0], test_x[first])
@@ -100,10 +105,20 @@ def test_data_root_resolution(tmp_path, monkeypatch):
 
 
 def test_crop_flip_is_a_shifted_or_mirrored_copy():
-    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) + 1
-    out = random_crop_flip(x, torch.Generator().manual_seed(0), pad=2)
+    """Every output is the image moved by (dy, dx) within +-pad (zeros shifted in), then
+    mirrored left-right or not; over a batch both happen and the shifts vary."""
+    n, pad = 64, 2
+    x = torch.arange(n * 3 * 8 * 8, dtype=torch.float32).view(n, 3, 8, 8) + 1  # all distinct
+    out = random_crop_flip(x, torch.Generator().manual_seed(0), pad=pad)
     assert out.shape == x.shape
-    for i in range(2):
-        vals = out[i][out[i] > 0]  # the non-padding pixels all come from the image itself
-        assert set(vals.tolist()) <= set(x[i].flatten().tolist())
-        assert (out[i] > 0).sum() >= 3 * 6 * 6  # at most `pad` rows/cols of padding each way
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    seen = set()
+    for i in range(n):
+        crops = {(dy - pad, dx - pad, mirrored): crop.flip(-1) if mirrored else crop
+                 for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                 for crop in [padded[i, :, dy:dy + 8, dx:dx + 8]] for mirrored in (False, True)}
+        matches = [move for move, crop in crops.items() if torch.equal(out[i], crop)]
+        assert len(matches) == 1, f"image {i} is no shifted or mirrored copy"
+        seen.add(matches[0])
+    assert {m for _, _, m in seen} == {False, True}  # some mirrored, some not
+    assert len({(dy, dx) for dy, dx, _ in seen}) >= 10  # of the 25 shifts, not a fixed one

@@ -33,11 +33,17 @@ def test_mask_takes_each_coordinate_from_a_mixed_class_with_the_given_probabilit
 
 
 def test_convex_mixing_is_a_convex_combination():
-    emb = torch.eye(6)
+    emb = torch.eye(6)  # class c -> the c-th unit vector: a condition IS its mixing weights
     cond, classes = mix_conditions(emb, 500, Stage2Config(mixing="convex", num_mixed=3),
                                    torch.Generator().manual_seed(0))
-    assert torch.allclose(cond.sum(1), torch.ones(500), atol=1e-5)
-    assert ((cond > 0).sum(1) <= 3).all() and (cond >= 0).all()
+    assert torch.allclose(cond.sum(1), torch.ones(500), atol=1e-5) and (cond >= 0).all()
+    # every condition mixes its three drawn classes, each with a non-zero weight, nothing else
+    assert ((cond > 0).sum(1) == 3).all()
+    assert torch.equal((cond > 0).nonzero()[:, 1].view(500, 3), classes.sort(1).values)
+    # Dirichlet(1, 1, 1) weights: each class's mean weight 1/3, the largest 11/18 on average
+    weights = cond.gather(1, classes)
+    assert weights.mean(0).tolist() == pytest.approx([1 / 3] * 3, abs=0.04)
+    assert float(weights.amax(1).mean()) == pytest.approx(11 / 18, abs=0.03)
 
 
 def test_generation_is_seeded_and_in_range():

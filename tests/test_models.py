@@ -1,4 +1,6 @@
-"""Shapes and sizes of every model, for both families."""
+"""Shapes and sizes of every model, for both families, and the CVAE loss's value."""
+
+import math
 
 import pytest
 import torch
@@ -29,6 +31,21 @@ def test_cvae_shapes_and_loss(family):
     assert cvae.class_embeddings().shape == (6, 5)  # one-hot over K = 6 columns (defect 6)
     assert cvae.decode(torch.zeros(2, 8), cvae.class_embeddings()[:2]).shape == (2, *SHAPES[family])
     assert cvae_loss(x, recon, mu, logvar).ndim == 0
+
+
+def test_cvae_loss_is_pixel_mse_plus_weighted_kl_per_pixel():
+    """On inputs with known terms: reconstruction 0.5 everywhere for black images (MSE 0.25);
+    posteriors N(1, 4) and N(0, 4) in 8 latent dimensions, whose KL to N(0, 1) is
+    8 * (var + mu^2 - 1 - ln var) / 2 each, averaged over the batch and divided by the 784
+    pixels of an image."""
+    x, recon = torch.zeros(2, 1, 28, 28), torch.full((2, 1, 28, 28), 0.5)
+    mu = torch.tensor([[1.0] * 8, [0.0] * 8])
+    logvar = torch.full((2, 8), math.log(4.0))
+    kl = (8 * (4 + 1 - 1 - math.log(4)) / 2 + 8 * (4 + 0 - 1 - math.log(4)) / 2) / 2 / 784
+    assert float(cvae_loss(x, recon, mu, logvar)) == pytest.approx(0.25 + kl, rel=1e-6)
+    assert float(cvae_loss(x, recon, mu, logvar, kl_weight=3.0)) == pytest.approx(
+        0.25 + 3 * kl, rel=1e-6)
+    assert float(cvae_loss(x, x, torch.zeros(2, 8), torch.zeros(2, 8))) == 0.0  # both terms 0
 
 
 def test_parameter_counts_match_the_reference():

@@ -14,7 +14,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from conftest import ROOT, SWEEP_SMOKE, run_sweep
+from conftest import ROOT, SWEEP_SMOKE, result_rows, run_sweep
 from tune.artifacts import ArtifactStore
 
 
@@ -23,9 +23,7 @@ def trials(experiment: Path) -> list[dict]:
     for folder in sorted(experiment.glob("stage2_trainable_*")):
         if not (folder / "params.json").exists():  # a trial folder being created
             continue
-        rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()
-                if line.strip()] if (folder / "result.json").exists() else []
-        out.append({"folder": folder, "rows": rows,
+        out.append({"folder": folder, "rows": result_rows(folder),
                     "params": json.loads((folder / "params.json").read_text()),
                     "error": (folder / "error.txt").read_text()
                     if (folder / "error.txt").exists() else None})
@@ -58,15 +56,19 @@ def test_every_trial_reports_partitions_in_order_and_the_best_has_five(smoke_swe
 
 def test_stage1_is_trained_once_per_distinct_key(smoke_sweep):
     summary = json.loads((smoke_sweep["experiment"] / "summary.json").read_text())
-    keys = ArtifactStore(str(smoke_sweep["storage"] / "stage1")).keys()
+    store = ArtifactStore(str(smoke_sweep["storage"] / "stage1"))
+    keys = store.keys()
     rows = [r for t in trials(smoke_sweep["experiment"]) for r in t["rows"]]
     assert {r["stage1_key"] for r in rows} <= set(keys)
-    # every model in the fresh store was trained once, by this sweep (a diverging trial may
-    # train one before its stage 2 fails: counted too); every other evaluation reused one
+    # the store's own log of trainings: every model in the fresh store was trained exactly once,
+    # by this sweep (a diverging trial may train one before its stage 2 fails: counted too)
+    trainings = {k: [t["owner"] for t in store.trainings(k)] for k in keys}
+    assert all(len(owners) == 1 and owners[0].startswith("smoke/")
+               for owners in trainings.values()), trainings
     assert summary["stage1_trained"] == len(keys) <= 10  # 5 partitions x 2 latent sizes at most
-    store = ArtifactStore(str(smoke_sweep["storage"] / "stage1"))
-    assert all(store.read_json(k)["trained_by"].startswith("smoke/") for k in keys)
+    # every evaluation that did not train its model reused one
     assert summary["stage1_reused"] == sum(r["stage1_trained"] == 0 for r in rows)
+    assert sum(r["stage1_trained"] for r in rows) <= len(keys)
 
 
 def test_a_diverging_config_errors_while_the_others_finish(smoke_sweep):
@@ -96,28 +98,36 @@ def test_a_second_sweep_in_the_same_storage_trains_no_stage1(second_sweep):
 
 
 def test_killed_driver_resumes_without_losing_or_repeating_trials(tmp_path, mnist_available):
+    # four trials one after the other, each long enough (5 partitions x 4 stage-2 epochs) that
+    # the driver is killed between two partitions of a trial, after another trial completed
     space = tmp_path / "space.yaml"
-    space.write_text("latent_dim: 32\nepochs: 1\n")
+    space.write_text("latent_dim: 32\nepochs: 4\n")
     args = ["--num-samples", "4", "--storage", str(tmp_path), "--name", "k", "--space",
             str(space), "--max-concurrent", "1", "--scheduler", "none", *SWEEP_SMOKE]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen([sys.executable, "-m", "tune.sweep", *args], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "tune.sweep", *args], cwd=ROOT, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     experiment = tmp_path / "k"
-    deadline = time.time() + 600
-    try:  # kill the driver (and its local Ray) once a trial is done and the next one is running
-        while time.time() < deadline:
-            done = [t for t in trials(experiment) if len(t["rows"]) == 5]
-            if done and len(trials(experiment)) >= 2 and any(
-                    0 < len(t["rows"]) < 5 for t in trials(experiment)):
-                break
-            time.sleep(0.5)
-        assert time.time() < deadline, "the sweep did not get going"
+
+    def mid_sweep() -> bool:  # a trial complete and another one between two partitions
+        reported = [len(t["rows"]) for t in trials(experiment)]
+        return 5 in reported and any(0 < n < 5 for n in reported)
+
+    deadline = time.time() + 240  # the sweep takes about a minute here
+    try:  # kill the driver (and its local Ray) in that state
+        while not mid_sweep():
+            assert driver.poll() is None, (
+                f"the driver exited (code {driver.returncode}) before it could be killed "
+                f"mid-sweep: {[len(t['rows']) for t in trials(experiment)]} partitions reported"
+                f"\n{log.read_text()[-3000:]}")
+            assert time.time() < deadline, "the sweep did not get going"
+            time.sleep(0.1)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    proc = run_sweep(*args, "--resume")
+    proc = run_sweep(*args, "--resume", timeout=300)
     assert proc.returncode == 0, proc.stderr
     found = trials(experiment)
     assert len(found) == 4 and all(len(t["rows"]) == 5 for t in found)

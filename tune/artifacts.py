@@ -15,7 +15,8 @@ sets are evaluated, the models do not: they are ``features-<layout hash>.pt`` (`
 one per OOD-set layout, computed from the stored models by the first trial that needs them, so
 evaluating on other OOD data never retrains stage 1. ``ROOT/KEY/partial/`` holds the per-epoch
 checkpoints of a training in progress, so a trial that moves to another node continues from its
-last epoch.
+last epoch. ``ROOT/KEY/trainings/`` logs every training of the key that started (one file each,
+`ArtifactStore.trainings`): one entry per key unless a training was interrupted and resumed.
 Every file is written to a temporary name and moved into place.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -109,6 +111,17 @@ class ArtifactStore:
 
     def read_json(self, key: str, name: str = "meta.json") -> dict:
         return json.loads(self.read_bytes(key, name))
+
+    def log_training(self, key: str, record: dict) -> None:
+        """Add an entry to KEY's training log (a new file: no append, so any filesystem works)."""
+        self.write_json(key, f"trainings/{time.time_ns()}-{uuid.uuid4().hex[:8]}.json", record)
+
+    def trainings(self, key: str) -> list[dict]:
+        """KEY's training log, oldest first: one record per training started on it."""
+        selector = pafs.FileSelector(self.path(key, "trainings"), allow_not_found=True)
+        names = sorted(info.base_name for info in self.fs.get_file_info(selector)
+                       if info.base_name.endswith(".json"))
+        return [self.read_json(key, f"trainings/{name}") for name in names]
 
     def keys(self) -> list[str]:
         """Keys of the complete artifacts."""

@@ -118,8 +118,9 @@ def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunCon
             if store.exists(key, f"partial/{name}.pt"):
                 path.write_bytes(store.read_bytes(key, f"partial/{name}.pt"))
                 resumed_from[name] = int(load_checkpoint(path, name)["epoch"])
-        store.write_json(key, "partial/owner.json", {"owner": owner, "node_id": node_id(),
-                                                     "resumed_from": resumed_from})
+        record = {"owner": owner, "node_id": node_id(), "resumed_from": resumed_from}
+        store.write_json(key, "partial/owner.json", record)
+        store.log_training(key, record)
 
         def on_epoch(kind):
             def callback(epoch, metrics):
@@ -215,9 +216,10 @@ def ensure_stage1(store: ArtifactStore, split: Split, cfg: RunConfig, device: to
             renew = (lambda: leases.renew.remote(key, owner)) if leases is not None else (
                 lambda: None)
             try:
-                seconds = _train_and_publish(store, key, split, cfg, device, renew, report, owner,
-                                             backbone, compile_model)
-                trained = True
+                if not store.exists(key):  # else published while this trial waited for the lease
+                    seconds = _train_and_publish(store, key, split, cfg, device, renew, report,
+                                                 owner, backbone, compile_model)
+                    trained = True
             finally:
                 if leases is not None:
                     ray.get(leases.release.remote(key, owner))

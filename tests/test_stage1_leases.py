@@ -1,0 +1,93 @@
+"""Train-once-per-key under concurrency: two trials on one stage-1 key, on a real local Ray with
+the sweep's real lease actor, train the models once (counted from the store's training log)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import ray
+import torch
+
+from cmg.config import budget_config
+from cmg.data import make_split
+from tune.artifacts import ArtifactStore, stage1_key
+from tune.stage1 import Stage1Leases, ensure_stage1
+
+CFG = budget_config("smoke", overrides=["data.train_limit=96", "data.eval_limit=32",
+                                        "classifier.epochs=1", "cvae.epochs=1"])
+
+
+@pytest.fixture(scope="module")
+def leases():
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        yield Stage1Leases.remote()
+    finally:
+        ray.shutdown()
+
+
+class StoreThatPausesAfterAMiss(ArtifactStore):
+    """The real store, seen by a trial that is paused right after it found the key missing,
+    until `resume` is set: the interleaving where another trial trains meanwhile."""
+
+    def __init__(self, uri: str):
+        super().__init__(uri)
+        self.missed, self.resume = threading.Event(), threading.Event()
+
+    def exists(self, key: str, name: str = "meta.json") -> bool:
+        found = super().exists(key, name)
+        if name == "meta.json" and not found and not self.missed.is_set():
+            self.missed.set()
+            assert self.resume.wait(120), "the other trial never finished"
+        return found
+
+
+def test_a_trial_that_saw_the_key_missing_does_not_retrain_what_another_published(
+        leases, tmp_path, mnist_available):
+    split = make_split("same_dataset_mnist", 1, CFG.data)
+    key = stage1_key(split.setting, 1, CFG)
+    store = ArtifactStore(str(tmp_path))
+    late = StoreThatPausesAfterAMiss(str(tmp_path))
+    results = {}
+
+    def trial(name, trial_store):
+        results[name] = ensure_stage1(trial_store, split, CFG, torch.device("cpu"), leases,
+                                      owner=f"t/{name}", poll_seconds=0.05)
+
+    waiting = threading.Thread(target=trial, args=("late", late))
+    waiting.start()
+    assert late.missed.wait(120)  # "late" found the key missing and has not asked for the lease
+    try:
+        trial("first", store)  # trains, publishes and frees the lease meanwhile
+    finally:
+        late.resume.set()
+        waiting.join(300)
+    assert not waiting.is_alive()
+    assert [r["owner"] for r in store.trainings(key)] == ["t/first"]  # trained exactly once
+    assert results["first"].trained and not results["late"].trained
+    assert store.read_json(key)["trained_by"] == "t/first"
+    for a, b in zip(results["first"].cvae.state_dict().values(),
+                    results["late"].cvae.state_dict().values()):
+        assert torch.equal(a, b)  # the late trial loaded the published models
+
+
+def test_two_trials_started_together_train_once(leases, tmp_path, mnist_available):
+    split = make_split("same_dataset_mnist", 2, CFG.data)
+    store = ArtifactStore(str(tmp_path))
+    start, results = threading.Barrier(2), {}
+
+    def trial(name):
+        start.wait()
+        results[name] = ensure_stage1(store, split, CFG, torch.device("cpu"), leases,
+                                      owner=f"t/{name}", poll_seconds=0.05)
+
+    threads = [threading.Thread(target=trial, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert sorted(results) == ["a", "b"]
+    trainings = store.trainings(stage1_key(split.setting, 2, CFG))
+    assert len(trainings) == 1 and sum(r.trained for r in results.values()) == 1
+    assert {r.key for r in results.values()} == set(store.keys())
