@@ -7,6 +7,7 @@ starts Ray or leaves a half-made experiment folder.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import signal
@@ -44,6 +45,8 @@ class Interrupts:
     def __init__(self):
         self.count, self.in_fit = 0, False
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        # Tune's own "interrupted ... Tuner.restore(...)" warnings: the driver prints its line
+        logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
 

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from cmg.cli import (add_backbone_args, add_compile_arg, add_ood_dataset_arg, backbone_from_args,
                      write_json)
@@ -233,21 +234,27 @@ def main(argv: list[str] | None = None) -> dict:
                                 split.ood_sets, backbone, restore)
         except SweepInterrupted as stop:
             created = None  # keep everything: the sweep continues with --resume
-            resume = ["python", "-m", "tune.sweep", "--storage", storage, "--name", name,
-                      "--resume"]
-            print(f"interrupted after {stop.done} of {args.num_samples} configurations; "
-                  f"continue with: {shlex.join(resume)}", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
+            _interrupted(stop.done, args.num_samples, storage, name)
     except BaseException:
         _remove_created(created, experiment)
         raise
     summary["wall_seconds"] = round(time.time() - started, 1)
-    if "://" not in experiment:
-        write_json(Path(experiment) / "summary.json", summary)
-    print(format_summary(summary))
-    if args.report and summary["trials"]["total"]:
-        print(_write_report(experiment, args.study_storage))
+    try:
+        if "://" not in experiment:
+            write_json(Path(experiment) / "summary.json", summary)
+        print(format_summary(summary))
+        if args.report and summary["trials"]["total"]:
+            print(_write_report(experiment, args.study_storage))
+    except KeyboardInterrupt:  # while reporting: --resume writes the summary and report again
+        _interrupted(summary["trials"]["total"], args.num_samples, storage, name)
     return summary
+
+
+def _interrupted(done: int, total: int, storage: str, name: str) -> NoReturn:
+    resume = ["python", "-m", "tune.sweep", "--storage", storage, "--name", name, "--resume"]
+    print(f"interrupted after {done} of {total} configurations; continue with: "
+          f"{shlex.join(resume)}", file=sys.stderr, flush=True)
+    raise SystemExit(130)
 def _write_report(experiment: str, study_storage: str | None) -> str:
     """The analysis report beside the results (local storage); for a URI, the command to run."""
     if "://" in experiment:
