@@ -177,18 +177,19 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.resume and (manifest or restore or Path(experiment).exists()):
         fail(f"experiment {experiment} exists; pass --resume to continue it or choose "
              "another --name")
+    given = given_options(parser, argv)
     if manifest:  # options left out continue the sweep as it was launched
-        args = with_manifest_defaults(args, given_options(parser, argv), manifest)
+        args = with_manifest_defaults(args, given, manifest)
     # -- validate everything before anything is written -----------------------------------
     setting = get_setting(args.setting)
     modes = mode_choices(args.mode)
     seeds = [f"{s}.seed={args.seed}" for s in ("classifier", "cvae", "stage2")]
     base = budget_config(args.budget, setting.family, seeds + list(args.overrides))
     space = default_space(base)
-    if args.space:
-        space = load_space_file(args.space, space)
-    elif manifest:
+    if manifest and "space" not in given:  # the space it used, even if its file changed since
         space = space_from_manifest(manifest)
+    elif args.space:
+        space = load_space_file(args.space, space)
     if args.num_samples < 1:
         fail("--num-samples must be at least 1")
     _check_resources(args)
