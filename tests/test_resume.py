@@ -160,6 +160,10 @@ def test_resume_after_sigint_sigterm_and_sigkill_finishes_every_partition_once(i
     assert summary["study"]["orphans_failed"] == 0
     manifest = json.loads((experiment / "manifest.json").read_text())
     assert len(manifest["resumed"]) == 3
+    print(f"SIGINT rc {interrupted['rc']}: {interrupted['stderr'].strip().splitlines()[-1]}\n"
+          f"SIGTERM rc 130: {err.strip().splitlines()[-1]}\nSIGKILL rc {proc.returncode}\n"
+          f"resume rc {done.returncode}: {done.stdout.strip().splitlines()[0]}\n"
+          f"partitions {list(found.values())}\nstudy {[t.state.name for t in study.trials]}")
 
 
 def test_asha_stops_are_pruned_in_the_study_with_their_last_mean(smoke_sweep):
