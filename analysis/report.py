@@ -171,8 +171,8 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
         "",
         f"Experiment `{experiment}`: {counts.sum()} trials, {counts.get('complete', 0)} complete "
         f"(all {int(df['partitions_total'].max())} partitions), "
-        f"{counts.get('incomplete', 0)} incomplete (stopped early by ASHA or "
-        f"still running), {counts.get('error', 0)} failed. Configurations are ranked on the mean "
+        f"{counts.get('incomplete', 0)} pruned (stopped early by ASHA) or still "
+        f"running, {counts.get('error', 0)} failed. Configurations are ranked on the mean "
         f"{by} over the partitions (validation data; in different_dataset the mean over the OOD "
         "sets); the test metrics are those of the "
         "ranked configurations and were never used to choose. Baselines (max-softmax, energy) "

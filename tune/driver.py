@@ -7,25 +7,68 @@ starts Ray or leaves a half-made experiment folder.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
+import signal
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
 from cmg.config import RunConfig
+from cmg.errors import fail
 from cmg.progress import Progress
 from tune.artifacts import ArtifactStore, stage1_key
 from tune.loggers import logger_callbacks
+from tune.search import SweepSearch, SweepSearcher, fail_orphans
 from tune.space import Param, suggest
 from tune.stage1 import NAMESPACE, create_leases
 from tune.trainables import OBJECTIVE, SweepContext, stage1_trainable, stage2_trainable
+
+
+class SweepInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the sweep; Ray Tune saved its state. `done`: configurations
+    finished (complete, pruned or failed in the study)."""
+
+    def __init__(self, done: int):
+        super().__init__(f"interrupted after {done} configurations")
+        self.done = done
+
+
+class Interrupts:
+    """SIGINT and SIGTERM while the sweep runs. Inside `fit`, the first one asks Ray Tune to save
+    its state and stop (through Tune's own SIGUSR1 handler; its SIGINT handler is turned off so
+    both signals take this one path); outside it, or a second time, KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.count, self.in_fit = 0, False
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        # Tune's own "interrupted ... Tuner.restore(...)" warnings: the driver prints its line
+        logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.count += 1
+        if self.in_fit and self.count == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        else:
+            raise KeyboardInterrupt
+
+    def fit(self, tuner: tune.Tuner):
+        """`tuner.fit()`; True in `self.count` afterwards means it was interrupted."""
+        # until Tune installs its SIGUSR1 handler, SIGUSR1 must not kill the process
+        signal.signal(signal.SIGUSR1, self._on_signal)
+        self.in_fit = True
+        try:
+            return tuner.fit()
+        finally:
+            self.in_fit = False
+
 
 class SweepProgress(tune.Callback):
     """A line per trial start, stage-1 epoch, finished partition and finished trial, with the
@@ -70,7 +113,8 @@ class SweepProgress(tune.Callback):
         self._finish(trial)
 
 
-def _prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool) -> None:
+def _prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool,
+             interrupts: Interrupts) -> None:
     """Train the base config's stage-1 models of all partitions in parallel."""
     store = ArtifactStore(ctx.store_uri)
     missing = [p for p in ctx.partitions if not store.exists(
@@ -87,7 +131,7 @@ def _prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool) -
             callbacks=[SweepProgress(len(missing), quiet, label="stage 1"),
                        *logger_callbacks([], experiment, "stage1")],
             failure_config=tune.FailureConfig(max_failures=2)))
-    tuner.fit()
+    interrupts.fit(tuner)
 
 
 def _trained_by(store_uri: str, name: str) -> int:
@@ -98,22 +142,31 @@ def _trained_by(store_uri: str, name: str) -> int:
                for key in store.keys())
 
 
-def _fail_orphans(study_factory: Callable, study_name: str) -> int:
-    """Mark study trials that a killed driver left RUNNING as FAIL; return how many."""
+def _finished(study_factory: Callable, study_name: str) -> int:
+    """Configurations the study holds as finished (complete, pruned or failed)."""
     import optuna
-    from optuna.trial import TrialState
 
-    storage = study_factory()
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    orphans = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
-    for t in orphans:
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    return len(orphans)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=study_factory())
+    except KeyError:  # interrupted before the search created it
+        return 0
+    return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+
+
+def _check_gpus(gpus: float) -> None:
+    """A trial asking for more GPUs than any node has would wait forever: fail now instead."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    most = max((n.get("GPU", 0) for n in nodes), default=0)
+    if gpus > most:
+        total = sum(n.get("GPU", 0) for n in nodes)
+        fail(f"--gpus-per-trial {gpus:g} cannot be placed: the cluster has {total:g} GPUs "
+             f"(at most {most:g} on one of its {len(nodes)} nodes; an autoscaling cluster is "
+             "judged by the nodes it has now); lower --gpus-per-trial or add GPU nodes")
 
 
 def _summary(results, name: str, experiment: str, trained: int,
              partitions: int) -> dict[str, Any]:
-    trials = {"total": 0, "complete": 0, "stopped": 0, "errored": 0}
+    trials = {"total": 0, "complete": 0, "pruned": 0, "failed": 0}
     reused = 0
     best = None
     for r in results:
@@ -123,13 +176,13 @@ def _summary(results, name: str, experiment: str, trained: int,
             reused += int(len(df) - df["stage1_trained"].sum())
         last = r.metrics or {}
         if r.error is not None:
-            trials["errored"] += 1
+            trials["failed"] += 1
         elif last.get("partitions_done") == partitions:
             trials["complete"] += 1
             if best is None or last[OBJECTIVE] > best.metrics[OBJECTIVE]:
                 best = r
-        else:
-            trials["stopped"] += 1
+        else:  # stopped by ASHA: told PRUNED to the study
+            trials["pruned"] += 1
     summary: dict[str, Any] = {
         "name": name, "experiment": experiment, "trials": trials,
         "stage1_trained": trained, "stage1_reused": reused, "best": None}
@@ -148,7 +201,9 @@ def _finite_or_none(value: Any) -> Any:
 def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dict[str, Param],
               data_root: str, storage: str, name: str, first: dict[str, Any],
               study_factory: Callable, ood_sets: tuple = (), backbone=None,
-              setting_modules: tuple[str, ...] = ()) -> dict[str, Any]:
+              setting_modules: tuple[str, ...] = (), restore: bool = False) -> dict[str, Any]:
+    """Run (or, with `restore`, continue from Tune's saved state) the sweep; return its summary.
+    Raises SweepInterrupted after SIGINT/SIGTERM (Tune's state saved, the study untouched)."""
     started = time.monotonic()  # --time-budget counts from here, the stage-1 prewarm included
     # the experiment state is saved after every partition on purpose: not a bottleneck here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -161,59 +216,75 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ray.init(address=args.address, namespace=NAMESPACE, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
     try:
-        gpus = args.gpus_per_trial
-        if gpus is None:
-            gpus = 0.25 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        resources = {"cpu": args.cpus_per_trial, "gpu": gpus}
-        experiment = "/".join([storage, name])
-        ctx = SweepContext(setting=setting.name, budget=args.budget, base=base, space=space,
-                           partitions=tuple(setting.partitions),
-                           store_uri="/".join([storage, "stage1"]),
-                           data_root=data_root, use_gpu=gpus > 0,
-                           threads=max(1, int(args.cpus_per_trial)),
-                           ood_datasets=args.ood_dataset, ood_sets=ood_sets, backbone=backbone,
-                           name=name, compile_model=args.compile,
-                           setting_modules=setting_modules)
-        leases = create_leases()  # the actor lives as long as this handle
-        ray.get(leases.__ray_ready__.remote())
-        if "://" not in experiment:
-            Path(experiment).mkdir(parents=True, exist_ok=True)
-        if args.prewarm:
-            _prewarm(ctx, experiment, resources, args.quiet)
-        trainable = tune.with_resources(tune.with_parameters(stage2_trainable, ctx=ctx), resources)
-        callbacks = [SweepProgress(args.num_samples, args.quiet, partitions=len(ctx.partitions)),
-                     *logger_callbacks(args.loggers, experiment, name)]
-        if "tensorboard" in args.loggers and not args.quiet:
-            print(f"[sweep] TensorBoard: tensorboard --logdir {experiment}", flush=True)
-        run_config = tune.RunConfig(
-            name=name, storage_path=storage, verbose=0, callbacks=callbacks,
-            failure_config=tune.FailureConfig(max_failures=args.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
-        if args.resume:
-            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
-        else:
-            searcher = OptunaSearch(
-                space=functools.partial(suggest, space=space, modes=modes), metric=OBJECTIVE, mode="max",
-                points_to_evaluate=[first], seed=args.seed, study_name=name,
-                storage=study_factory())
-            scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(ctx.partitions),
-                                       grace_period=1, reduction_factor=2)
-                         if args.scheduler == "asha" else None)
-            tuner = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
-                search_alg=(ConcurrencyLimiter(searcher, args.max_concurrent)
-                            if args.max_concurrent else searcher),
-                scheduler=scheduler, num_samples=args.num_samples, metric=OBJECTIVE,
-                mode="max", reuse_actors=True,  # keep warm processes: imports, data, caches
-                time_budget_s=(max(1.0, args.time_budget - (time.monotonic() - started))
-                               if args.time_budget else None)))
-        results = tuner.fit()
-        summary = _summary(results, name, experiment, _trained_by(ctx.store_uri, name),
-                           len(ctx.partitions))
-        summary["study"] = {"name": name, "orphans_failed": _fail_orphans(study_factory, name)}
-        return summary
+        ray.init(address=args.address, namespace=NAMESPACE, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+        interrupts = Interrupts()  # after ray.init, which sets its own SIGTERM handler
+        summary = _search(args, setting, modes, base, space, data_root, storage, name, first,
+                          study_factory, ood_sets, backbone, setting_modules, restore,
+                          interrupts, started)
+    except KeyboardInterrupt:  # outside Tune's loop, or a second signal: stop at once
+        raise SweepInterrupted(_finished(study_factory, name)) from None
     finally:
         ray.shutdown()
+    return summary
+
+
+def _search(args, setting, modes, base, space, data_root, storage, name, first, study_factory,
+            ood_sets, backbone, setting_modules: tuple[str, ...], restore: bool,
+            interrupts: Interrupts, started: float) -> dict[str, Any]:
+    gpus = args.gpus_per_trial
+    if gpus is None:
+        gpus = 0.25 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    _check_gpus(gpus)
+    resources = {"cpu": args.cpus_per_trial, "gpu": gpus}
+    experiment = "/".join([storage, name])
+    ctx = SweepContext(setting=setting.name, budget=args.budget, base=base, space=space,
+                       partitions=tuple(setting.partitions),
+                       store_uri="/".join([storage, "stage1"]),
+                       data_root=data_root, use_gpu=gpus > 0,
+                       threads=max(1, int(args.cpus_per_trial)),
+                       ood_datasets=args.ood_dataset, ood_sets=ood_sets, backbone=backbone,
+                       name=name, compile_model=args.compile,
+                       setting_modules=setting_modules)
+    leases = create_leases()  # the actor lives as long as this handle
+    ray.get(leases.__ray_ready__.remote())
+    if args.prewarm:
+        _prewarm(ctx, experiment, resources, args.quiet, interrupts)
+        if interrupts.count:
+            raise SweepInterrupted(_finished(study_factory, name))
+    trainable = tune.with_resources(tune.with_parameters(stage2_trainable, ctx=ctx), resources)
+    callbacks = [SweepProgress(args.num_samples, args.quiet, partitions=len(ctx.partitions)),
+                 *logger_callbacks(args.loggers, experiment, name)]
+    if "tensorboard" in args.loggers and not args.quiet:
+        print(f"[sweep] TensorBoard: tensorboard --logdir {experiment}", flush=True)
+    run_config = tune.RunConfig(
+        name=name, storage_path=storage, verbose=0, callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=args.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+    if restore:
+        SweepSearch.grow_to = args.num_samples  # --num-samples may grow on resume
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        searcher = SweepSearcher(
+            space=functools.partial(suggest, space=space, modes=modes), metric=OBJECTIVE,
+            mode="max", points_to_evaluate=[first], seed=args.seed, study_name=name,
+            storage=study_factory())
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(ctx.partitions),
+                                   grace_period=1, reduction_factor=2)
+                     if args.scheduler == "asha" else None)
+        tuner = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
+            search_alg=SweepSearch(ConcurrencyLimiter(searcher, args.max_concurrent)
+                                   if args.max_concurrent else searcher),
+            scheduler=scheduler, num_samples=args.num_samples, metric=OBJECTIVE,
+            mode="max", reuse_actors=True,  # keep warm processes: imports, data, caches
+            time_budget_s=(max(1.0, args.time_budget - (time.monotonic() - started))
+                           if args.time_budget else None)))
+    results = interrupts.fit(tuner)
+    if interrupts.count:
+        raise SweepInterrupted(_finished(study_factory, name))
+    summary = _summary(results, name, experiment, _trained_by(ctx.store_uri, name),
+                       len(ctx.partitions))
+    summary["study"] = {"name": name, "orphans_failed": fail_orphans(study_factory(), name)}
+    return summary

@@ -3,28 +3,45 @@ configuration by its validation AUROC averaged over the five partitions (Setting
 `different_dataset`: over the OOD data sets present, in its single partition).
 
     python -m tune.sweep --setting same_dataset_mnist --budget quick --num-samples 16
-    python -m tune.sweep --setting same_dataset_mnist --name demo --resume   # after a crash
+    python -m tune.sweep --name demo --resume      # after Ctrl-C, a kill or a crash
 
-The experiment folder (STORAGE/NAME) holds Tune's state, one folder per trial (params.json,
-result.json, checkpoints), the Optuna study (`optuna.journal`, unless --study-storage) and,
-at the end, `summary.json` and `report/` (python -m analysis.report: report.md, CSV, Parquet,
-PNGs). Stage-1 models live in STORAGE/stage1, shared by every sweep there.
+The experiment folder (STORAGE/NAME) holds `manifest.json` (how the sweep was launched: every
+resolved option, the search space, the RunConfig, versions, git commit, host), Tune's state, one
+folder per trial (params.json, result.json, checkpoints), the Optuna study (`optuna.journal`,
+unless --study-storage) and, at the end, `summary.json` and `report/` (python -m
+analysis.report: report.md, CSV, Parquet, PNGs). Stage-1 models live in STORAGE/stage1, shared
+by every sweep there.
+
+Ctrl-C (or SIGTERM) stops a sweep cleanly: Ray Tune saves its state, the driver prints
+"interrupted after N of M configurations; continue with: ..." and exits with code 130 (a second
+Ctrl-C exits at once). `--resume` continues it, after any interruption, as often as needed:
+options left out are taken from manifest.json; a given one that changes the setting, budget,
+space, seed or any other option that shapes results is refused, naming each difference;
+--num-samples may grow. A sweep that fails before its first trial removes what it created.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
+import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from cmg.cli import (add_backbone_args, add_budget_args, add_compile_arg, add_data_args,
                      add_ood_dataset_arg, add_setting_args, backbone_from_args, write_json)
 from cmg.config import budget_config
 from cmg.data import load_setting, make_split, resolve_data_root, setting_modules
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
+from tune.artifacts import ArtifactStore
 from tune.loggers import LOGGERS, check_loggers, parse_duration
+from tune.manifest import (MANIFEST, build_manifest, differences, given_options,
+                           space_from_manifest, with_manifest_defaults)
 from tune.space import default_space, first_point, load_space_file, mode_choices
 
 
@@ -100,9 +117,74 @@ def _study_storage(url: str | None, experiment: str):
     return JournalStorage(JournalFileBackend(os.path.join(experiment, "optuna.journal")))
 
 
+def _probe_address(address: str | None) -> None:
+    """A HOST:PORT that nothing listens on fails in seconds, not after Ray's GCS timeouts."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as err:
+        fail(f"no Ray cluster answers at {address} ({getattr(err, 'strerror', None) or err}); "
+             "start one (ray start --head) or fix --address")
+
+
+def _check_resources(args) -> None:
+    if args.cpus_per_trial <= 0:
+        fail(f"--cpus-per-trial must be above 0 (got {args.cpus_per_trial:g})")
+    if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
+        fail(f"--gpus-per-trial must be 0 or more (got {args.gpus_per_trial:g})")
+
+
+def _make_experiment_dir(experiment: str) -> Path | None:
+    """Create the local experiment folder; return the top folder this call created (to remove
+    it if the sweep fails before its first trial), None for a URI or an existing folder."""
+    if "://" in experiment:
+        return None
+    path = Path(experiment)
+    top = path
+    while not top.parent.exists():
+        top = top.parent
+    if path.exists():
+        return None
+    try:
+        path.mkdir(parents=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe."):
+            pass
+    except OSError as err:
+        _remove_created(top, experiment)
+        fail(f"cannot create the experiment folder {experiment} ({err.strerror}); "
+             "fix --storage")
+    return top
+
+
+def _remove_created(top: Path | None, experiment: str) -> None:
+    """Undo `_make_experiment_dir` unless a trial started (its results are kept)."""
+    if top is None or not top.exists() or any(Path(experiment).glob("stage2_trainable_*")):
+        return
+    shutil.rmtree(top, ignore_errors=True)
+
+
 @exit_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    storage = _resolve_storage(args.storage)
+    # a MODULE:NAME setting names its experiment by NAME
+    name = args.name or f"{args.setting.rpartition(':')[2]}-{args.mode}-{args.budget}"
+    experiment = _join(storage, name)
+    store = ArtifactStore(storage)
+    manifest = store.read_json(name, MANIFEST) if store.exists(name, MANIFEST) else None
+    restore = store.exists(name, "tuner.pkl")  # Tune's state: restore it, else start the search
+    if args.resume and not (restore or manifest):
+        fail(f"no sweep to resume in {experiment}; drop --resume or fix --name/--storage")
+    if not args.resume and (manifest or restore or Path(experiment).exists()):
+        fail(f"experiment {experiment} exists; pass --resume to continue it or choose "
+             "another --name")
+    given = given_options(parser, argv)
+    if manifest:  # options left out continue the sweep as it was launched
+        args = with_manifest_defaults(args, given, manifest)
     # -- validate everything before anything is written -----------------------------------
     setting = load_setting(args.setting, args.setting_modules)
     modules = setting_modules(args.setting, args.setting_modules)  # imported by every trial too
@@ -111,10 +193,18 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [f"{s}.seed={args.seed}" for s in ("classifier", "cvae", "stage2")]
     base = budget_config(args.budget, setting.family, seeds + list(args.overrides))
     space = default_space(base)
-    if args.space:
+    if manifest and "space" not in given:  # the space it used, even if its file changed since
+        space = space_from_manifest(manifest)
+    elif args.space:
         space = load_space_file(args.space, space)
     if args.num_samples < 1:
         fail("--num-samples must be at least 1")
+    _check_resources(args)
+    if manifest:
+        changed = differences(manifest, args, space, base)
+        if changed:
+            fail(f"cannot resume {experiment} with changed settings: {'; '.join(changed)}; "
+                 "leave them out (they default to its manifest.json) or choose another --name")
     data_root = str(resolve_data_root(args.data_root))
     first_partition = min(setting.partitions)
     split = make_split(setting, first_partition, base.data, data_root, args.download,
@@ -126,31 +216,53 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"warning: OOD sets not found, skipped: {', '.join(split.skipped_ood_sets)}; the "
               f"objective is the mean over {', '.join(n for n, _, _ in split.ood_sets)}",
               file=sys.stderr)
-    storage = _resolve_storage(args.storage)
-    name = args.name or f"{setting.name}-{args.mode}-{args.budget}"
-    experiment = _join(storage, name)
-    if "://" not in storage:
-        exists = Path(experiment, "tuner.pkl").exists()
-        if args.resume and not exists:
-            fail(f"no sweep to resume in {experiment}; drop --resume or fix --name/--storage")
-        if not args.resume and Path(experiment).exists():
-            fail(f"experiment {experiment} exists; pass --resume to continue it or choose "
-                 "another --name")
+    if args.study_storage:  # a bad URL fails now, before the experiment folder exists
+        _study_storage(args.study_storage, experiment)
+    elif "://" in experiment:
+        fail("--storage is remote: pass --study-storage URL (e.g. postgresql://...) for the study")
+    _probe_address(args.address)
+    args.storage, args.name, args.data_root = storage, name, data_root  # resolved, for the manifest
+    created = _make_experiment_dir(experiment)
     started = time.time()
+    try:
+        if manifest:
+            manifest["options"]["num_samples"] = max(manifest["options"]["num_samples"],
+                                                     args.num_samples)
+            manifest["resumed"].append({"command": shlex.join(["python", "-m", "tune.sweep",
+                                                               *argv]),
+                                        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        store.write_json(name, MANIFEST, manifest or build_manifest(argv, args, space, base))
 
-    from tune.driver import run_sweep  # imports Ray: only after the input is known to be good
+        from tune.driver import SweepInterrupted, run_sweep  # imports Ray: input known good
 
-    summary = run_sweep(args, setting, modes, base, space, data_root, storage, name,
-                        first_point(space, base, setting.default_sigma, modes),
-                        lambda: _study_storage(args.study_storage, experiment), split.ood_sets,
-                        backbone, modules)
+        try:
+            summary = run_sweep(args, setting, modes, base, space, data_root, storage, name,
+                                first_point(space, base, setting.default_sigma, modes),
+                                lambda: _study_storage(args.study_storage, experiment),
+                                split.ood_sets, backbone, modules, restore)
+        except SweepInterrupted as stop:
+            created = None  # keep everything: the sweep continues with --resume
+            _interrupted(stop.done, args.num_samples, storage, name)
+    except BaseException:
+        _remove_created(created, experiment)
+        raise
     summary["wall_seconds"] = round(time.time() - started, 1)
-    if "://" not in experiment:
-        write_json(Path(experiment) / "summary.json", summary)
-    print(format_summary(summary))
-    if args.report and summary["trials"]["total"]:
-        print(_write_report(experiment, args.study_storage))
+    try:
+        if "://" not in experiment:
+            write_json(Path(experiment) / "summary.json", summary)
+        print(format_summary(summary))
+        if args.report and summary["trials"]["total"]:
+            print(_write_report(experiment, args.study_storage))
+    except KeyboardInterrupt:  # while reporting: --resume writes the summary and report again
+        _interrupted(summary["trials"]["total"], args.num_samples, storage, name)
     return summary
+
+
+def _interrupted(done: int, total: int, storage: str, name: str) -> NoReturn:
+    resume = ["python", "-m", "tune.sweep", "--storage", storage, "--name", name, "--resume"]
+    print(f"interrupted after {done} of {total} configurations; continue with: "
+          f"{shlex.join(resume)}", file=sys.stderr, flush=True)
+    raise SystemExit(130)
 
 
 def _write_report(experiment: str, study_storage: str | None) -> str:
@@ -173,9 +285,9 @@ def _mean_sd(metrics: dict, name: str) -> str:
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"sweep {s['name']}: {s['trials']['total']} trials "
-             f"({s['trials']['complete']} complete, {s['trials']['stopped']} "
-             f"stopped early, {s['trials']['errored']} errored) in {s.get('wall_seconds', 0):.0f} s"]
+    t = s["trials"]
+    lines = [f"sweep {s['name']}: {t['total']} trials ({t['complete']} complete, {t['pruned']} "
+             f"pruned, {t['failed']} failed) in {s.get('wall_seconds', 0):.0f} s"]
     best = s.get("best")
     if best:
         m = best["metrics"]

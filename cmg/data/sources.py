@@ -30,7 +30,10 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
     """`data_root` if given, else $CMG_DATA_ROOT, else ./datasets; always absolute."""
     chosen = data_root or os.environ.get("CMG_DATA_ROOT") or "datasets"
-    return Path(chosen).expanduser().resolve()
+    path = Path(chosen).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        fail(f"data root {path} is a file, not a folder; fix --data-root (or $CMG_DATA_ROOT)")
+    return path
 
 
 def fetch_or_fail(name: str, root: Path, fetch: Callable[[], object]) -> None:

@@ -1,0 +1,100 @@
+"""The sweep's search algorithm: Optuna's TPE through Ray Tune, one study trial per Ray trial,
+across any number of interruptions and resumes (driver-only: imports Ray and Optuna).
+
+    searcher = SweepSearcher(space=..., metric="val_auroc_mean", mode="max", storage=..., ...)
+    search_alg = SweepSearch(searcher)          # or SweepSearch(ConcurrencyLimiter(searcher, 2))
+    tune.TuneConfig(search_alg=search_alg, num_samples=16, ...)
+    # resume with more configurations: before Tuner.restore(...).fit()
+    SweepSearch.grow_to = 24
+
+What it guarantees, by construction rather than by catching errors:
+- the study is the truth: a result or completion for a study trial that is already finished
+  (told by a driver that was killed before Ray Tune saved that fact) is not told again;
+- a study trial left RUNNING by a driver killed after asking it but before Ray Tune saved the Ray
+  trial (an orphan) is adopted by the next Ray trial, with the parameters already drawn, so the
+  study holds one trial per Ray trial; only orphans left over when the sweep ends are failed,
+  with a `fail_reason` (`fail_orphans`);
+- a trial that ASHA stopped before its last partition is told PRUNED (Optuna then records its
+  last reported running mean as its value), a Ray error is told FAIL with a `fail_reason`, and only
+  a configuration that finished every partition is COMPLETE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import SearchGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+ORPHAN_REASON = ("orphan: asked by a sweep driver that stopped before Ray Tune saved the trial, "
+                 "and no later Ray trial adopted it")
+
+
+class SweepSearcher(OptunaSearch):
+    """OptunaSearch whose study trials map one-to-one to Ray trials (see the module doc)."""
+
+    def _frozen(self, trial_id: str) -> optuna.trial.FrozenTrial:
+        ot_trial = self._ot_trials[trial_id]
+        return self._ot_study._storage.get_trial(ot_trial._trial_id)
+
+    def _orphans(self) -> list[int]:
+        """Study trial ids RUNNING that no Ray trial of this searcher maps to."""
+        mapped = {t._trial_id for t in self._ot_trials.values()}
+        return [t._trial_id for t in self._ot_study.get_trials(
+            deepcopy=False, states=(TrialState.RUNNING,)) if t._trial_id not in mapped]
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if trial_id not in self._ot_trials and self._ot_study is not None:
+            orphans = self._orphans()
+            if orphans:  # its parameters were drawn already: the define-by-run space reuses them
+                self._ot_trials[trial_id] = optuna.Trial(self._ot_study, orphans[0])
+        return super().suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if not self._frozen(trial_id).state.is_finished():
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if trial_id in self._completed_trials or self._frozen(trial_id).state.is_finished():
+            self._completed_trials.add(trial_id)
+            return
+        number = self._ot_trials[trial_id]._trial_id
+        value = (result or {}).get(self.metric)
+        if error or value is None:
+            self._ot_study._storage.set_trial_system_attr(
+                number, "fail_reason", f"Ray Tune trial {trial_id} errored (see its error.txt)"
+                if error else f"Ray Tune trial {trial_id} ended without reporting {self.metric}")
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.FAIL)
+        elif result.get("partitions_done", 0) < result.get("partitions_total", 0):
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+        else:
+            self._ot_study.tell(self._ot_trials[trial_id], value, state=TrialState.COMPLETE)
+        self._completed_trials.add(trial_id)
+
+
+class SweepSearch(SearchGenerator):
+    """Ray Tune's SearchGenerator whose number of samples can grow when the sweep is resumed:
+    set the class attribute `grow_to` before `Tuner.restore(...).fit()` (the saved count wins
+    when it is larger)."""
+
+    grow_to: int = 0
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        if SweepSearch.grow_to > self._total_samples:
+            self._total_samples = SweepSearch.grow_to
+            self._finished = False
+
+
+def fail_orphans(storage: optuna.storages.BaseStorage, study_name: str) -> int:
+    """Fail the study trials still RUNNING once the whole sweep has ended (orphans that no Ray
+    trial adopted), each with its `fail_reason`; return how many."""
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in orphans:
+        storage.set_trial_system_attr(t._trial_id, "fail_reason", ORPHAN_REASON)
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return len(orphans)
