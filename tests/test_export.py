@@ -156,32 +156,33 @@ def test_exporting_into_a_used_folder_is_one_line_and_changes_nothing(smoke_swee
 
 
 @pytest.fixture(scope="module")
-def partition1(exported):
-    meta = json.loads((exported / "partition-1" / "detector.json").read_text())
-    return make_split("same_dataset_mnist", 1, DataConfig(**meta["config"]["data"]))
+def partition2(exported):
+    """Partition 2 (IND classes 1..6: ids differ from the head's indices 0..5)."""
+    meta = json.loads((exported / "partition-2" / "detector.json").read_text())
+    return make_split("same_dataset_mnist", 2, DataConfig(**meta["config"]["data"]))
 
 
 def test_detector_reproduces_the_trials_scores_of_ind_and_unseen_classes(smoke_sweep, exported,
-                                                                          partition1):
-    detector = Detector.load(exported / "partition-1")
+                                                                          partition2):
+    detector = Detector.load(exported / "partition-2")
     scores = load_scores(smoke_sweep["experiment"], detector.meta["source"]["trial_id"])
-    test = scores[(scores["partition"] == 1) & (scores["split"] == "test")]
-    for images, kind in ((partition1.test_ind_x, "ind"), (partition1.test_ood_x, "ood")):
+    test = scores[(scores["partition"] == 2) & (scores["split"] == "test")]
+    for images, kind in ((partition2.test_ind_x, "ind"), (partition2.test_ood_x, "ood")):
         table = detector.score(images, batch_size=50)  # batches of any size: the same scores
         expected = test[test["kind"] == kind]
         for column in ("cmg", *SCORES):
             np.testing.assert_allclose(table[column], expected[column], rtol=1e-4, atol=1e-5)
         assert (table["is_ood"] == (table["cmg"] > detector.meta["threshold"])).all()
-    ind = detector.score(partition1.test_ind_x)
-    accuracy = (ind["pred_class"].to_numpy() == np.array(partition1.ind_classes)[
-        partition1.test_ind_y.numpy()]).mean()
+    ind = detector.score(partition2.test_ind_x)
+    accuracy = (ind["pred_class"].to_numpy() == np.array(partition2.ind_classes)[
+        partition2.test_ind_y.numpy()]).mean()
     assert accuracy == pytest.approx(detector.meta["metrics"]["test_ind_acc"], abs=1e-6)
-    assert set(ind["pred_name"]) <= {str(c) for c in partition1.ind_classes}
+    assert set(ind["pred_name"]) <= {str(c) for c in partition2.ind_classes}
 
 
-def test_score_command_reads_npy_and_image_folders_alike(exported, partition1, tmp_path, capsys):
-    images = partition1.test_ind_x[:4].numpy()  # IND digits
-    images = np.concatenate([images, partition1.test_ood_x[:3].numpy()])  # unseen digits
+def test_score_command_reads_npy_and_image_folders_alike(exported, partition2, tmp_path, capsys):
+    images = partition2.test_ind_x[:4].numpy()  # IND digits
+    images = np.concatenate([images, partition2.test_ood_x[:3].numpy()])  # unseen digits
     np.save(tmp_path / "x.npy", images)
     np.save(tmp_path / "x3.npy", images[:, 0])  # (N, H, W)
     for i, image in enumerate(images):
@@ -190,7 +191,7 @@ def test_score_command_reads_npy_and_image_folders_alike(exported, partition1, t
         Image.fromarray(image[0]).save(path)
     tables = {}
     for name in ("x.npy", "x3.npy", "png"):
-        score_main([str(exported / "partition-1"), str(tmp_path / name),
+        score_main([str(exported / "partition-2"), str(tmp_path / name),
                     "--out", str(tmp_path / f"{name}.csv"), "--device", "cpu"])
         tables[name] = pd.read_csv(tmp_path / f"{name}.csv")
     assert "7 images" in capsys.readouterr().out
@@ -213,7 +214,7 @@ def _one_line_error(argv, capsys) -> str:
 
 
 def test_score_command_rejects_bad_input_in_one_line_without_a_csv(exported, tmp_path, capsys):
-    detector = str(exported / "partition-1")
+    detector = str(exported / "partition-2")
     out = tmp_path / "scores.csv"
     np.save(tmp_path / "rgb.npy", np.zeros((2, 3, 32, 32), dtype=np.uint8))
     assert "needs 1x28x28" in _one_line_error([detector, str(tmp_path / "rgb.npy"), "--out",
@@ -230,7 +231,7 @@ def test_score_command_rejects_bad_input_in_one_line_without_a_csv(exported, tmp
                                           str(out)], capsys)
     old = tmp_path / "old"
     old.mkdir()
-    meta = json.loads((exported / "partition-1" / "detector.json").read_text())
+    meta = json.loads((exported / "partition-2" / "detector.json").read_text())
     (old / "detector.json").write_text(json.dumps({**meta, "version": 0}))
     assert "export it again" in _one_line_error([str(old), str(tmp_path / "rgb.npy"), "--out",
                                                  str(out)], capsys)

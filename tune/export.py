@@ -85,7 +85,8 @@ def detector_meta(trial: dict[str, Any], record: dict[str, Any], scores: pd.Data
 
 
 def export(experiment: str, out: str | Path, trial_id: str | None = None) -> list[Path]:
-    """Write OUT/partition-N/ for every partition the trial finished; returns the folders."""
+    """Write OUT/partition-N/ for every partition the trial finished; returns the folders.
+    Everything is read and checked before the first folder is written."""
     trial_id = trial_id or best_trial(experiment)
     filesystem, folder = trial_folder(experiment, trial_id)
     trial = json.loads(read_bytes(filesystem, f"{folder}/{TRIAL_FILE}"))
@@ -98,7 +99,7 @@ def export(experiment: str, out: str | Path, trial_id: str | None = None) -> lis
         fail(f"{out} already holds {', '.join(taken)}; choose another --out or delete them")
     store = ArtifactStore(trial["stage1_store"])
     all_scores = load_scores(experiment, trial_id)
-    written = []
+    detectors = []
     for record in records:
         p = record["partition"]
         scores = all_scores[all_scores["partition"] == p]
@@ -114,8 +115,8 @@ def export(experiment: str, out: str | Path, trial_id: str | None = None) -> lis
             classifier = {k: state[k] for k in STAGE1_KEEP}
         meta = detector_meta(trial, record, scores, {"experiment": experiment,
                                                      "trial_id": trial_id})
-        written.append(write_detector(out / f"partition-{p}", meta, head, classifier))
-    return written
+        detectors.append((out / f"partition-{p}", meta, head, classifier))
+    return [write_detector(*detector) for detector in detectors]
 
 
 @exit_on_usage_error
