@@ -59,7 +59,7 @@ def features_name(ood_sets: tuple[tuple[str, int, int], ...] = ()) -> str:
 
 
 def put_bytes(filesystem: pafs.FileSystem, target: str, data: bytes) -> None:
-    """Write `data` to `target` on a pyarrow filesystem atomically: a temporary name, then a move."""
+    """Write `data` to `target` on a pyarrow filesystem atomically (a temporary name, a move)."""
     filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
     tmp = f"{target}.{uuid.uuid4().hex}.tmp"
     with filesystem.open_output_stream(tmp) as out:
