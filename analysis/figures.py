@@ -196,11 +196,13 @@ def scores_figure(scores: pd.DataFrame) -> Figure:
                 chosen = (part["kind"] == "ind") if kind == "ind" else (part["kind"] != "ind")
                 ax.hist(values[chosen.to_numpy()], bins=bins, density=True, alpha=0.5,
                         color=color, label=kind.upper())
-            ax.set(title=f"{_style(name)[0]}, {title}", xlabel="score (higher = more OOD)")
+            ax.set_title(f"{_style(name)[0]}, {title}")
+            ax.locator_params(axis="x", nbins=4)
             if c == 0:
                 ax.set_ylabel("density")
                 ax.legend(fontsize="x-small")
-    fig.suptitle("Test scores of IND and OOD images: CMG against the best baseline")
+    fig.suptitle("Test scores of IND and OOD images (higher = more OOD): CMG against the best "
+                 "baseline")
     return fig
 
 
