@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     with atomic_write(args.out, "w") as handle:
         table.to_csv(handle, index=False)
     if not args.quiet:
-        print(table.head(10).to_string(index=False, float_format="%.5g"))
+        print(table.head(20).to_string(index=False, float_format="%.5g"))
     print(f"{len(table)} images, {int(table['is_ood'].sum())} flagged OOD (cmg > "
           f"{detector.meta['threshold']:.4f}); wrote {args.out}")
     return table

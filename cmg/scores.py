@@ -7,7 +7,7 @@ head). The scores are the very values `run_stage2`'s metrics come from, so every
 reports can be recomputed from this table (scikit-learn, OOD positive); a sweep writes it as
 `scores/partition-N.parquet` in each trial's folder.
 
-    table = score_table(classifier, result.head, features, split, "CMG-energy")
+    table = score_table(classifier, result, features, split, "CMG-energy")
     val = table[table.split == "val"]; roc_auc_score(val.kind != "ind", val.cmg)
 
 Also `ind_threshold`: the score at which a share `tpr` of IND images is accepted (the exported
@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cmg.metrics import SCORES, cmg_score
 from cmg.data import Split
+from cmg.metrics import SCORES, cmg_score
+from cmg.stage2 import FrozenFeatures, Stage2Result, _logits
 
 PARTS = ("val", "test")
 
@@ -36,30 +37,37 @@ def selected_head(classifier: torch.nn.Module, head_state: dict) -> torch.nn.Mod
     return head.eval()
 
 
+def stage1_logits(classifier: torch.nn.Module, features: FrozenFeatures):
+    """The stage-1 head's (IND, OOD) logits of val and test: those `freeze_features` kept, or,
+    for features stored without them (a stage-1 store from before they were kept), computed
+    once here."""
+    if features.stage1_logits is None:
+        features.stage1_logits = {part: _logits(classifier.head, features.evals[part])
+                                  for part in PARTS}
+    return features.stage1_logits
+
+
 @torch.no_grad()
-def score_table(classifier: torch.nn.Module, head_state: dict, features, split: Split,
-                mode: str) -> pd.DataFrame:
-    """Every val and test image's scores: CMG from the selected head (`head_state`, a
-    `Stage2Result.head`), the baselines from the classifier's own (stage-1) head, computed on
-    the frozen `features` (`cmg.stage2.FrozenFeatures`) exactly as the reported metrics are."""
-    head, k = selected_head(classifier, head_state), split.num_classes
+def score_table(classifier: torch.nn.Module, result: Stage2Result, features: FrozenFeatures,
+                split: Split, mode: str) -> pd.DataFrame:
+    """Every val and test image's scores: CMG from the selected head's logits that `result`'s
+    metrics came from, the baselines from the classifier's own (stage-1) head on the same
+    frozen `features`, the way `freeze_features` scored them."""
+    k, baseline_logits = split.num_classes, stage1_logits(classifier, features)
     frames = []
     for part in PARTS:
-        feats = features.evals[part]
-        n_ind, n_ood = len(feats["ind"]), len(feats["ood"])
+        labels = features.evals[part]["labels"]
+        n_ind, n_ood = len(labels), len(result.logits[part][1])
         kind = np.array(["ind"] * n_ind + ["ood"] * n_ood, dtype=object)
         if split.ood_sets:
             for name, where in split.ood_slices(part).items():
                 kind[n_ind + where.start:n_ind + where.stop] = name
         columns = {"split": np.full(n_ind + n_ood, part, dtype=object), "kind": kind,
-                   "label": np.concatenate([feats["labels"].cpu().numpy(),
-                                            np.full(n_ood, -1)]).astype(np.int64)}
-        # IND and OOD pass through the heads separately, as `cmg.stage2._evaluate` does
-        tuned = [head(feats["ind"]), head(feats["ood"])]
-        stage1 = [classifier.head(feats["ind"]), classifier.head(feats["ood"])]
-        columns["cmg"] = torch.cat([cmg_score(logits, k, mode) for logits in tuned])
-        columns.update({name: torch.cat([fn(logits, k) for logits in stage1])
-                        for name, fn in SCORES.items()})
+                   "label": np.concatenate([labels.cpu().numpy(),
+                                            np.full(n_ood, -1)]).astype(np.int64),
+                   "cmg": torch.cat([cmg_score(x, k, mode) for x in result.logits[part]]),
+                   **{name: torch.cat([fn(x, k) for x in baseline_logits[part]])
+                      for name, fn in SCORES.items()}}
         frames.append(pd.DataFrame({c: v.float().cpu().numpy() if torch.is_tensor(v) else v
                                     for c, v in columns.items()}))
     return pd.concat(frames, ignore_index=True)

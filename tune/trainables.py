@@ -160,7 +160,7 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
         seconds = {"stage1": stage1_s, "stage1_train": models.train_seconds,
                    "stage2": time.perf_counter() - started - stage1_s}
         scores_started = time.perf_counter()
-        table = score_table(models.classifier, result.head, models.features, split,
+        table = score_table(models.classifier, result, models.features, split,
                             cfg.stage2.mode)
         put_bytes(trial_fs, f"{trial_path}/{scores_file(partition)}", to_parquet_bytes(table))
         seconds["scores"] = time.perf_counter() - scores_started
