@@ -3,6 +3,7 @@
     df = load_trials(path); table = aggregate(df)
     history_figure(table).savefig("history.png")
     params_figure(table); partitions_figure(df, table); importance_figure(importance(path))
+    scores = load_scores(path, trial_id); roc_figure(scores); scores_figure(scores)
 
 Complete configurations (all partitions of the setting) are filled markers; incomplete ones (stopped early
 by ASHA, running, or failed) are hollow, because their mean covers fewer partitions.
@@ -16,7 +17,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
+from sklearn.metrics import roc_auc_score, roc_curve
 
+from analysis.artifacts import score_columns
 from analysis.trials import is_complete, leaderboard
 from cmg.errors import atomic_write
 
@@ -100,6 +103,7 @@ def partitions_figure(df: pd.DataFrame, table: pd.DataFrame, top: int = 3,
         rows = df[df["trial_id"] == trial_id].sort_values("partition")
         ax.plot(rows["partition"], rows["test_auroc"], marker="o", label=f"#{rank} {trial_id}")
         if rank == 1:
+            _interval(ax, table.set_index("trial_id").loc[trial_id])
             for name, (label, color) in BASELINE_STYLE.items():
                 ax.plot(rows["partition"], rows[f"{name}_test_auroc"], marker="s",
                         linestyle="--", color=color, label=label)
@@ -113,6 +117,15 @@ def partitions_figure(df: pd.DataFrame, table: pd.DataFrame, top: int = 3,
     return fig
 
 
+def _interval(ax, best: pd.Series) -> None:
+    """The best configuration's mean test AUROC over partitions and its 95% t-interval."""
+    ax.axhline(best["test_auroc_mean"], color="tab:blue", linewidth=0.8, linestyle=":",
+               label="#1 mean over partitions")
+    if pd.notna(best["test_auroc_ci_low"]):
+        ax.axhspan(best["test_auroc_ci_low"], best["test_auroc_ci_high"], color="tab:blue",
+                   alpha=0.1, label="#1 mean, 95% CI")
+
+
 def importance_figure(importances: pd.DataFrame) -> Figure:
     """Horizontal bars of `analysis.importance`'s table, most important on top."""
     fig = Figure(figsize=(6, max(2.5, 0.35 * len(importances) + 1)), layout="constrained")
@@ -123,6 +136,73 @@ def importance_figure(importances: pd.DataFrame) -> Figure:
         ax.text(0.5, 0.5, "needs two or more complete configurations", ha="center",
                 transform=ax.transAxes)
     ax.set(xlabel="importance (fANOVA)", title="Parameter importances")
+    return fig
+
+
+def _panels(scores: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(title, test rows: IND and one OOD group) per partition, or per OOD set in Setting 2."""
+    test = scores[scores["split"] == "test"]
+    ood_kinds = [k for k in test["kind"].unique() if k != "ind"]
+    if ood_kinds != ["ood"]:  # Setting 2: one panel per OOD set, against the same IND images
+        return [(kind, test[test["kind"].isin(["ind", kind])]) for kind in ood_kinds]
+    return [(f"partition {p}", rows) for p, rows in test.groupby("partition")]
+
+
+def _style(name: str) -> tuple[str, str | None]:
+    return ("CMG", "tab:blue") if name == "cmg" else BASELINE_STYLE.get(name, (name, None))
+
+
+def _grid(n: int, cols: int = 5) -> tuple[int, int]:
+    return max(1, -(-n // cols)), min(max(n, 1), cols)
+
+
+def roc_figure(scores: pd.DataFrame) -> Figure:
+    """Test ROC curves (OOD positive) of CMG and every baseline in a trial's scores files, one
+    panel per partition (Setting 2: per OOD set), each curve labelled with its AUROC."""
+    panels = _panels(scores)
+    rows, cols = _grid(len(panels))
+    fig = Figure(figsize=(3.2 * cols, 3.2 * rows), layout="constrained")
+    for i, (title, part) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        is_ood = part["kind"] != "ind"
+        for name in score_columns(scores):
+            fpr, tpr, _ = roc_curve(is_ood, part[name])
+            label, color = _style(name)
+            ax.plot(fpr, tpr, color=color, label=f"{label} {roc_auc_score(is_ood, part[name]):.3f}")
+        ax.plot([0, 1], [0, 1], color="lightgray", linewidth=0.8)
+        ax.set(title=title, xlabel="false positive rate (IND flagged)",
+               ylabel="true positive rate (OOD flagged)" if i % cols == 0 else None)
+        ax.legend(fontsize="x-small", loc="lower right", title="test AUROC",
+                  title_fontsize="x-small")
+    fig.suptitle("ROC curves of the best configuration on the test images")
+    return fig
+
+
+def scores_figure(scores: pd.DataFrame) -> Figure:
+    """Histograms of the test scores of IND and OOD images: CMG (top row) and the baseline with
+    the best mean test AUROC over the panels (bottom row), per partition or OOD set."""
+    panels = _panels(scores)
+    baselines = [c for c in score_columns(scores) if c != "cmg"]
+    mean_auroc = {b: np.mean([roc_auc_score(p["kind"] != "ind", p[b]) for _, p in panels])
+                  for b in baselines}
+    shown = ["cmg"] + ([max(mean_auroc, key=mean_auroc.get)] if baselines else [])
+    fig = Figure(figsize=(3.2 * len(panels), 2.6 * len(shown)), layout="constrained")
+    for r, name in enumerate(shown):
+        for c, (title, part) in enumerate(panels):
+            ax = fig.add_subplot(len(shown), len(panels), r * len(panels) + c + 1)
+            values = part[name].to_numpy(dtype=float)
+            bins = np.histogram_bin_edges(values[np.isfinite(values)], bins=40)
+            for kind, color in (("ind", "tab:green"), ("ood", "tab:red")):
+                chosen = (part["kind"] == "ind") if kind == "ind" else (part["kind"] != "ind")
+                ax.hist(values[chosen.to_numpy()], bins=bins, density=True, alpha=0.5,
+                        color=color, label=kind.upper())
+            ax.set_title(f"{_style(name)[0]}, {title}")
+            ax.locator_params(axis="x", nbins=4)
+            if c == 0:
+                ax.set_ylabel("density")
+                ax.legend(fontsize="x-small")
+    fig.suptitle("Test scores of IND and OOD images (higher = more OOD): CMG against the best "
+                 "baseline")
     return fig
 
 

@@ -9,6 +9,9 @@ writes into --out (default EXPERIMENT/report; for a URI, ./NAME-report):
   summary.csv      one row per configuration (analysis.aggregate)
   trials.parquet   one row per (trial, partition) (analysis.load_trials)
   history.png, params.png, partitions.png, importance.png
+  roc.png, scores.png  ROC curves and IND/OOD score histograms of the best configuration against
+                   the baselines, from its per-image scores files (when the trials wrote them)
+and prints the `python -m cmg.run` command that reproduces one partition of the best configuration.
 Configurations are ranked on validation; their test metrics are shown, never used to rank.
 Works while the sweep runs (incomplete trials are listed, not ranked).
 """
@@ -20,8 +23,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.artifacts import load_scores, load_trial_record, reproduce_command
 from analysis.figures import (history_figure, importance_figure, params_figure,
-                              partitions_figure, save_png)
+                              partitions_figure, roc_figure, save_png, scores_figure)
 from analysis.study import importance
 from analysis.trials import (NotAnExperiment, aggregate, leaderboard, load_trials,
                              ood_sets, open_experiment)
@@ -132,6 +136,40 @@ def per_ood_set(df: pd.DataFrame, best: pd.Series) -> list[str]:
             pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f")]
 
 
+def best_reproduce_command(experiment: str, df: pd.DataFrame, table: pd.DataFrame,
+                           by: str) -> str:
+    """The `python -m cmg.run` command that reruns the first partition of the best
+    configuration (raises NotAnExperiment if its trial.json is missing)."""
+    trial_id = leaderboard(table, by=by)["trial_id"].iloc[0]
+    partition = int(df[df["trial_id"] == trial_id]["partition"].min())
+    return reproduce_command(load_trial_record(experiment, trial_id), partition)
+
+
+def best_scores(experiment: str, df: pd.DataFrame, table: pd.DataFrame,
+                by: str) -> tuple[dict, str]:
+    """The best configuration's figures from its scores files ({name: Figure}) and the report's
+    section on them, with the command that reproduces its first partition."""
+    board = leaderboard(table, by=by)
+    if board.empty:
+        return {}, "_No configuration has finished all its partitions yet._"
+    trial_id = board["trial_id"].iloc[0]
+    try:
+        scores = load_scores(experiment, trial_id)
+        command = best_reproduce_command(experiment, df, table, by)
+    except NotAnExperiment as err:
+        return {}, f"_Not available: {err}_"
+    if scores.empty:
+        return {}, f"_Trial `{trial_id}` wrote no per-image scores._"
+    figures = {"roc": roc_figure(scores), "scores": scores_figure(scores)}
+    return figures, "\n".join([
+        f"Per-image scores of trial `{trial_id}` (`scores/partition-N.parquet` in its folder), "
+        "test images: ROC curves of CMG and the baselines, and the score histograms of IND and "
+        "OOD images for CMG and the best baseline.", "",
+        "![ROC curves](roc.png)", "", "![score histograms](scores.png)", "",
+        "Reproduce one partition of it (the same validation AUROC):", "",
+        f"```\n{command}\n```"])
+
+
 def others_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
     """Trials left out of the leaderboard, so that nothing is silently dropped."""
     trials = df.groupby("trial_id", sort=False).agg(
@@ -164,6 +202,8 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
     figures = {"history": history_figure(table, by), "params": params_figure(table, by),
                "partitions": partitions_figure(df, table, by=by),
                "importance": importance_figure(importances)}
+    score_figures, scores_text = best_scores(experiment, df, table, by)
+    figures.update(score_figures)
     counts = df.groupby("trial_id")["status"].first().value_counts()
     name = open_experiment(experiment)[1].rstrip("/").rsplit("/", 1)[-1]
     text = "\n".join([
@@ -183,6 +223,7 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
         f"## Leaderboard (complete configurations, top {top})", "",
         leaderboard_markdown(table, by, top), "",
         "![top configurations per partition](partitions.png)", "",
+        "## Scores of the best configuration", "", scores_text, "",
         "## Optimisation history", "", "![history](history.png)", "",
         "## Parameters", "", "![parameters against the objective](params.png)", "",
         "## Parameter importances", "", importance_note, "",
@@ -226,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         board = leaderboard(aggregate(df), by=args.by).head(5)
         print(board[["trial_id", f"{args.by}_mean", "test_auroc_mean", "msp_test_auroc_mean",
                      "energy_test_auroc_mean"]].to_string(index=False, float_format="%.4f"))
+        if "roc" in files:
+            print("reproduce partition 1 of the best configuration: "
+                  + best_reproduce_command(args.experiment, df, aggregate(df), args.by))
     print(f"report: {files['report']}")
     return 0
 

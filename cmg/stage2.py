@@ -41,6 +41,8 @@ class Stage2Result:
     history: list[dict[str, float]] = field(default_factory=list)
     selected_epoch: int = 0
     head: dict | None = None  # state dict of the selected head
+    # the selected head's logits the metrics come from: {"val"|"test": (IND logits, OOD logits)}
+    logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -73,10 +75,14 @@ def _energy_loss(logits_in, logits_out, k, m_in, m_out) -> torch.Tensor:
     return F.relu(e_in - m_in).pow(2).mean() + F.relu(m_out - e_out).pow(2).mean()
 
 
-def _evaluate(head, feats, k, score_fn, ood_slices=None) -> dict[str, float]:
+def _logits(head, feats) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        return evaluate_logits(head(feats["ind"]), feats["labels"], head(feats["ood"]), score_fn, k,
-                               ood_slices)
+        return head(feats["ind"]), head(feats["ood"])
+
+
+def _evaluate(head, feats, k, score_fn, ood_slices=None, logits=None) -> dict[str, float]:
+    logits_ind, logits_ood = _logits(head, feats) if logits is None else logits
+    return evaluate_logits(logits_ind, feats["labels"], logits_ood, score_fn, k, ood_slices)
 
 
 def _slices(split: Split, part: str) -> dict[str, slice] | None:
@@ -92,6 +98,8 @@ class FrozenFeatures:
     train: torch.Tensor
     evals: dict[str, dict[str, torch.Tensor]]  # {"val"|"test": {"ind", "ood", "labels"}}
     baselines: dict[str, dict[str, dict[str, float]]]
+    # the stage-1 head's (IND, OOD) logits per part, which the baselines' metrics come from
+    stage1_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _frozen(model: torch.nn.Module) -> None:
@@ -108,9 +116,12 @@ def freeze_features(classifier: Classifier, split: Split, amp: bool = True) -> F
         evals[part] = {"ind": extract_features(classifier, ind_x, amp),
                        "ood": extract_features(classifier, ood_x, amp), "labels": ind_y}
     k = split.num_classes
-    baselines = {name: {part: _evaluate(classifier.head, evals[part], k, fn, _slices(split, part))
+    logits = {part: _logits(classifier.head, evals[part]) for part in ("val", "test")}
+    baselines = {name: {part: _evaluate(classifier.head, evals[part], k, fn, _slices(split, part),
+                                        logits[part])
                         for part in ("val", "test")} for name, fn in SCORES.items()}
-    return FrozenFeatures(extract_features(classifier, split.train_x, amp), evals, baselines)
+    return FrozenFeatures(extract_features(classifier, split.train_x, amp), evals, baselines,
+                          logits)
 
 
 def run_stage2(classifier: Classifier, cvae: CVAE, split: Split, cfg: Stage2Config,
@@ -195,11 +206,12 @@ def run_stage2(classifier: Classifier, cvae: CVAE, split: Split, cfg: Stage2Conf
         best = (math.nan, 0, head.state_dict())
     head.load_state_dict(best[2])
     head.eval()
+    logits = {part: _logits(head, evals[part]) for part in ("val", "test")}
     result = Stage2Result(
-        val=_evaluate(head, evals["val"], k, score_fn, _slices(split, "val")),
-        test=_evaluate(head, evals["test"], k, score_fn, _slices(split, "test")),
+        val=_evaluate(head, evals["val"], k, score_fn, _slices(split, "val"), logits["val"]),
+        test=_evaluate(head, evals["test"], k, score_fn, _slices(split, "test"), logits["test"]),
         baselines=features.baselines, margins=margins, history=history, selected_epoch=best[1],
-        head={name: t.detach().cpu() for name, t in best[2].items()})
+        head={name: t.detach().cpu() for name, t in best[2].items()}, logits=logits)
     bar.close(val_auroc=result.val["auroc"], selected_epoch=best[1])
     return result
 

@@ -15,7 +15,7 @@ from analysis import NotAnExperiment, aggregate, importance, leaderboard, load_t
 from conftest import ROOT
 
 REPORT_FILES = ["report.md", "summary.csv", "trials.parquet", "history.png", "params.png",
-                "partitions.png", "importance.png"]
+                "partitions.png", "importance.png", "roc.png", "scores.png"]
 
 
 def test_load_trials_gives_one_row_per_trial_and_partition(smoke_sweep):
@@ -142,4 +142,4 @@ def test_notebook_runs_top_to_bottom_with_a_real_kernel(smoke_sweep):
                    resources={"metadata": {"path": str(notebook.parent)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 6

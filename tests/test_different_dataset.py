@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
+from analysis.artifacts import load_scores
+from analysis.figures import roc_figure
 from analysis.report import write_report
 from cmg.config import budget_config
 from cmg.data import make_split
@@ -125,6 +128,15 @@ def test_sweep_optimises_the_mean_over_the_present_ood_sets(data_root, tmp_path)
         cells = [c.strip() for c in line.split("|")[2:-1]]
         assert cells[1] == f"{best[f'test_{name}_auroc']:.4f}"
         assert cells[3] == f"{best[f'msp_test_{name}_auroc']:.4f}"
+    # per-image scores: one `kind` per OOD set, whose AUROC they recompute; a ROC panel per set
+    scores = load_scores(str(tmp_path / "d"), best["trial_id"])
+    test = scores[scores["split"] == "test"]
+    assert set(test["kind"]) == {"ind", *PRESENT}
+    for name in PRESENT:
+        pair = test[test["kind"].isin(["ind", name])]
+        assert roc_auc_score(pair["kind"] == name, pair["cmg"]) == pytest.approx(
+            best[f"test_{name}_auroc"], abs=1e-12)
+    assert [ax.get_title() for ax in roc_figure(scores).axes] == PRESENT
 
 
 def test_svhn_reads_torchvisions_test_file(tmp_path):

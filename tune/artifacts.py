@@ -60,6 +60,15 @@ def features_name(ood_sets: tuple[tuple[str, int, int], ...] = ()) -> str:
     return f"features-{hashlib.sha256(blob).hexdigest()[:12]}.pt"
 
 
+def put_bytes(filesystem: pafs.FileSystem, target: str, data: bytes) -> None:
+    """Write `data` to `target` on a pyarrow filesystem atomically (a temporary name, a move)."""
+    filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+    with filesystem.open_output_stream(tmp) as out:
+        out.write(data)
+    filesystem.move(tmp, target)
+
+
 def _open(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
@@ -80,12 +89,7 @@ class ArtifactStore:
         return self.fs.get_file_info(self.path(key, name)).type == pafs.FileType.File
 
     def write_bytes(self, key: str, name: str, data: bytes) -> None:
-        target = self.path(key, name)
-        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{target}.{uuid.uuid4().hex}.tmp"
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(data)
-        self.fs.move(tmp, target)
+        put_bytes(self.fs, self.path(key, name), data)
 
     def read_bytes(self, key: str, name: str) -> bytes:
         with self.fs.open_input_stream(self.path(key, name)) as f:

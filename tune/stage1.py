@@ -168,7 +168,9 @@ def _publish_features(store: ArtifactStore, key: str, split: Split, cfg: RunConf
     buffer = io.BytesIO()
     torch.save({"train": features.train.cpu(), "baselines": features.baselines,
                 "evals": {p: {k: v.cpu() for k, v in d.items()}
-                          for p, d in features.evals.items()}}, buffer)
+                          for p, d in features.evals.items()},
+                "stage1_logits": {p: tuple(x.cpu() for x in pair)
+                                  for p, pair in features.stage1_logits.items()}}, buffer)
     store.write_bytes(key, features_name(split.ood_sets), buffer.getvalue())
     return features
 
@@ -192,7 +194,8 @@ def _load(store: ArtifactStore, key: str, split: Split, cfg: RunConfig, device: 
         if store.exists(key, features_file):
             raw = torch.load(fetch(features_file), map_location=device, weights_only=True)
             features = FrozenFeatures(train=raw["train"], evals=raw["evals"],
-                                      baselines=raw["baselines"])
+                                      baselines=raw["baselines"],
+                                      stage1_logits=raw.get("stage1_logits"))
         else:  # another set of OOD data than the models were trained beside: no retraining
             features = _publish_features(store, key, split, cfg, classifier)
         _LOADED[slot] = (*models, features)

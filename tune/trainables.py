@@ -7,6 +7,12 @@ ASHA can stop a configuration after one or two partitions. A checkpoint after ev
 holds the finished partitions, so a retried trial (a crash, a lost node) continues with the next
 partition; every report names the Ray node it ran on (`node_id`) and how many partitions the
 trial restored from its checkpoint when it (re)started (`restored_partitions`).
+
+Each trial folder (on the sweep's storage, local or a pyarrow URI) also holds `trial.json` (the
+trial's resolved RunConfig, setting, budget, stage-1 store and data: what `tune.export` and the
+report's reproduce command need) and `scores/partition-N.parquet` (every evaluated image's
+scores, `cmg.scores`); the checkpoint keeps each partition's selected stage-2 head
+(`head-partition-N.pt`), so the winning detector can be exported.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from ray import tune
 
 from cmg.backbone import BackboneSpec
 from cmg.config import DataConfig, RunConfig, apply_overrides
-from cmg.data import import_setting_modules, make_split
+from cmg.data import get_setting, import_setting_modules, make_split
 from cmg.pipeline import flat_metrics, result_dict
+from cmg.scores import score_table, to_parquet_bytes
 from cmg.stage2 import run_stage2
-from tune.artifacts import ArtifactStore
+from tune.artifacts import ArtifactStore, put_bytes
+from tune.layout import TRIAL_FILE, head_file, scores_file
 from tune.space import Param, to_overrides
 from tune.stage1 import ensure_stage1, get_leases, node_id
 
@@ -102,6 +110,17 @@ def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
                  "stage1_trained": int(models.trained), "stage1_train_s": models.train_seconds})
 
 
+def trial_record(ctx: SweepContext, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """`trial.json`: what it takes to rebuild a trial's detector or rerun one of its partitions."""
+    return {"setting": ctx.setting, "family": get_setting(ctx.setting).family,
+            "budget": ctx.budget, "device": device.type, "threads": torch.get_num_threads(),
+            "config": cfg.to_dict(),
+            "partitions": list(ctx.partitions), "stage1_store": ctx.store_uri,
+            "data_root": ctx.data_root, "ood_datasets": ctx.ood_datasets,
+            "backbone": ({"path": ctx.backbone.path, **ctx.backbone.identity()}
+                         if ctx.backbone else None)}
+
+
 def aggregate(records: list[dict[str, float]]) -> dict[str, float]:
     """Mean and sample standard deviation (NaN for one partition) over partitions of every flat
     metric: the same statistics that `analysis.aggregate` computes from the trial files."""
@@ -118,11 +137,18 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     device = _device(ctx)
     cfg = apply_overrides(ctx.base, to_overrides(config, ctx.space))
     done: list[dict[str, Any]] = []
+    heads: dict[int, dict[str, torch.Tensor]] = {}  # partition -> selected stage-2 head
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             done = json.loads((Path(folder) / "partitions.json").read_text())
+            heads = {r["partition"]: torch.load(Path(folder) / head_file(r["partition"]),
+                                                 weights_only=True) for r in done}
     restored = len(done)
+    storage = tune.get_context().get_storage()  # the trial folder on the sweep's storage
+    trial_fs, trial_path = storage.storage_filesystem, storage.trial_fs_path
+    put_bytes(trial_fs, f"{trial_path}/{TRIAL_FILE}",
+              json.dumps(trial_record(ctx, cfg, device)).encode())
     store = ArtifactStore(ctx.store_uri)
     leases = get_leases()
     for partition in ctx.partitions[len(done):]:
@@ -135,6 +161,12 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
                             cfg.classifier.amp, quiet=True, features=models.features)
         seconds = {"stage1": stage1_s, "stage1_train": models.train_seconds,
                    "stage2": time.perf_counter() - started - stage1_s}
+        scores_started = time.perf_counter()
+        table = score_table(models.classifier, result, models.features, split,
+                            cfg.stage2.mode)
+        put_bytes(trial_fs, f"{trial_path}/{scores_file(partition)}", to_parquet_bytes(table))
+        seconds["scores"] = time.perf_counter() - scores_started
+        heads[partition] = result.head
         record = {"partition": partition, "stage1_key": models.key,
                   "stage1_trained": int(models.trained), "selected_epoch": result.selected_epoch,
                   "metrics": flat_metrics(result_dict(split, cfg, result, seconds)),
@@ -142,6 +174,8 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
         done.append(record)
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "partitions.json").write_text(json.dumps(done))
+            for p, head in heads.items():
+                torch.save(head, Path(folder) / head_file(p))
             tune.report({
                 "partitions_done": len(done), "partitions_total": len(ctx.partitions),
                 "partition": partition,
@@ -150,6 +184,7 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
                 "stage1_trained_total": sum(r["stage1_trained"] for r in done),
                 "selected_epoch": result.selected_epoch,
                 "stage1_s": seconds["stage1"], "stage1_train_s": seconds["stage1_train"],
-                "stage2_s": seconds["stage2"], "node_id": node_id(),
+                "stage2_s": seconds["stage2"], "scores_s": seconds["scores"],
+                "node_id": node_id(),
                 "restored_partitions": restored,
             }, checkpoint=tune.Checkpoint.from_directory(folder))

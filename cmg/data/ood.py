@@ -65,6 +65,11 @@ def load_cifar100(root: Path, download: bool = False) -> torch.Tensor:
     return read_cifar_batches([path])[0]
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Every PNG/JPEG file under `folder` (any depth), sorted by path."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def load_image_folder(folder: Path) -> torch.Tensor:
     """Every PNG/JPEG under `folder` (flat or in sub-folders), sorted by path, as 32x32 RGB."""
     from PIL import Image
@@ -72,7 +77,7 @@ def load_image_folder(folder: Path) -> torch.Tensor:
     if not folder.is_dir():
         raise MissingOODSet(f"{folder.name} not found in {folder.parent}; put the CSI project's "
                             f"{folder.name} folder of 32x32 images there")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folder)
     if not files:
         fail(f"no PNG or JPEG images in {folder}; fill it or remove the folder")
     images = np.empty((len(files), 32, 32, 3), dtype=np.uint8)

@@ -44,8 +44,13 @@ ALL_CLASSES_PARTITION: dict[int, tuple[int, ...]] = {1: tuple(range(10))}
 RawData = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 Source = Callable[[Path, bool], RawData]
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+
 # Reference sigma of z at generation, by model family.
 DEFAULT_SIGMA = {"mnist": 3.0, "cifar": 5.0}
+# The input images of each model family: uint8 channels x height x width.
+IMAGE_SHAPE = {"mnist": (1, 28, 28), "cifar": (3, 32, 32)}
 
 
 @dataclass(frozen=True)
@@ -60,10 +65,18 @@ class Setting:
     num_source_classes: int = 10
     # True: the OOD images come from other data sets (cmg.data.ood), not from held-out classes
     ood_from_datasets: bool = False
+    class_names: tuple[str, ...] = ()  # names of the source classes by id (default: the ids)
+
+    def class_name(self, class_id: int) -> str:
+        return self.class_names[class_id] if self.class_names else str(class_id)
 
     @property
     def default_sigma(self) -> float:
         return DEFAULT_SIGMA[self.family]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return IMAGE_SHAPE[self.family]
 
     def ind_classes(self, partition: int) -> tuple[int, ...]:
         if partition not in self.partitions:

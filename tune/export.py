@@ -1,0 +1,136 @@
+"""`python -m tune.export`: write a sweep trial's detectors, one folder per partition.
+
+    python -m tune.export experiments/same_dataset_mnist-CMG-energy-demo --out detector
+    python -m tune.export s3://bucket/sweeps/NAME --trial 3f2a1_00004 --out detector
+
+The trial is the best complete configuration on validation (`analysis.leaderboard`, never the
+test set) unless --trial names one. For each partition the trial finished, DIR/partition-N/ gets
+the stage-2 head selected on validation (from the trial's checkpoint), the frozen stage-1
+classifier (from the sweep's stage-1 store; with a backbone, its path and sha256), and
+detector.json with the threshold at 95% IND true-positive rate on the validation images (from the
+trial's scores/partition-N.parquet). Load one with `cmg.detector.Detector.load(DIR/partition-N)`
+or score files with `python -m cmg.score DIR/partition-N INPUT`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from pyarrow import fs as pafs
+
+from analysis.artifacts import load_scores, read_bytes, trial_folder
+from analysis.trials import NotAnExperiment, aggregate, leaderboard, load_trials
+from cmg.data import get_setting
+from cmg.detector import SCALING, write_detector
+from cmg.errors import OneLineParser, ensure_writable_dir, exit_on_usage_error, fail, help_formatter
+from cmg.scores import ind_threshold
+from tune.artifacts import ArtifactStore
+from tune.layout import TRIAL_FILE, head_file, scores_file
+
+STAGE1_KEEP = ("format", "version", "kind", "setting", "partition", "family", "num_classes",
+               "config", "model", "epoch")  # what loading a classifier needs (no optimizer)
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m tune.export", formatter_class=help_formatter,
+                      description="Write the detectors of a sweep's best configuration (or of "
+                                  "one trial), one folder per partition.")
+    p.add_argument("experiment", help="experiment folder (STORAGE/NAME) or a pyarrow URI")
+    p.add_argument("--trial", default=None,
+                   help="trial id (default: the best complete configuration on validation)")
+    p.add_argument("--out", required=True, help="output folder; gets partition-N/ folders")
+    return p
+
+
+def best_trial(experiment: str) -> str:
+    """The id of the best complete configuration on mean validation AUROC."""
+    board = leaderboard(aggregate(load_trials(experiment)))
+    if board.empty:
+        fail(f"no configuration of {experiment} finished all its partitions; pass --trial ID")
+    return str(board["trial_id"].iloc[0])
+
+
+def latest_checkpoint(filesystem: pafs.FileSystem, folder: str) -> str:
+    infos = filesystem.get_file_info(pafs.FileSelector(folder))
+    checkpoints = sorted(i.path for i in infos if i.type == pafs.FileType.Directory
+                         and i.base_name.startswith("checkpoint_"))
+    if not checkpoints:
+        fail(f"trial folder {folder} has no checkpoint: the trial finished no partition")
+    return checkpoints[-1]
+
+
+def detector_meta(trial: dict[str, Any], record: dict[str, Any], scores: pd.DataFrame,
+                  source: dict[str, Any]) -> dict[str, Any]:
+    setting = get_setting(trial["setting"])
+    ind = setting.ind_classes(record["partition"])
+    val_ind = scores[(scores["split"] == "val") & (scores["kind"] == "ind")]
+    return {
+        "setting": setting.name, "partition": record["partition"], "family": setting.family,
+        "ind_classes": list(ind), "ind_class_names": [setting.class_name(c) for c in ind],
+        "mode": trial["config"]["stage2"]["mode"], "config": trial["config"],
+        "input": {"shape": list(setting.image_shape), "dtype": "uint8", "scaling": SCALING},
+        "threshold": ind_threshold(val_ind["cmg"], 0.95),
+        "threshold_rule": "is_ood = cmg > threshold; 95% of the validation IND images score "
+                          "at or below it",
+        "metrics": record["metrics"], "backbone": trial["backbone"],
+        "source": {**source, "stage1_key": record["stage1_key"],
+                   "selected_epoch": record["selected_epoch"]},
+    }
+
+
+def export(experiment: str, out: str | Path, trial_id: str | None = None) -> list[Path]:
+    """Write OUT/partition-N/ for every partition the trial finished; returns the folders.
+    Everything is read and checked before the first folder is written."""
+    trial_id = trial_id or best_trial(experiment)
+    filesystem, folder = trial_folder(experiment, trial_id)
+    trial = json.loads(read_bytes(filesystem, f"{folder}/{TRIAL_FILE}"))
+    checkpoint = latest_checkpoint(filesystem, folder)
+    records = json.loads(read_bytes(filesystem, f"{checkpoint}/partitions.json"))
+    out = ensure_writable_dir(out)
+    taken = [f"partition-{r['partition']}" for r in records
+             if (out / f"partition-{r['partition']}").exists()]
+    if taken:
+        fail(f"{out} already holds {', '.join(taken)}; choose another --out or delete them")
+    store = ArtifactStore(trial["stage1_store"])
+    all_scores = load_scores(experiment, trial_id)
+    detectors = []
+    for record in records:
+        p = record["partition"]
+        scores = all_scores[all_scores["partition"] == p]
+        if scores.empty:
+            fail(f"trial {trial_id} has no scores of partition {p} ({scores_file(p)}); was it "
+                 "run by this version of tune.sweep?")
+        head = torch.load(io.BytesIO(read_bytes(filesystem, f"{checkpoint}/{head_file(p)}")),
+                          weights_only=True)
+        classifier = None
+        if trial["backbone"] is None:
+            state = torch.load(io.BytesIO(store.read_bytes(record["stage1_key"],
+                                                           "classifier.pt")), weights_only=True)
+            classifier = {k: state[k] for k in STAGE1_KEEP}
+        meta = detector_meta(trial, record, scores, {"experiment": experiment,
+                                                     "trial_id": trial_id})
+        detectors.append((out / f"partition-{p}", meta, head, classifier))
+    return [write_detector(*detector) for detector in detectors]
+
+
+@exit_on_usage_error
+def main(argv: list[str] | None = None) -> list[Path]:
+    args = build_parser().parse_args(argv)
+    try:
+        trial_id = args.trial or best_trial(args.experiment)
+        folders = export(args.experiment, args.out, trial_id)
+    except NotAnExperiment as err:
+        fail(str(err))
+    print(f"exported trial {trial_id}: " + ", ".join(str(f) for f in folders))
+    print(f"score images with: python -m cmg.score {folders[0]} INPUT --out scores.csv")
+    return folders
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
