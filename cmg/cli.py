@@ -42,6 +42,11 @@ def add_data_root_arg(p: argparse.ArgumentParser) -> None:
                    help="data folder (default: $CMG_DATA_ROOT, else ./datasets)")
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N, or auto (cuda when available)")
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """--data-root and --download: where the images are."""
     add_data_root_arg(p)
@@ -53,8 +58,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     """The options of every cmg command: budget, overrides, seed, device, data, quiet."""
     add_budget_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of every model and of generation")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    add_device_arg(p)
     add_data_args(p)
     add_quiet_arg(p)
 

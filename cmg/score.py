@@ -22,29 +22,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cmg.cli import resolve_device
+from cmg.cli import add_data_root_arg, add_device_arg, resolve_device
 from cmg.data import resolve_data_root
 from cmg.data.ood import image_files
 from cmg.detector import Detector
-from cmg.errors import OneLineParser, atomic_write, exit_on_usage_error, fail, help_formatter
+from cmg.errors import (OneLineParser, add_quiet_arg, atomic_write, command_parser,
+                        exit_on_usage_error, fail)
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="python -m cmg.score", formatter_class=help_formatter,
-                      description="Score new images with an exported CMG detector and write one "
-                                  "CSV row per image.")
+    p = command_parser("python -m cmg.score", __doc__)
     p.add_argument("detector", help="a detector folder (python -m tune.export ... DIR/partition-N)")
     p.add_argument("input", help="image folder, .npy file of uint8 images, or a torchvision "
                                  "data set name (with --data-root)")
     p.add_argument("--out", default="scores.csv", help="CSV file to write")
-    p.add_argument("--data-root", default=None,
-                   help="where a torchvision data set lies (default: $CMG_DATA_ROOT, else "
-                        "./datasets)")
+    add_data_root_arg(p)
     p.add_argument("--limit", type=int, default=None, help="score only the first N images")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    add_device_arg(p)
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass")
-    p.add_argument("--quiet", action="store_true", help="no preview of the rows")
+    add_quiet_arg(p)
     return p
 
 

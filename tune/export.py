@@ -28,7 +28,8 @@ from analysis.artifacts import load_scores, read_bytes, trial_folder
 from analysis.trials import NotAnExperiment, aggregate, leaderboard, load_trials
 from cmg.data import get_setting
 from cmg.detector import SCALING, write_detector
-from cmg.errors import OneLineParser, ensure_writable_dir, exit_on_usage_error, fail, help_formatter
+from cmg.errors import (OneLineParser, command_parser, ensure_writable_dir, exit_on_usage_error,
+                        fail)
 from cmg.scores import ind_threshold
 from tune.artifacts import ArtifactStore
 from tune.layout import TRIAL_FILE, head_file, scores_file
@@ -38,9 +39,7 @@ STAGE1_KEEP = ("format", "version", "kind", "setting", "partition", "family", "n
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="python -m tune.export", formatter_class=help_formatter,
-                      description="Write the detectors of a sweep's best configuration (or of "
-                                  "one trial), one folder per partition.")
+    p = command_parser("python -m tune.export", __doc__)
     p.add_argument("experiment", help="experiment folder (STORAGE/NAME) or a pyarrow URI")
     p.add_argument("--trial", default=None,
                    help="trial id (default: the best complete configuration on validation)")
