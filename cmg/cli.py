@@ -11,7 +11,7 @@ import torch
 
 from cmg.backbone import FORMATS as BACKBONE_FORMATS
 from cmg.backbone import BackboneSpec
-from cmg.config import BUDGETS, MODES, RunConfig, budget_config
+from cmg.config import BASELINES, BUDGETS, MODES, RunConfig, budget_config
 from cmg.data import OOD_LOADERS, Setting, get_setting, parse_partition
 from cmg.errors import atomic_write, fail
 
@@ -98,11 +98,10 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
-    """A small table: CMG beside the two baselines, validation and test."""
+    """A small table: CMG beside the baselines (cmg.config.BASELINES), validation and test."""
     b = metrics["baselines"]
     rows = [("CMG (" + metrics["mode"] + ")", metrics["val"], metrics["test"]),
-            ("max-softmax", b["msp"]["val"], b["msp"]["test"]),
-            ("energy", b["energy"]["val"], b["energy"]["test"])]
+            *((label, b[key]["val"], b[key]["test"]) for key, label in BASELINES.items())]
     lines = [f"{metrics['setting']} partition {metrics['partition']}",
              f"{'score':<20} {'val AUROC':>9} {'test AUROC':>10} {'AUPR-in':>8} "
              f"{'AUPR-out':>8} {'FPR95':>6} {'IND acc':>7}"]

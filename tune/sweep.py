@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cmg.cli import (add_backbone_args, add_compile_arg, add_ood_dataset_arg, backbone_from_args,
                      write_json)
-from cmg.config import BUDGETS, budget_config
+from cmg.config import BASELINES, BUDGETS, budget_config
 from cmg.data import get_setting, make_split, resolve_data_root, setting_names
 from cmg.errors import OneLineParser, exit_on_usage_error, fail, help_formatter
 from tune.space import default_space, first_point, load_space_file, mode_choices
@@ -174,7 +174,7 @@ def format_summary(s: dict) -> str:
     if best:
         m = best["metrics"]
         lines.append(f"best configuration (trial {best['trial_id']}): {json.dumps(best['params'])}")
-        for label, prefix in (("CMG", ""), ("max-softmax", "msp_"), ("energy", "energy_")):
+        for label, prefix in (("CMG", ""), *((v, f"{k}_") for k, v in BASELINES.items())):
             lines.append(f"  {label:<12} " + "   ".join(
                 f"{part} AUROC {_mean_sd(m, f'{prefix}{part}_auroc')}" for part in ("val", "test")))
         if m.get("partitions_done") == 1:
