@@ -25,6 +25,7 @@ from analysis.figures import (history_figure, importance_figure, params_figure,
 from analysis.study import importance
 from analysis.trials import (NotAnExperiment, aggregate, leaderboard, load_trials,
                              ood_sets, open_experiment)
+from cmg.config import BASELINES
 from cmg.errors import (OneLineParser, atomic_write, ensure_writable_dir, exit_on_usage_error,
                         fail, help_formatter)
 
@@ -75,10 +76,11 @@ def leaderboard_markdown(table: pd.DataFrame, by: str, top: int) -> str:
             by: _fmt(t[f"{by}_mean"], t[f"{by}_std"]),
             "test AUROC (95% CI)": _fmt(t["test_auroc_mean"], None, t["test_auroc_ci_low"],
                                         t["test_auroc_ci_high"]),
-            "max-softmax": f"{t['msp_test_auroc_mean']:.4f}",
-            "energy": f"{t['energy_test_auroc_mean']:.4f}",
-            "lift vs max-softmax": f"{t['lift_msp_test_auroc_mean']:+.4f}",
-            "lift vs energy": f"{t['lift_energy_test_auroc_mean']:+.4f}",
+            **{label: f"{t[f'{b}_test_auroc_mean']:.4f}" for b, label in BASELINES.items()},
+            **{f"lift vs {label}": _fmt(t[f"lift_{b}_test_auroc_mean"], None,
+                                        t[f"lift_{b}_test_auroc_ci_low"],
+                                        t[f"lift_{b}_test_auroc_ci_high"], sign=True)
+               for b, label in BASELINES.items()},
             "parameters": ", ".join(f"{k}={_short(v)}" for k, v in _params(t).items()),
         })
     return pd.DataFrame(lines).to_markdown(index=False, disable_numparse=True)
@@ -94,8 +96,9 @@ def best_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
         return "_No configuration has finished all its partitions yet._"
     best = table.set_index("trial_id").loc[board["trial_id"].iloc[0]]
     rows = df[df["trial_id"] == best.name].sort_values("partition")
-    per_partition = rows[["partition", "val_auroc", "test_auroc", "msp_test_auroc",
-                          "energy_test_auroc", "test_fpr95", "test_ind_acc"]].copy()
+    per_partition = rows[["partition", "val_auroc", "test_auroc",
+                          *(f"{b}_test_auroc" for b in BASELINES),
+                          "test_fpr95", "test_ind_acc"]].copy()
     per_partition["partition"] = per_partition["partition"].astype(int)
     means = per_partition.mean(numeric_only=True).to_frame().T.assign(partition="mean")
     per_partition = pd.concat([per_partition, means], ignore_index=True)
@@ -108,10 +111,10 @@ def best_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
         f"- **Test AUROC {_fmt(best['test_auroc_mean'], best['test_auroc_std'])}** "
         + (f"(95% CI [{best['test_auroc_ci_low']:.4f}, {best['test_auroc_ci_high']:.4f}])"
            if pd.notna(best["test_auroc_ci_low"]) else "(one partition: no interval)"),
-        f"- Baselines from the same stage-1 classifiers: max-softmax "
-        f"{best['msp_test_auroc_mean']:.4f}, energy {best['energy_test_auroc_mean']:.4f}",
-        f"- Paired lift in test AUROC: over max-softmax {lift('msp')}, over energy "
-        f"{lift('energy')}",
+        "- Baselines from the same stage-1 classifiers: " + ", ".join(
+            f"{label} {best[f'{b}_test_auroc_mean']:.4f}" for b, label in BASELINES.items()),
+        "- Paired lift in test AUROC: " + ", ".join(
+            f"over {label} {lift(b)}" for b, label in BASELINES.items()),
         "- Parameters: " + ", ".join(f"`{k}={_short(v)}`" for k, v in _params(best).items()),
         "",
         per_partition.to_markdown(index=False, floatfmt=".4f"),
@@ -125,8 +128,8 @@ def per_ood_set(df: pd.DataFrame, best: pd.Series) -> list[str]:
     if not names:
         return []
     columns = {"val AUROC": "val_{}_auroc", "test AUROC": "test_{}_auroc",
-               "test FPR95": "test_{}_fpr95", "max-softmax test AUROC": "msp_test_{}_auroc",
-               "energy test AUROC": "energy_test_{}_auroc"}
+               "test FPR95": "test_{}_fpr95",
+               **{f"{label} test AUROC": f"{b}_test_{{}}_auroc" for b, label in BASELINES.items()}}
     rows = [{"OOD set": name, **{label: best.get(f"{key.format(name)}_mean")
                                  for label, key in columns.items()}} for name in names]
     return ["", "Per OOD set (the means above are over these sets):", "",
@@ -176,7 +179,8 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
         f"still running), {counts.get('error', 0)} failed. Configurations are ranked on the mean "
         f"{by} over the partitions (validation data; in different_dataset the mean over the OOD "
         "sets); the test metrics are those of the "
-        "ranked configurations and were never used to choose. Baselines (max-softmax, energy) "
+        "ranked configurations and were never used to choose. Baselines ("
+        f"{', '.join(BASELINES.values())}) "
         "come from the same stage-1 classifier as each CMG result; a lift is the mean over "
         "partitions of CMG minus the baseline, with a 95% t-interval.",
         "",
@@ -225,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(err))
     if not args.quiet:
         board = leaderboard(aggregate(df), by=args.by).head(5)
-        print(board[["trial_id", f"{args.by}_mean", "test_auroc_mean", "msp_test_auroc_mean",
-                     "energy_test_auroc_mean"]].to_string(index=False, float_format="%.4f"))
+        print(board[["trial_id", f"{args.by}_mean", "test_auroc_mean",
+                     *(f"{b}_test_auroc_mean" for b in BASELINES)]].to_string(
+                         index=False, float_format="%.4f"))
     print(f"report: {files['report']}")
     return 0
 

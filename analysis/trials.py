@@ -26,7 +26,7 @@ CMG_METRICS = [f"{part}_{name}" for part in ("val", "test") for name in METRIC_N
 ALL_METRICS = CMG_METRICS + [f"{b}_{m}" for b in BASELINES for m in CMG_METRICS]
 # different_dataset also reports every OOD set's own metrics (`test_SVHN_auroc`,
 # `msp_val_LSUN_fpr95`, ...)
-OOD_SET_METRIC = re.compile(r"^(?:(?:msp|energy)_)?(?:val|test)_(?P<set>.+?)_"
+OOD_SET_METRIC = re.compile(rf"^(?:(?:{'|'.join(BASELINES)})_)?(?:val|test)_(?P<set>.+?)_"
                             r"(?P<metric>auroc|aupr_in|aupr_out|fpr95)$")
 
 
@@ -144,8 +144,8 @@ def leaderboard(table: pd.DataFrame, by: str = "val_auroc") -> pd.DataFrame:
     complete = table[is_complete(table)]
     ascending = by.endswith("fpr95")  # lower is better
     columns = ["trial_id", f"{by}_mean", f"{by}_std", "test_auroc_mean", "test_auroc_std",
-               "msp_test_auroc_mean", "energy_test_auroc_mean", "lift_msp_test_auroc_mean",
-               "lift_energy_test_auroc_mean"]
+               *(f"{b}_test_auroc_mean" for b in BASELINES),
+               *(f"lift_{b}_test_auroc_mean" for b in BASELINES)]
     params = [c for c in table.columns if c.startswith("param_")]
     ranked = complete.sort_values(f"{by}_mean", ascending=ascending)
     return ranked[list(dict.fromkeys(columns + params))].reset_index(drop=True)
