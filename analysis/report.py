@@ -22,6 +22,7 @@ import pandas as pd
 
 from analysis.figures import (history_figure, importance_figure, params_figure,
                               partitions_figure, save_png)
+from analysis.replicates import load_replicates, replicate_markdown, replicate_table
 from analysis.study import importance
 from analysis.trials import (NotAnExperiment, aggregate, leaderboard, load_trials,
                              ood_sets, open_experiment)
@@ -136,6 +137,16 @@ def per_ood_set(df: pd.DataFrame, best: pd.Series) -> list[str]:
             pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f")]
 
 
+def replicates_note(experiment: str) -> str:
+    """tune.replicate's table, or how to make it."""
+    table = replicate_table(load_replicates(experiment))
+    return "\n".join([
+        "The top configurations re-run with new seeds for stage 1 and stage 2 (same split) by "
+        "`python -m tune.replicate`. Quote the interval over seeds: the partitions share IND "
+        "classes, so the interval over partitions treats dependent draws as independent.", "",
+        replicate_markdown(table)])
+
+
 def others_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
     """Trials left out of the leaderboard, so that nothing is silently dropped."""
     trials = df.groupby("trial_id", sort=False).agg(
@@ -193,6 +204,7 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
         "## Parameter importances", "", importance_note, "",
         importances.to_markdown(index=False, floatfmt=".3f") if not importances.empty else "",
         "", "![importances](importance.png)", "",
+        "## Seed replicates", "", replicates_note(experiment), "",
         "## Trials not on the leaderboard", "", others_section(df, table, by), "",
         "Files: `summary.csv` (one row per configuration: mean, std and 95% CI of every metric), "
         "`trials.parquet` (one row per trial and partition).", "",

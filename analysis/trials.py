@@ -53,41 +53,44 @@ def _read_text(filesystem: pafs.FileSystem, path: str) -> str | None:
         return None
 
 
-def _trial_number(folder_name: str) -> int:
-    """Tune names trial folders `stage2_trainable_<id>_<number>_<params>_<date>`."""
-    match = re.match(r"stage2_trainable_[0-9a-f]+_(\d+)_", folder_name)
+def _trial_number(folder_name: str, trainable: str = "stage2_trainable") -> int:
+    """Tune names trial folders `<trainable>_<id>_<number>_<params>_<date>`."""
+    match = re.match(rf"{trainable}_[0-9a-f]+_(\d+)_", folder_name)
     return int(match.group(1)) if match else -1
 
 
-def load_trials(experiment: str | Path) -> pd.DataFrame:
+def load_trials(experiment: str | Path, trainable: str = "stage2_trainable") -> pd.DataFrame:
     """One row per (trial, partition) reported: trial_id, trial_number (Tune's order of
     creation), status, partitions_total (5, or 1 for different_dataset), partition, the trial's parameters (prefixed `param_`) and every metric of
     CMG and of the baselines.
 
     status: "complete" (all five partitions), "error" (the trial failed: error.txt), else
     "incomplete" (ASHA stopped it early, or it is still running). A trial with no report yet gets
-    one row with partition NaN."""
+    one row with partition NaN. A partition reported twice (a retried trial) is one row, its
+    last report. `trainable`: whose trial folders to read (tune.replicate's are in
+    EXPERIMENT/replicate)."""
     filesystem, root = open_experiment(experiment)
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except OSError as err:
         raise NotAnExperiment(f"cannot list {experiment}: {err}") from None
     folders = sorted((i for i in infos if i.type == pafs.FileType.Directory
-                      and i.base_name.startswith("stage2_trainable_")),
-                     key=lambda i: (_trial_number(i.base_name), i.base_name))
+                      and i.base_name.startswith(f"{trainable}_")),
+                     key=lambda i: (_trial_number(i.base_name, trainable), i.base_name))
     if not folders:
-        raise NotAnExperiment(f"{experiment} holds no sweep trials (stage2_trainable_* folders); "
+        raise NotAnExperiment(f"{experiment} holds no sweep trials ({trainable}_* folders); "
                               "pass the folder that tune.sweep wrote (STORAGE/NAME)")
     records = []
     for folder in folders:
         params = json.loads(_read_text(filesystem, f"{folder.path}/params.json") or "{}")
         text = _read_text(filesystem, f"{folder.path}/result.json") or ""
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        reports = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = list({r.get("partition"): r for r in reports}.values())  # distinct partitions
         failed = _read_text(filesystem, f"{folder.path}/error.txt") is not None
         total = max((r.get("partitions_total", PARTITIONS) for r in rows), default=PARTITIONS)
         status = ("error" if failed else "complete" if len(rows) >= total else "incomplete")
         trial_id = rows[0]["trial_id"] if rows else folder.base_name.split("_")[2]
-        base = {"trial_id": trial_id, "trial_number": _trial_number(folder.base_name),
+        base = {"trial_id": trial_id, "trial_number": _trial_number(folder.base_name, trainable),
                 "status": status, "partitions_total": total,
                 **{f"param_{k}": v for k, v in params.items()}}
         for row in rows or [{}]:
@@ -138,9 +141,20 @@ def is_complete(table: pd.DataFrame) -> pd.Series:
     return table["n_partitions"] == table["partitions_total"]
 
 
-def leaderboard(table: pd.DataFrame, by: str = "val_auroc") -> pd.DataFrame:
+def check_selection_metric(by: str, allow_test: bool) -> None:
+    """Configurations are chosen on validation metrics; ranking on a test metric must be asked
+    for (`allow_test=True`), never happen by a typo."""
+    if not by.startswith("val_") and not allow_test:
+        raise ValueError(f"by={by!r}: rank on a validation metric (val_auroc, val_fpr95, ...); "
+                         "pass allow_test=True to rank on test data on purpose")
+
+
+def leaderboard(table: pd.DataFrame, by: str = "val_auroc",
+                allow_test: bool = False) -> pd.DataFrame:
     """Complete configurations only (every partition of the setting), best `by` (a validation
-    metric) first, with the test AUROC and both baselines' beside it."""
+    metric; a test metric only with allow_test=True) first, with the test AUROC and the
+    baselines' beside it."""
+    check_selection_metric(by, allow_test)
     complete = table[is_complete(table)]
     ascending = by.endswith("fpr95")  # lower is better
     columns = ["trial_id", f"{by}_mean", f"{by}_std", "test_auroc_mean", "test_auroc_std",

@@ -166,6 +166,11 @@ def _parse_value(raw: str, current: Any) -> Any:
     return value
 
 
+def seed_overrides(seed: int) -> list[str]:
+    """The overrides that seed every model of a run: stage 1 (classifier, CVAE) and stage 2."""
+    return [f"{stage}.seed={seed}" for stage in ("classifier", "cvae", "stage2")]
+
+
 def apply_overrides(cfg: RunConfig, overrides: Iterable[str] | dict[str, Any]) -> RunConfig:
     """Return `cfg` with dotted-key overrides applied ("stage2.sigma=4" or {"stage2.sigma": 4})."""
     items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)

@@ -23,7 +23,8 @@ from cmg.progress import Progress
 from tune.artifacts import ArtifactStore, stage1_key
 from tune.space import Param, suggest
 from tune.stage1 import NAMESPACE, create_leases
-from tune.trainables import OBJECTIVE, SweepContext, stage1_trainable, stage2_trainable
+from tune.trainables import (OBJECTIVE, SweepContext, stage1_trainable, stage2_trainable,
+                             write_context)
 
 class SweepProgress(tune.Callback):
     """A line per trial start, stage-1 epoch, finished partition and finished trial, with the
@@ -170,6 +171,7 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
         ray.get(leases.__ray_ready__.remote())
         if "://" not in experiment:
             Path(experiment).mkdir(parents=True, exist_ok=True)
+        write_context(experiment, ctx, resources, args.max_failures)  # for tune.replicate
         if args.prewarm:
             _prewarm(ctx, experiment, resources, args.quiet)
         trainable = tune.with_resources(tune.with_parameters(stage2_trainable, ctx=ctx), resources)

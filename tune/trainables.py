@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import pickle
 import statistics
 import tempfile
 import time
@@ -54,6 +55,27 @@ class SweepContext:
     backbone: BackboneSpec | None = None  # an external model in place of the stage-1 classifier
     name: str = ""  # the experiment's name: stage-1 models it trains record "NAME/TRIAL_ID"
     compile_model: bool = False  # torch.compile stage-1 training (--compile)
+
+
+CONTEXT_FILE = "sweep-context.pkl"  # EXPERIMENT/CONTEXT_FILE: what tune.replicate re-runs with
+
+
+def write_context(experiment: str, ctx: SweepContext, resources: dict, max_failures: int) -> None:
+    """Keep the sweep's context, trial resources and retries in the experiment folder, so that
+    `tune.replicate` runs more trials exactly like the sweep's."""
+    blob = pickle.dumps({"ctx": ctx, "resources": resources, "max_failures": max_failures})
+    ArtifactStore(experiment).write_bytes("", CONTEXT_FILE, blob)
+
+
+def read_context(experiment: str) -> dict[str, Any]:
+    """`write_context`'s dict: {"ctx", "resources", "max_failures"}."""
+    from analysis.trials import NotAnExperiment
+
+    store = ArtifactStore(experiment)
+    if not store.exists("", CONTEXT_FILE):
+        raise NotAnExperiment(f"{experiment} has no {CONTEXT_FILE}: pass a folder that "
+                              "tune.sweep wrote (STORAGE/NAME), from this version on")
+    return pickle.loads(store.read_bytes("", CONTEXT_FILE))
 
 
 def _device(ctx: SweepContext) -> torch.device:
