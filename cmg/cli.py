@@ -43,8 +43,10 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
                         "resnet18 state dict (a new head is trained)")
 
 
-def backbone_from_args(args: argparse.Namespace) -> BackboneSpec | None:
-    return (BackboneSpec.from_args(args.backbone, args.backbone_format)
+def backbone_from_args(args: argparse.Namespace,
+                       partitions: tuple[int, ...] = (1,)) -> BackboneSpec | None:
+    """`partitions`: those the command runs (a `{partition}` in the path names their files)."""
+    return (BackboneSpec.from_args(args.backbone, args.backbone_format, tuple(partitions))
             if args.backbone else None)
 
 

@@ -113,9 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
     first_partition = min(setting.partitions)
     split = make_split(setting, first_partition, base.data, data_root, args.download,
                        args.ood_dataset)  # data present? (Setting 2: which OOD sets?)
-    backbone = backbone_from_args(args)
+    backbone = backbone_from_args(args, tuple(setting.partitions))
     if backbone is not None:  # strict load now: a bad file fails before Ray starts
-        backbone.load(split.num_classes, split.family, base.classifier.head_width)
+        backbone.load(split.num_classes, split.family, base.classifier.head_width,
+                      trained_for=(setting.name, first_partition, base.data))
     if split.skipped_ood_sets:
         print(f"warning: OOD sets not found, skipped: {', '.join(split.skipped_ood_sets)}; the "
               f"objective is the mean over {', '.join(n for n, _, _ in split.ood_sets)}",
