@@ -136,6 +136,29 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def leave_one_set_out(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """different_dataset: how much of the selection survives an OOD set never seen. For each OOD
+    set, the complete configuration with the best mean validation AUROC over the *other* sets,
+    and its test AUROC on the held-out set, beside the configuration chosen on all sets (the
+    leaderboard's first) and the baselines of the held-out choice. Needs two or more sets."""
+    complete = table[is_complete(table)]
+    if len(names) < 2 or complete.empty:
+        return pd.DataFrame()
+    chosen_all = complete.loc[complete["val_auroc_mean"].idxmax()]
+    rows = []
+    for held_out in names:
+        others = complete[[f"val_{n}_auroc_mean" for n in names if n != held_out]].mean(axis=1)
+        chosen = complete.loc[others.idxmax()]
+        rows.append({
+            "held-out OOD set": held_out, "chosen without it": chosen["trial_id"],
+            "test AUROC (chosen without it)": chosen[f"test_{held_out}_auroc_mean"],
+            "chosen on all sets": chosen_all["trial_id"],
+            "test AUROC (chosen on all sets)": chosen_all[f"test_{held_out}_auroc_mean"],
+            **{label: chosen[f"{b}_test_{held_out}_auroc_mean"] for b, label in BASELINES.items()},
+        })
+    return pd.DataFrame(rows)
+
+
 def is_complete(table: pd.DataFrame) -> pd.Series:
     """Rows of `aggregate`'s table that cover every partition of their setting."""
     return table["n_partitions"] == table["partitions_total"]
