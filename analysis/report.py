@@ -59,6 +59,13 @@ def _fmt(mean: float, std: float | None = None, low: float | None = None,
     return text
 
 
+def _lift(row: pd.Series, baseline: str) -> str:
+    """CMG's paired lift in test AUROC over `baseline`, with its 95% interval."""
+    column = f"lift_{baseline}_test_auroc"
+    return _fmt(row[f"{column}_mean"], None, row[f"{column}_ci_low"], row[f"{column}_ci_high"],
+                sign=True)
+
+
 def _params(row: pd.Series) -> dict:
     return {k.removeprefix("param_"): v for k, v in row.items()
             if k.startswith("param_") and pd.notna(v)}
@@ -78,10 +85,7 @@ def leaderboard_markdown(table: pd.DataFrame, by: str, top: int) -> str:
             "test AUROC (95% CI)": _fmt(t["test_auroc_mean"], None, t["test_auroc_ci_low"],
                                         t["test_auroc_ci_high"]),
             **{label: f"{t[f'{b}_test_auroc_mean']:.4f}" for b, label in BASELINES.items()},
-            **{f"lift vs {label}": _fmt(t[f"lift_{b}_test_auroc_mean"], None,
-                                        t[f"lift_{b}_test_auroc_ci_low"],
-                                        t[f"lift_{b}_test_auroc_ci_high"], sign=True)
-               for b, label in BASELINES.items()},
+            **{f"lift vs {label}": _lift(t, b) for b, label in BASELINES.items()},
             "parameters": ", ".join(f"{k}={_short(v)}" for k, v in _params(t).items()),
         })
     return pd.DataFrame(lines).to_markdown(index=False, disable_numparse=True)
@@ -103,8 +107,6 @@ def best_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
     per_partition["partition"] = per_partition["partition"].astype(int)
     means = per_partition.mean(numeric_only=True).to_frame().T.assign(partition="mean")
     per_partition = pd.concat([per_partition, means], ignore_index=True)
-    lift = lambda b: _fmt(best[f"lift_{b}_test_auroc_mean"], None,  # noqa: E731
-                          best[f"lift_{b}_test_auroc_ci_low"], best[f"lift_{b}_test_auroc_ci_high"], sign=True)
     return "\n".join([
         f"Trial `{best.name}`, selected on mean {by} "
         f"{_fmt(best[f'{by}_mean'], best[f'{by}_std'])} over its partitions.",
@@ -115,7 +117,7 @@ def best_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
         "- Baselines from the same stage-1 classifiers: " + ", ".join(
             f"{label} {best[f'{b}_test_auroc_mean']:.4f}" for b, label in BASELINES.items()),
         "- Paired lift in test AUROC: " + ", ".join(
-            f"over {label} {lift(b)}" for b, label in BASELINES.items()),
+            f"over {label} {_lift(best, b)}" for b, label in BASELINES.items()),
         "- Parameters: " + ", ".join(f"`{k}={_short(v)}`" for k, v in _params(best).items()),
         "",
         per_partition.to_markdown(index=False, floatfmt=".4f"),

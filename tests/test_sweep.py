@@ -55,7 +55,8 @@ def test_every_trial_reports_partitions_in_order_and_the_best_has_five(smoke_swe
     assert summary["best"]["metrics"]["val_auroc_mean"] == max(
         t["rows"][-1]["val_auroc_mean"] for t in complete)
     assert "best configuration" in smoke_sweep["stdout"]
-    assert "max-logit" in smoke_sweep["stdout"] and "maxlogit_test_auroc_mean" in summary["best"]["metrics"]
+    assert "max-logit" in smoke_sweep["stdout"]
+    assert "maxlogit_test_auroc_mean" in summary["best"]["metrics"]
 
 
 def test_stage1_is_trained_once_per_distinct_key(smoke_sweep):

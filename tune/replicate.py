@@ -44,8 +44,9 @@ def build_parser() -> OneLineParser:
 
 
 def replicate_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
-    """(Its name names the trial folders that analysis.replicates reads.) The sweep's stage-2 trainable for one (configuration, seed): the seed replaces the
-    sweep's in every stage (so stage 1 gets its own keys); the data split is unchanged."""
+    """The sweep's stage-2 trainable for one (configuration, seed): the seed replaces the
+    sweep's in every stage (so stage 1 gets its own keys); the data split is unchanged. Its
+    name names the trial folders (analysis.replicates.TRAINABLE)."""
     from tune.trainables import stage2_trainable
 
     seeded = replace(ctx, base=apply_overrides(ctx.base, seed_overrides(config["seed"])))
