@@ -20,29 +20,40 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from pyarrow import fs as pafs
 from scipy import stats
 
-from analysis.trials import NotAnExperiment, load_trials
+from analysis.trials import NotAnExperiment, load_trials, open_experiment
 from cmg.config import BASELINES
 
-REPLICATE_DIR = "replicate"  # EXPERIMENT/replicate holds tune.replicate's trials
+REPLICATE_DIR = "replicate"  # EXPERIMENT/replicate/run-<time>/: one Tune run per call
 TRAINABLE = "replicate_trainable"
 
 
 def load_replicates(experiment: str | Path) -> pd.DataFrame:
     """One row per (complete replicate trial, partition), with `source_trial` (the sweep trial
-    whose configuration it re-runs) and `seed`; for a (configuration, seed) run more than once,
-    the latest complete trial. Empty when there are none."""
-    try:
-        df = load_trials(f"{str(experiment).rstrip('/')}/{REPLICATE_DIR}", trainable=TRAINABLE)
-    except NotAnExperiment:
-        return pd.DataFrame(columns=["trial_id", "source_trial", "seed", "partition"])
+    whose configuration it re-runs), `seed` and `run` (the call of tune.replicate); for a
+    (configuration, seed) run more than once, the latest complete trial. Empty when none."""
+    filesystem, root = open_experiment(experiment)
+    infos = filesystem.get_file_info(
+        pafs.FileSelector(f"{root.rstrip('/')}/{REPLICATE_DIR}", allow_not_found=True))
+    frames = []
+    for run in sorted(i.path for i in infos if i.type == pafs.FileType.Directory):
+        try:
+            frames.append(load_trials(run, trainable=TRAINABLE).assign(run=run))
+        except NotAnExperiment:  # a call that was stopped before its first trial
+            continue
+    empty = pd.DataFrame(columns=["trial_id", "source_trial", "seed", "partition", "run"])
+    if not frames:
+        return empty
+    df = pd.concat(frames, ignore_index=True)
     df = df[df["status"] == "complete"].rename(
         columns={"param_source_trial": "source_trial", "param_seed": "seed"})
     if df.empty:
-        return df
-    latest = df.groupby(["source_trial", "seed"])["trial_number"].transform("max")
-    df = df[df["trial_number"] == latest].copy()
+        return empty
+    df = df.sort_values(["run", "trial_number", "partition"])
+    latest = df.drop_duplicates(["source_trial", "seed"], keep="last")[["run", "trial_id"]]
+    df = df.merge(latest, on=["run", "trial_id"])
     df["seed"] = df["seed"].astype(int)
     return df.reset_index(drop=True)
 

@@ -76,8 +76,27 @@ def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep):
     assert (by_seed[4] != by_seed[5]).any()
     assert "CMG" in proc.stdout and "max-logit" in proc.stdout and "CI over seeds" in proc.stdout
 
-    folders = sorted((experiment / "replicate").glob("replicate_trainable_*"))
+    folders = sorted((experiment / "replicate").glob("*/replicate_trainable_*"))
     again = _replicate(experiment, "--top", "1", "--seeds", "2", "--quiet")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "0 runs added" in again.stdout
-    assert sorted((experiment / "replicate").glob("replicate_trainable_*")) == folders
+    assert sorted((experiment / "replicate").glob("*/replicate_trainable_*")) == folders
+
+
+def _fake_run(experiment, run: str, trial: str, seed: int, aurocs: list[float],
+              total: int = 2) -> None:
+    folder = experiment / "replicate" / run / f"replicate_trainable_{trial}_0_seed={seed}_2026"
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps({"source_trial": "t1", "seed": seed}))
+    (folder / "result.json").write_text("\n".join(json.dumps(
+        {"trial_id": f"{trial}_00000", "partitions_total": total, "partition": p + 1,
+         "test_auroc": a}) for p, a in enumerate(aurocs)))
+
+
+def test_load_replicates_keeps_the_latest_complete_run_of_each_seed(tmp_path):
+    _fake_run(tmp_path, "run-20260101-000000", "aa", 1, [0.5, 0.6])
+    _fake_run(tmp_path, "run-20260102-000000", "bb", 1, [0.7, 0.8])  # seed 1 again: this one
+    _fake_run(tmp_path, "run-20260102-000000", "cc", 2, [0.9])  # incomplete: left out
+    df = load_replicates(tmp_path)
+    assert list(df["test_auroc"]) == [0.7, 0.8] and set(df["seed"]) == {1}
+    assert load_replicates(tmp_path / "nothing").empty

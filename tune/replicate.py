@@ -8,8 +8,8 @@ configurations only). Each runs on every partition once per new seed: seeds S+1 
 S is the sweep's `--seed`, re-seed stage 1 (classifier and CVAE: new stage-1 keys, trained once
 per seed and reused by every configuration of that seed) and stage 2; the data split stays fixed.
 The sweep's own run (seed S) is not counted: it is the run the configuration was selected on.
-The trials are Ray Tune trials in EXPERIMENT/replicate, with the sweep's resources, retries and
-stage-1 store (STORAGE/stage1). Running the command again adds only the (configuration, seed)
+The trials are Ray Tune trials in EXPERIMENT/replicate/run-<time>/ (one Tune run per call),
+with the sweep's resources, retries and stage-1 store (STORAGE/stage1). Running the command again adds only the (configuration, seed)
 pairs that have no complete trial yet. At the end it prints the replicated table, and
 `python -m analysis.report EXPERIMENT` adds it to report.md.
 """
@@ -102,7 +102,8 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
                 search_alg=BasicVariantGenerator(points_to_evaluate=points),
                 num_samples=len(points), reuse_actors=True),
             run_config=tune.RunConfig(
-                name=REPLICATE_DIR, storage_path=experiment, verbose=0,
+                name=time.strftime("run-%Y%m%d-%H%M%S"),
+                storage_path=f"{experiment}/{REPLICATE_DIR}", verbose=0,
                 callbacks=[SweepProgress(len(points), quiet, label="replicate",
                                          partitions=len(ctx.partitions))],
                 failure_config=tune.FailureConfig(max_failures=saved["max_failures"]),
