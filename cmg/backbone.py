@@ -20,8 +20,8 @@ Formats (`--backbone-format`):
 - `torchvision`: a `torchvision.models.resnet18` state dict (ImageNet-style stem, ImageNet
   mean/std normalisation inside the model). Its 1000-class `fc` does not fit the setting's
   classes, so the head is a new MLP head (`classifier.head_width` wide) trained from scratch in
-  stage 2; the max-softmax and energy baselines then score that untrained head, so compare with
-  a `cmg` or `csi` backbone for meaningful baselines.
+  stage 2; the baselines (max-softmax, energy, max-logit) then score that untrained head, so
+  compare with a `cmg` or `csi` backbone for meaningful baselines.
 
 Loading is strict: any missing or unexpected key is a one-line error listing the first few.
 The backbone is frozen (no gradients) and stays in eval mode, BatchNorm statistics included,

@@ -1,7 +1,7 @@
 """Ray Tune trainables: stage 1 for one partition, stage 2 for one configuration over all five.
 
 The stage-2 trainable runs the partitions in a fixed order and reports after each one: that
-partition's metrics (CMG and both baselines, val and test), and the running mean and standard
+partition's metrics (CMG and every baseline, val and test), and the running mean and standard
 deviation of every metric over the partitions done so far. `val_auroc_mean` is the objective;
 ASHA can stop a configuration after one or two partitions. A checkpoint after every partition
 holds the finished partitions, so a retried trial (a crash, a lost node) continues with the next
