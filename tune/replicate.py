@@ -50,8 +50,9 @@ def replicate_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     from tune.trainables import stage2_trainable
 
     seeded = replace(ctx, base=apply_overrides(ctx.base, seed_overrides(config["seed"])))
-    stage2_trainable({k: v for k, v in config.items() if k not in ("source_trial", "seed")},
-                     seeded)
+    params = {k: v for k, v in config.items()
+              if k not in ("source_trial", "seed") and v is not None}  # None: not drawn
+    stage2_trainable(params, seeded)
 
 
 def _read_params(experiment: str, trial_id: str) -> dict[str, Any]:
@@ -96,8 +97,11 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
         ray.get(leases.__ray_ready__.remote())
         trainable = tune.with_resources(tune.with_parameters(replicate_trainable, ctx=ctx),
                                         saved["resources"])
+        # every key a point sets must exist in the space; a parameter that a configuration did
+        # not draw (conditional, e.g. mask_prob) stays None and is dropped by the trainable
+        space = {key: None for point in points for key in point}
         tuner = tune.Tuner(
-            trainable,
+            trainable, param_space=space,
             tune_config=tune.TuneConfig(
                 search_alg=BasicVariantGenerator(points_to_evaluate=points),
                 num_samples=len(points), reuse_actors=True),
