@@ -26,9 +26,11 @@ import pandas as pd
 from analysis.artifacts import load_scores, load_trial_record, reproduce_command
 from analysis.figures import (history_figure, importance_figure, params_figure,
                               partitions_figure, roc_figure, save_png, scores_figure)
+from analysis.replicates import load_replicates, replicate_markdown, replicate_table
 from analysis.study import importance
-from analysis.trials import (NotAnExperiment, aggregate, leaderboard, load_trials,
-                             ood_sets, open_experiment)
+from analysis.trials import (NotAnExperiment, aggregate, leaderboard, leave_one_set_out,
+                             load_trials, ood_sets, open_experiment)
+from cmg.config import BASELINES
 from cmg.errors import (OneLineParser, add_quiet_arg, atomic_write, command_parser,
                         ensure_writable_dir, exit_on_usage_error, fail)
 
@@ -60,6 +62,13 @@ def _fmt(mean: float, std: float | None = None, low: float | None = None,
     return text
 
 
+def _lift(row: pd.Series, baseline: str) -> str:
+    """CMG's paired lift in test AUROC over `baseline`, with its 95% interval."""
+    column = f"lift_{baseline}_test_auroc"
+    return _fmt(row[f"{column}_mean"], None, row[f"{column}_ci_low"], row[f"{column}_ci_high"],
+                sign=True)
+
+
 def _params(row: pd.Series) -> dict:
     return {k.removeprefix("param_"): v for k, v in row.items()
             if k.startswith("param_") and pd.notna(v)}
@@ -78,10 +87,8 @@ def leaderboard_markdown(table: pd.DataFrame, by: str, top: int) -> str:
             by: _fmt(t[f"{by}_mean"], t[f"{by}_std"]),
             "test AUROC (95% CI)": _fmt(t["test_auroc_mean"], None, t["test_auroc_ci_low"],
                                         t["test_auroc_ci_high"]),
-            "max-softmax": f"{t['msp_test_auroc_mean']:.4f}",
-            "energy": f"{t['energy_test_auroc_mean']:.4f}",
-            "lift vs max-softmax": f"{t['lift_msp_test_auroc_mean']:+.4f}",
-            "lift vs energy": f"{t['lift_energy_test_auroc_mean']:+.4f}",
+            **{label: f"{t[f'{b}_test_auroc_mean']:.4f}" for b, label in BASELINES.items()},
+            **{f"lift vs {label}": _lift(t, b) for b, label in BASELINES.items()},
             "parameters": ", ".join(f"{k}={_short(v)}" for k, v in _params(t).items()),
         })
     return pd.DataFrame(lines).to_markdown(index=False, disable_numparse=True)
@@ -97,13 +104,12 @@ def best_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
         return "_No configuration has finished all its partitions yet._"
     best = table.set_index("trial_id").loc[board["trial_id"].iloc[0]]
     rows = df[df["trial_id"] == best.name].sort_values("partition")
-    per_partition = rows[["partition", "val_auroc", "test_auroc", "msp_test_auroc",
-                          "energy_test_auroc", "test_fpr95", "test_ind_acc"]].copy()
+    per_partition = rows[["partition", "val_auroc", "test_auroc",
+                          *(f"{b}_test_auroc" for b in BASELINES),
+                          "test_fpr95", "test_ind_acc"]].copy()
     per_partition["partition"] = per_partition["partition"].astype(int)
     means = per_partition.mean(numeric_only=True).to_frame().T.assign(partition="mean")
     per_partition = pd.concat([per_partition, means], ignore_index=True)
-    lift = lambda b: _fmt(best[f"lift_{b}_test_auroc_mean"], None,  # noqa: E731
-                          best[f"lift_{b}_test_auroc_ci_low"], best[f"lift_{b}_test_auroc_ci_high"], sign=True)
     return "\n".join([
         f"Trial `{best.name}`, selected on mean {by} "
         f"{_fmt(best[f'{by}_mean'], best[f'{by}_std'])} over its partitions.",
@@ -111,10 +117,10 @@ def best_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
         f"- **Test AUROC {_fmt(best['test_auroc_mean'], best['test_auroc_std'])}** "
         + (f"(95% CI [{best['test_auroc_ci_low']:.4f}, {best['test_auroc_ci_high']:.4f}])"
            if pd.notna(best["test_auroc_ci_low"]) else "(one partition: no interval)"),
-        f"- Baselines from the same stage-1 classifiers: max-softmax "
-        f"{best['msp_test_auroc_mean']:.4f}, energy {best['energy_test_auroc_mean']:.4f}",
-        f"- Paired lift in test AUROC: over max-softmax {lift('msp')}, over energy "
-        f"{lift('energy')}",
+        "- Baselines from the same stage-1 classifiers: " + ", ".join(
+            f"{label} {best[f'{b}_test_auroc_mean']:.4f}" for b, label in BASELINES.items()),
+        "- Paired lift in test AUROC: " + ", ".join(
+            f"over {label} {_lift(best, b)}" for b, label in BASELINES.items()),
         "- Parameters: " + ", ".join(f"`{k}={_short(v)}`" for k, v in _params(best).items()),
         "",
         per_partition.to_markdown(index=False, floatfmt=".4f"),
@@ -128,8 +134,8 @@ def per_ood_set(df: pd.DataFrame, best: pd.Series) -> list[str]:
     if not names:
         return []
     columns = {"val AUROC": "val_{}_auroc", "test AUROC": "test_{}_auroc",
-               "test FPR95": "test_{}_fpr95", "max-softmax test AUROC": "msp_test_{}_auroc",
-               "energy test AUROC": "energy_test_{}_auroc"}
+               "test FPR95": "test_{}_fpr95",
+               **{f"{label} test AUROC": f"{b}_test_{{}}_auroc" for b, label in BASELINES.items()}}
     rows = [{"OOD set": name, **{label: best.get(f"{key.format(name)}_mean")
                                  for label, key in columns.items()}} for name in names]
     return ["", "Per OOD set (the means above are over these sets):", "",
@@ -168,6 +174,46 @@ def best_scores(experiment: str, df: pd.DataFrame, table: pd.DataFrame,
         "![ROC curves](roc.png)", "", "![score histograms](scores.png)", "",
         "Reproduce one partition of it (the same validation AUROC):", "",
         f"```\n{command}\n```"])
+
+
+def replicates_note(experiment: str) -> str:
+    """tune.replicate's table, or how to make it."""
+    table = replicate_table(load_replicates(experiment))
+    return "\n".join([
+        "The top configurations re-run with new seeds for stage 1 and stage 2 (same split) by "
+        "`python -m tune.replicate`. Quote the interval over seeds: the partitions share IND "
+        "classes, so the interval over partitions treats dependent draws as independent.", "",
+        replicate_markdown(table)])
+
+
+VALIDATION_OOD = {
+    "setting1": "validation OOD images are held-out *training* images of the same OOD classes "
+                "that the test scores (10% of each class's train split; never a test image)",
+    "setting2": "validation OOD images are a fixed, seeded 20% of each OOD data set; the test "
+                "uses the other 80% of the very same sets",
+}
+
+
+def selection_note(df: pd.DataFrame) -> str:
+    """What the selection saw: validation OOD comes from the test's OOD distribution."""
+    setting = "setting2" if ood_sets(df) else "setting1"
+    return (f"How to read the selection: {VALIDATION_OOD[setting]}. The epoch, the searched "
+            "knobs, ASHA and this leaderboard were all tuned on real OOD data of the evaluated "
+            "kind, while the baselines were not tuned at all, so the lift over them includes "
+            "that advantage."
+            + (" The leave-one-set-out table below shows how much of it survives an OOD set "
+               "that the selection never saw." if setting == "setting2" else ""))
+
+
+def leave_one_out_section(df: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+    """different_dataset: each OOD set held out of the selection in turn."""
+    loso = leave_one_set_out(table, ood_sets(df))
+    if loso.empty:
+        return []
+    return ["", "Leave one OOD set out: the configuration chosen on the mean validation AUROC "
+            "of the other sets, its test AUROC on the held-out set, the configuration chosen "
+            "on all sets, and the baselines' test AUROC on the held-out set:", "",
+            loso.to_markdown(index=False, floatfmt=".4f")]
 
 
 def others_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
@@ -215,11 +261,14 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
         f"running, {counts.get('error', 0)} failed. Configurations are ranked on the mean "
         f"{by} over the partitions (validation data; in different_dataset the mean over the OOD "
         "sets); the test metrics are those of the "
-        "ranked configurations and were never used to choose. Baselines (max-softmax, energy) "
+        "ranked configurations and were never used to choose. Baselines ("
+        f"{', '.join(BASELINES.values())}) "
         "come from the same stage-1 classifier as each CMG result; a lift is the mean over "
         "partitions of CMG minus the baseline, with a 95% t-interval.",
         "",
-        "## Best configuration", "", best_section(df, table, by), "",
+        selection_note(df), "",
+        "## Best configuration", "", best_section(df, table, by),
+        *leave_one_out_section(df, table), "",
         f"## Leaderboard (complete configurations, top {top})", "",
         leaderboard_markdown(table, by, top), "",
         "![top configurations per partition](partitions.png)", "",
@@ -229,6 +278,7 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
         "## Parameter importances", "", importance_note, "",
         importances.to_markdown(index=False, floatfmt=".3f") if not importances.empty else "",
         "", "![importances](importance.png)", "",
+        "## Seed replicates", "", replicates_note(experiment), "",
         "## Trials not on the leaderboard", "", others_section(df, table, by), "",
         "Files: `summary.csv` (one row per configuration: mean, std and 95% CI of every metric), "
         "`trials.parquet` (one row per trial and partition).", "",
@@ -265,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(err))
     if not args.quiet:
         board = leaderboard(aggregate(df), by=args.by).head(5)
-        print(board[["trial_id", f"{args.by}_mean", "test_auroc_mean", "msp_test_auroc_mean",
-                     "energy_test_auroc_mean"]].to_string(index=False, float_format="%.4f"))
+        print(board[["trial_id", f"{args.by}_mean", "test_auroc_mean",
+                     *(f"{b}_test_auroc_mean" for b in BASELINES)]].to_string(
+                         index=False, float_format="%.4f"))
         if "roc" in files:
             print("reproduce partition 1 of the best configuration: "
                   + best_reproduce_command(args.experiment, df, aggregate(df), args.by))

@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 from pyarrow import fs as pafs
 
-from analysis.trials import (NotAnExperiment, aggregate, is_complete, load_trials,
-                             open_experiment)
+from analysis.trials import (NotAnExperiment, aggregate, check_selection_metric, is_complete,
+                             load_trials, open_experiment)
 
 JOURNAL = "optuna.journal"  # where tune.sweep keeps the study when no --study-storage is given
 
@@ -51,12 +51,14 @@ def load_study(experiment: str | Path, study_storage: str | None = None):
 
 def importance(experiment: str | Path, study_storage: str | None = None,
                by: str = "val_auroc", seed: int = 0,
-               table: pd.DataFrame | None = None) -> pd.DataFrame:
+               table: pd.DataFrame | None = None, allow_test: bool = False) -> pd.DataFrame:
     """Importance of each searched parameter for the mean `by` over the five partitions
     (Optuna's fANOVA evaluator, seeded), highest first; columns `param`, `importance`.
     Parameters drawn only in some configurations (e.g. mask_prob) are left out, as Optuna does.
     Empty when fewer than two complete configurations exist. Pass `table` (from `aggregate`) if
-    you have it, so the trial files are not read again."""
+    you have it, so the trial files are not read again. A test metric as `by` only with
+    allow_test=True."""
+    check_selection_metric(by, allow_test)
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 

@@ -26,7 +26,7 @@ CMG_METRICS = [f"{part}_{name}" for part in ("val", "test") for name in METRIC_N
 ALL_METRICS = CMG_METRICS + [f"{b}_{m}" for b in BASELINES for m in CMG_METRICS]
 # different_dataset also reports every OOD set's own metrics (`test_SVHN_auroc`,
 # `msp_val_LSUN_fpr95`, ...)
-OOD_SET_METRIC = re.compile(r"^(?:(?:msp|energy)_)?(?:val|test)_(?P<set>.+?)_"
+OOD_SET_METRIC = re.compile(rf"^(?:(?:{'|'.join(BASELINES)})_)?(?:val|test)_(?P<set>.+?)_"
                             r"(?P<metric>auroc|aupr_in|aupr_out|fpr95)$")
 
 
@@ -53,41 +53,44 @@ def _read_text(filesystem: pafs.FileSystem, path: str) -> str | None:
         return None
 
 
-def _trial_number(folder_name: str) -> int:
-    """Tune names trial folders `stage2_trainable_<id>_<number>_<params>_<date>`."""
-    match = re.match(r"stage2_trainable_[0-9a-f]+_(\d+)_", folder_name)
+def _trial_number(folder_name: str, trainable: str = "stage2_trainable") -> int:
+    """Tune names trial folders `<trainable>_<id>_<number>_<params>_<date>`."""
+    match = re.match(rf"{trainable}_[0-9a-f]+_(\d+)_", folder_name)
     return int(match.group(1)) if match else -1
 
 
-def load_trials(experiment: str | Path) -> pd.DataFrame:
+def load_trials(experiment: str | Path, trainable: str = "stage2_trainable") -> pd.DataFrame:
     """One row per (trial, partition) reported: trial_id, trial_number (Tune's order of
     creation), status, partitions_total (5, or 1 for different_dataset), partition, the trial's parameters (prefixed `param_`) and every metric of
     CMG and of the baselines.
 
     status: "complete" (all five partitions), "error" (the trial failed: error.txt), else
     "incomplete" (ASHA stopped it early, or it is still running). A trial with no report yet gets
-    one row with partition NaN."""
+    one row with partition NaN. A partition reported twice (a retried trial) is one row, its
+    last report. `trainable`: whose trial folders to read (tune.replicate's are in
+    EXPERIMENT/replicate)."""
     filesystem, root = open_experiment(experiment)
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except OSError as err:
         raise NotAnExperiment(f"cannot list {experiment}: {err}") from None
     folders = sorted((i for i in infos if i.type == pafs.FileType.Directory
-                      and i.base_name.startswith("stage2_trainable_")),
-                     key=lambda i: (_trial_number(i.base_name), i.base_name))
+                      and i.base_name.startswith(f"{trainable}_")),
+                     key=lambda i: (_trial_number(i.base_name, trainable), i.base_name))
     if not folders:
-        raise NotAnExperiment(f"{experiment} holds no sweep trials (stage2_trainable_* folders); "
+        raise NotAnExperiment(f"{experiment} holds no sweep trials ({trainable}_* folders); "
                               "pass the folder that tune.sweep wrote (STORAGE/NAME)")
     records = []
     for folder in folders:
         params = json.loads(_read_text(filesystem, f"{folder.path}/params.json") or "{}")
         text = _read_text(filesystem, f"{folder.path}/result.json") or ""
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        reports = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = list({r.get("partition"): r for r in reports}.values())  # distinct partitions
         failed = _read_text(filesystem, f"{folder.path}/error.txt") is not None
         total = max((r.get("partitions_total", PARTITIONS) for r in rows), default=PARTITIONS)
         status = ("error" if failed else "complete" if len(rows) >= total else "incomplete")
         trial_id = rows[0]["trial_id"] if rows else folder.base_name.split("_")[2]
-        base = {"trial_id": trial_id, "trial_number": _trial_number(folder.base_name),
+        base = {"trial_id": trial_id, "trial_number": _trial_number(folder.base_name, trainable),
                 "status": status, "partitions_total": total,
                 **{f"param_{k}": v for k, v in params.items()}}
         for row in rows or [{}]:
@@ -133,19 +136,53 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def leave_one_set_out(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """different_dataset: how much of the selection survives an OOD set never seen. For each OOD
+    set, the complete configuration with the best mean validation AUROC over the *other* sets,
+    and its test AUROC on the held-out set, beside the configuration chosen on all sets (the
+    leaderboard's first) and the baselines of the held-out choice. Needs two or more sets."""
+    complete = table[is_complete(table)]
+    if len(names) < 2 or complete.empty:
+        return pd.DataFrame()
+    chosen_all = complete.loc[complete["val_auroc_mean"].idxmax()]
+    rows = []
+    for held_out in names:
+        others = complete[[f"val_{n}_auroc_mean" for n in names if n != held_out]].mean(axis=1)
+        chosen = complete.loc[others.idxmax()]
+        rows.append({
+            "held-out OOD set": held_out, "chosen without it": chosen["trial_id"],
+            "test AUROC (chosen without it)": chosen[f"test_{held_out}_auroc_mean"],
+            "chosen on all sets": chosen_all["trial_id"],
+            "test AUROC (chosen on all sets)": chosen_all[f"test_{held_out}_auroc_mean"],
+            **{label: chosen[f"{b}_test_{held_out}_auroc_mean"] for b, label in BASELINES.items()},
+        })
+    return pd.DataFrame(rows)
+
+
 def is_complete(table: pd.DataFrame) -> pd.Series:
     """Rows of `aggregate`'s table that cover every partition of their setting."""
     return table["n_partitions"] == table["partitions_total"]
 
 
-def leaderboard(table: pd.DataFrame, by: str = "val_auroc") -> pd.DataFrame:
+def check_selection_metric(by: str, allow_test: bool) -> None:
+    """Configurations are chosen on validation metrics; ranking on a test metric must be asked
+    for (`allow_test=True`), never happen by a typo."""
+    if not by.startswith("val_") and not allow_test:
+        raise ValueError(f"by={by!r}: rank on a validation metric (val_auroc, val_fpr95, ...); "
+                         "pass allow_test=True to rank on test data on purpose")
+
+
+def leaderboard(table: pd.DataFrame, by: str = "val_auroc",
+                allow_test: bool = False) -> pd.DataFrame:
     """Complete configurations only (every partition of the setting), best `by` (a validation
-    metric) first, with the test AUROC and both baselines' beside it."""
+    metric; a test metric only with allow_test=True) first, with the test AUROC and the
+    baselines' beside it."""
+    check_selection_metric(by, allow_test)
     complete = table[is_complete(table)]
     ascending = by.endswith("fpr95")  # lower is better
     columns = ["trial_id", f"{by}_mean", f"{by}_std", "test_auroc_mean", "test_auroc_std",
-               "msp_test_auroc_mean", "energy_test_auroc_mean", "lift_msp_test_auroc_mean",
-               "lift_energy_test_auroc_mean"]
+               *(f"{b}_test_auroc_mean" for b in BASELINES),
+               *(f"lift_{b}_test_auroc_mean" for b in BASELINES)]
     params = [c for c in table.columns if c.startswith("param_")]
     ranked = complete.sort_values(f"{by}_mean", ascending=ascending)
     return ranked[list(dict.fromkeys(columns + params))].reset_index(drop=True)

@@ -5,7 +5,11 @@ classifier (the reference's "CSI+CMG").
     run_stage2(classifier, cvae, split, cfg.stage2)      # fine-tunes classifier.head only
 
 Formats (`--backbone-format`):
-- `cmg`: a classifier checkpoint written by `python -m cmg.train` (any setting of this project).
+- `cmg`: a classifier checkpoint written by `python -m cmg.train`. It records the setting,
+  partition and data split it was trained on, and loading it for another is a one-line error
+  (it may have trained on the other split's validation images). Setting 1 has one model per
+  partition: put `{partition}` in the path (`ckpt/classifier_p{partition}.pt`); a sweep over
+  several partitions requires it.
 - `csi`: the labelled CIFAR ResNet-18 of CSI (Tack et al., NeurIPS 2020) as `torch.save(model
   .state_dict())` writes it: stem `conv1`/`bn1`, `layer1..4` of BasicBlocks (`shortcut.0/1` for
   projections), `linear` (the class head), and its extra heads `simclr_layer`, `shift_cls_layer`,
@@ -16,8 +20,8 @@ Formats (`--backbone-format`):
 - `torchvision`: a `torchvision.models.resnet18` state dict (ImageNet-style stem, ImageNet
   mean/std normalisation inside the model). Its 1000-class `fc` does not fit the setting's
   classes, so the head is a new MLP head (`classifier.head_width` wide) trained from scratch in
-  stage 2; the max-softmax and energy baselines then score that untrained head, so compare with
-  a `cmg` or `csi` backbone for meaningful baselines.
+  stage 2; the baselines (max-softmax, energy, max-logit) then score that untrained head, so
+  compare with a `cmg` or `csi` backbone for meaningful baselines.
 
 Loading is strict: any missing or unexpected key is a one-line error listing the first few.
 The backbone is frozen (no gradients) and stays in eval mode, BatchNorm statistics included,
@@ -166,15 +170,18 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_backbone(path: str | os.PathLike, fmt: str, num_classes: int, family: str = "cifar",
-                  head_width: int = 512, device: str | torch.device = "cpu") -> nn.Module:
-    """A frozen external backbone with a head of K + 1 outputs, ready for stage 2."""
+                  head_width: int = 512, device: str | torch.device = "cpu",
+                  trained_for: tuple | None = None) -> nn.Module:
+    """A frozen external backbone with a head of K + 1 outputs, ready for stage 2.
+    `trained_for` (setting, partition, DataConfig): what a `cmg` checkpoint must have been
+    trained on."""
     path = Path(path)
     if fmt not in FORMATS:
         fail(f"unknown --backbone-format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "cmg":
         from cmg.stage1 import load_stage1_model
 
-        model = load_stage1_model(path, "classifier", device=device)
+        model = load_stage1_model(path, "classifier", device=device, trained_for=trained_for)
         if model.num_classes != num_classes:
             fail(f"backbone {path} has {model.num_classes} classes, the setting {num_classes}")
         return BackboneClassifier(model.features, model.head, num_classes).to(device).eval()
@@ -212,25 +219,45 @@ def load_backbone(path: str | os.PathLike, fmt: str, num_classes: int, family: s
 @dataclass(frozen=True)
 class BackboneSpec:
     """`--backbone PATH --backbone-format FMT`, with the file's hash (part of a sweep's stage-1
-    artifact key, so another file never reuses a CVAE trained beside a different backbone)."""
+    artifact key, so another file never reuses a CVAE trained beside a different backbone).
+    A `{partition}` in PATH names one file per partition; the hash then covers them all."""
 
     path: str
     fmt: str
     sha256: str
 
     @classmethod
-    def from_args(cls, path: str | os.PathLike, fmt: str) -> "BackboneSpec":
+    def from_args(cls, path: str | os.PathLike, fmt: str,
+                  partitions: tuple[int, ...] = (1,)) -> "BackboneSpec":
+        """`partitions`: those the run or sweep uses (their files must all exist). A `cmg`
+        backbone for several partitions must name one file per partition."""
         if fmt not in FORMATS:
             fail(f"unknown --backbone-format {fmt!r}; choose one of {', '.join(FORMATS)}")
-        path = Path(path).expanduser().resolve()
-        if not path.is_file():
-            fail(f"backbone {path} does not exist; fix --backbone")
-        return cls(str(path), fmt, file_sha256(path))
+        path = str(Path(path).expanduser().resolve())
+        if fmt == "cmg" and len(partitions) > 1 and "{partition}" not in path:
+            fail(f"a cmg backbone is trained for one partition: put {{partition}} in --backbone "
+                 f"(e.g. {Path(path).with_suffix('')}_p{{partition}}.pt), one file per partition")
+        files = {p: Path(path.replace("{partition}", str(p))) for p in partitions}
+        for file in files.values():
+            if not file.is_file():
+                fail(f"backbone {file} does not exist; fix --backbone")
+        digests = [file_sha256(file) for file in files.values()]
+        sha = digests[0] if "{partition}" not in path else hashlib.sha256(
+            "".join(digests).encode()).hexdigest()
+        return cls(path, fmt, sha)
+
+    def file(self, partition: int) -> str:
+        """The backbone file of `partition`."""
+        return self.path.replace("{partition}", str(partition))
 
     def identity(self) -> dict[str, str]:
         return {"format": self.fmt, "sha256": self.sha256}
 
     def load(self, num_classes: int, family: str, head_width: int = 512,
-             device: str | torch.device = "cpu", path: str | os.PathLike | None = None) -> nn.Module:
-        """The backbone (from `path` if given: e.g. its copy in a sweep's artifact store)."""
-        return load_backbone(path or self.path, self.fmt, num_classes, family, head_width, device)
+             device: str | torch.device = "cpu", path: str | os.PathLike | None = None,
+             trained_for: tuple | None = None) -> nn.Module:
+        """The backbone (from `path` if given: e.g. its copy in a sweep's artifact store; else
+        the file of trained_for's partition). `trained_for` (setting, partition, DataConfig)."""
+        partition = trained_for[1] if trained_for is not None else 1
+        return load_backbone(path or self.file(partition), self.fmt, num_classes, family,
+                             head_width, device, trained_for)

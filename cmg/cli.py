@@ -12,7 +12,7 @@ import torch
 
 from cmg.backbone import FORMATS as BACKBONE_FORMATS
 from cmg.backbone import BackboneSpec
-from cmg.config import BUDGET_NOTES, BUDGETS, MODES, RunConfig, budget_config
+from cmg.config import BASELINES, BUDGET_NOTES, BUDGETS, MODES, RunConfig, budget_config
 from cmg.data import OOD_LOADERS, Setting, load_setting, parse_partition, setting_names
 from cmg.errors import add_quiet_arg, atomic_write, fail
 
@@ -73,8 +73,10 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
                         "resnet18 state dict (a new head is trained)")
 
 
-def backbone_from_args(args: argparse.Namespace) -> BackboneSpec | None:
-    return (BackboneSpec.from_args(args.backbone, args.backbone_format)
+def backbone_from_args(args: argparse.Namespace,
+                       partitions: tuple[int, ...] = (1,)) -> BackboneSpec | None:
+    """`partitions`: those the command runs (a `{partition}` in the path names their files)."""
+    return (BackboneSpec.from_args(args.backbone, args.backbone_format, tuple(partitions))
             if args.backbone else None)
 
 
@@ -130,11 +132,10 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
-    """A small table: CMG beside the two baselines, validation and test."""
+    """A small table: CMG beside the baselines (cmg.config.BASELINES), validation and test."""
     b = metrics["baselines"]
     rows = [("CMG (" + metrics["mode"] + ")", metrics["val"], metrics["test"]),
-            ("max-softmax", b["msp"]["val"], b["msp"]["test"]),
-            ("energy", b["energy"]["val"], b["energy"]["test"])]
+            *((label, b[key]["val"], b[key]["test"]) for key, label in BASELINES.items())]
     lines = [f"{metrics['setting']} partition {metrics['partition']}",
              f"{'score':<20} {'val AUROC':>9} {'test AUROC':>10} {'AUPR-in':>8} "
              f"{'AUPR-out':>8} {'FPR95':>6} {'IND acc':>7}"]

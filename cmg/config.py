@@ -19,7 +19,9 @@ from cmg.errors import fail
 
 MODES = ("CMG-energy", "CMG-softmax")
 METRIC_NAMES = ("auroc", "aupr_in", "aupr_out", "fpr95", "ind_acc")
-BASELINES = ("msp", "energy")
+# The baseline scores every result carries beside CMG's (their functions: cmg.metrics.SCORES),
+# key -> the label tables and figures print. Iterate over this to cover every baseline.
+BASELINES = {"msp": "max-softmax", "energy": "energy", "maxlogit": "max-logit"}
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,11 @@ def _parse_value(key: str, raw: Any, kind: type, optional: bool) -> Any:
         return float(raw)
     expected = _TYPE_NAMES[kind] + (" or none" if optional else "")
     fail(f"{key} takes {expected}, not '{raw}' (field types: cmg/config.py)")
+
+
+def seed_overrides(seed: int) -> list[str]:
+    """The overrides that seed every model of a run: stage 1 (classifier, CVAE) and stage 2."""
+    return [f"{stage}.seed={seed}" for stage in ("classifier", "cvae", "stage2")]
 
 
 def apply_overrides(cfg: RunConfig, overrides: Iterable[str] | dict[str, Any]) -> RunConfig:

@@ -5,7 +5,7 @@
         --params-dict-name2 ckpt/cvae_partition1.pt --mode CMG-energy
 
 Reports validation and test metrics of the head selected on validation data, beside the
-max-softmax and energy baselines of the same stage-1 classifier.
+max-softmax, energy and max-logit baselines of the same stage-1 classifier.
 """
 
 from __future__ import annotations

@@ -10,10 +10,18 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from cmg.config import BASELINES
+
 
 def msp_score(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Max-softmax baseline over the K IND logits, negated."""
-    return -torch.softmax(logits[:, :num_classes].float(), dim=1).amax(dim=1)
+    """Max-softmax baseline over the K IND logits, as a rank-equivalent that cannot saturate:
+    `logsumexp_{j != argmax}(l_j - l_max)` = log(1 / max_softmax - 1), strictly decreasing in the
+    max softmax. The max softmax itself is exactly 1.0 in float32 once the top logit leads by
+    about 17, so confident IND and OOD images would tie."""
+    ind = logits[:, :num_classes].float()
+    top = ind.amax(dim=1, keepdim=True)
+    others = (ind - top).scatter(1, ind.argmax(dim=1, keepdim=True), float("-inf"))
+    return torch.logsumexp(others, dim=1)
 
 
 def energy_score(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -21,16 +29,26 @@ def energy_score(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
     return -torch.logsumexp(logits[:, :num_classes].float(), dim=1)
 
 
+def maxlogit_score(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Max-logit baseline (MLS; Vaze et al., ICLR 2022): `-max_k l_k` over the K IND logits."""
+    return -logits[:, :num_classes].float().amax(dim=1)
+
+
 def softmax_ood_score(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """CMG-softmax: softmax probability of the extra OOD class (index K) over all K + 1 outputs."""
-    return torch.softmax(logits.float(), dim=1)[:, num_classes]
+    """CMG-softmax: the log-odds of the extra OOD class (index K) over all K + 1 outputs,
+    `l_K - logsumexp(l_0..l_{K-1})` = log(p_K / (1 - p_K)): strictly increasing in p_K, and
+    never rounded to 0 or 1 as p_K is in float32."""
+    logits = logits.float()
+    return logits[:, num_classes] - torch.logsumexp(logits[:, :num_classes], dim=1)
 
 
 def cmg_score(logits: torch.Tensor, num_classes: int, mode: str) -> torch.Tensor:
     return (softmax_ood_score if mode == "CMG-softmax" else energy_score)(logits, num_classes)
 
 
-SCORES = {"msp": msp_score, "energy": energy_score}
+# the baselines, one entry per key of cmg.config.BASELINES (same order)
+SCORES = {"msp": msp_score, "energy": energy_score, "maxlogit": maxlogit_score}
+assert tuple(SCORES) == tuple(BASELINES), "cmg.config.BASELINES and SCORES must list the same keys"
 
 
 def ood_metrics(score_ind, score_ood) -> dict[str, float]:

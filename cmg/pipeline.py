@@ -40,7 +40,8 @@ def result_dict(split: Split, cfg: RunConfig, result: Stage2Result, seconds: dic
                 budget: str | None = None, backbone: BackboneSpec | None = None) -> dict[str, Any]:
     """The metrics.json layout shared by `cmg.run`, `cmg.eval` and the sweep."""
     return {
-        **({"backbone": {"path": backbone.path, **backbone.identity()}} if backbone else {}),
+        **({"backbone": {"path": backbone.file(split.partition), **backbone.identity()}}
+           if backbone else {}),
         "setting": split.setting, "partition": split.partition, "mode": cfg.stage2.mode,
         "budget": budget, "config": cfg.to_dict(),
         "val": result.val, "test": result.test,
@@ -82,7 +83,8 @@ def run_partition(setting: str, partition: int, cfg: RunConfig,
     if backbone is not None:  # checked before any data is loaded
         s = get_setting(setting)
         classifier = backbone.load(len(s.ind_classes(partition)), s.family,
-                                   cfg.classifier.head_width, device)
+                                   cfg.classifier.head_width, device,
+                                   trained_for=(setting, partition, cfg.data))
     split = load_partition(setting, partition, cfg, device, data_root, download, ood_datasets)
     ckpt = (lambda name: Path(workdir) / name) if workdir is not None else (lambda name: None)
     seconds = {}

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setting, partition, cfg, device = setup_run(args, args.setting, args.partition, args.mode,
                                                 args.setting_modules)
-    backbone = backbone_from_args(args)
+    backbone = backbone_from_args(args, (partition,))
     out = ensure_writable_dir(args.out or f"runs/{setting.name}_p{partition}_{args.mode}")
     metrics = run_partition(setting.name, partition, cfg, device, args.data_root, args.download,
                             workdir=args.stage1_dir or out, budget=args.budget, quiet=args.quiet,

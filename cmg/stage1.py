@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from cmg.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
-from cmg.config import ClassifierConfig, CVAEConfig
+from cmg.config import ClassifierConfig, CVAEConfig, DataConfig
 from cmg.data import Split, batches, random_crop_flip, to_float
 from cmg.errors import fail
 from cmg.models import CVAE, Classifier, build_classifier, build_cvae, cvae_loss
@@ -87,11 +87,20 @@ def _restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def data_identity(kind: str, data: DataConfig) -> dict[str, Any]:
+    """The data config a stage-1 model depends on: which images it trained on (split seed,
+    validation share, train limit) and, for the classifier, augmentation. A model must never
+    be reused for a split whose validation images it may have trained on."""
+    keep = ("split_seed", "val_fraction", "train_limit") + (("augment",) if kind == "classifier"
+                                                            else ())
+    return {name: getattr(data, name) for name in keep}
+
+
 def _identity(kind: str, split: Split, cfg) -> dict[str, Any]:
     """What a checkpoint must match to be resumed or used: model kind, data and config."""
     return {"kind": kind, "setting": split.setting, "partition": split.partition,
             "family": split.family, "num_classes": split.num_classes,
-            "config": dataclasses.asdict(cfg)}
+            "data": data_identity(kind, split.data), "config": dataclasses.asdict(cfg)}
 
 
 def _fit(kind: str, model: torch.nn.Module, split: Split, cfg, device: torch.device,
@@ -157,6 +166,19 @@ def _fit(kind: str, model: torch.nn.Module, split: Split, cfg, device: torch.dev
     return history
 
 
+def ind_smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, num_classes: int,
+                               smoothing: float) -> torch.Tensor:
+    """Cross-entropy over all K + 1 outputs against the label smoothed over the K IND classes
+    only: target (1 - smoothing) on y plus smoothing / K on each IND class, never on the OOD
+    slot (F.cross_entropy's label_smoothing would put smoothing / (K + 1) there and teach the
+    classifier that every IND image is a little OOD)."""
+    log_p = F.log_softmax(logits, dim=1)
+    nll = F.nll_loss(log_p, y)
+    if not smoothing:
+        return nll
+    return (1 - smoothing) * nll - smoothing * log_p[:, :num_classes].mean(dim=1).mean()
+
+
 def train_classifier(split: Split, cfg: ClassifierConfig = ClassifierConfig(),
                      device: str | torch.device = "cpu",
                      checkpoint: str | os.PathLike | None = None,
@@ -167,7 +189,7 @@ def train_classifier(split: Split, cfg: ClassifierConfig = ClassifierConfig(),
     torch.manual_seed(cfg.seed)  # before building: the initial weights are part of the seed
     model = prepare(build_classifier(split.family, split.num_classes, cfg), device)
     net = maybe_compile(model, compile_model)
-    augment = split.family == "cifar"
+    augment = split.family == "cifar" and split.data.augment
     channels_last = device.type == "cuda"
 
     def loss_fn(x, y):
@@ -177,7 +199,8 @@ def train_classifier(split: Split, cfg: ClassifierConfig = ClassifierConfig(),
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = net(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        loss = ind_smoothed_cross_entropy(logits.float(), y, split.num_classes,
+                                          cfg.label_smoothing)
         acc = (logits[:, :split.num_classes].argmax(1) == y).float().mean()
         return loss, {"loss": loss, "acc": acc}
 
@@ -205,14 +228,31 @@ def train_cvae(split: Split, cfg: CVAEConfig = CVAEConfig(), device: str | torch
     return model, history
 
 
-def load_stage1_model(path: str | os.PathLike, kind: str, split: Split | None = None,
-                      device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild a trained classifier or CVAE from its checkpoint, checked against `split`."""
-    state = load_checkpoint(path, kind)
-    if split is not None and (state.get("setting"), state.get("partition")) != (
-            split.setting, split.partition):
+def check_trained_for(state: dict[str, Any], path: str | os.PathLike, setting: str,
+                      partition: int, data: DataConfig, require_data: bool = True) -> None:
+    """One-line error unless the checkpoint `state` was trained for this setting, partition and
+    data split (a checkpoint without a recorded data split is refused too)."""
+    if (state.get("setting"), state.get("partition")) != (setting, partition):
         fail(f"checkpoint {path} was trained on {state.get('setting')} partition "
-             f"{state.get('partition')}, not {split.setting} partition {split.partition}")
+             f"{state.get('partition')}, not {setting} partition {partition}")
+    want = data_identity(state["kind"], data)
+    if state.get("data") != want and (require_data or "data" in state):
+        fail(f"checkpoint {path} was trained on another data split ({state.get('data')}, "
+             f"this run: {want}); train it again for this split")
+
+
+def load_stage1_model(path: str | os.PathLike, kind: str, split: Split | None = None,
+                      device: str | torch.device = "cpu",
+                      trained_for: tuple[str, int, DataConfig] | None = None,
+                      require_data: bool = True) -> torch.nn.Module:
+    """Rebuild a trained classifier or CVAE from its checkpoint, checked against `split` (or
+    `trained_for`: setting, partition, data config). `require_data=False` accepts a checkpoint
+    that records no data split (an artifact store's, whose key holds the data config)."""
+    state = load_checkpoint(path, kind)
+    if split is not None:
+        trained_for = (split.setting, split.partition, split.data)
+    if trained_for is not None:
+        check_trained_for(state, path, *trained_for, require_data=require_data)
     if state["epoch"] < state["config"]["epochs"]:
         fail(f"checkpoint {path} stopped at epoch {state['epoch']} of "
              f"{state['config']['epochs']}; run the same training command again to finish it")

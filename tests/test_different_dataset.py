@@ -128,6 +128,9 @@ def test_sweep_optimises_the_mean_over_the_present_ood_sets(data_root, tmp_path)
         cells = [c.strip() for c in line.split("|")[2:-1]]
         assert cells[1] == f"{best[f'test_{name}_auroc']:.4f}"
         assert cells[3] == f"{best[f'msp_test_{name}_auroc']:.4f}"
+    assert "20% of each OOD data set" in report  # what the selection saw
+    loso = report[report.index("Leave one OOD set out"):].split("\n\n")[1].splitlines()
+    assert [line.split("|")[1].strip() for line in loso[2:]] == PRESENT
     # per-image scores: one `kind` per OOD set, whose AUROC they recompute; a ROC panel per set
     scores = load_scores(str(tmp_path / "d"), best["trial_id"])
     test = scores[scores["split"] == "test"]

@@ -10,8 +10,8 @@ import pytest
 from cmg.config import BUDGETS
 
 # every command line with a `build_parser()`; one list, extended when a command is added
-COMMANDS = ["cmg.run", "cmg.train", "cmg.eval", "cmg.score", "tune.sweep", "tune.export",
-            "analysis.report"]
+COMMANDS = ["cmg.run", "cmg.train", "cmg.eval", "cmg.score", "tune.sweep", "tune.replicate",
+            "tune.export", "analysis.report"]
 # options declared once (cmg/cli.py) that must read the same in every command that has them
 SHARED = ["--setting", "--setting-module", "--budget", "--set", "--device", "--data-root",
           "--download", "--quiet", "--ood-dataset", "--backbone", "--backbone-format",

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from cmg.metrics import energy_score, evaluate_logits, msp_score, ood_metrics, softmax_ood_score
+from cmg.config import BASELINES
+from cmg.metrics import (SCORES, energy_score, evaluate_logits, maxlogit_score, msp_score,
+                         ood_metrics, softmax_ood_score)
 
 
 def test_perfect_and_inverted_scores():
@@ -58,8 +60,9 @@ def test_auroc_is_the_rank_statistic_on_random_scores_with_ties():
 def test_scores_use_only_the_ind_logits():
     logits = torch.tensor([[2.0, 0.0, 100.0], [0.0, 0.0, -100.0]])  # K = 2, slot 2 is OOD
     assert torch.allclose(energy_score(logits, 2), -torch.logsumexp(logits[:, :2], 1))
-    assert torch.allclose(msp_score(logits, 2), -torch.softmax(logits[:, :2], 1).amax(1))
-    assert softmax_ood_score(logits, 2)[0] > 0.99 and softmax_ood_score(logits, 2)[1] < 1e-6
+    assert torch.allclose(msp_score(logits, 2), torch.tensor([-2.0, 0.0]))  # log(1/msp - 1)
+    assert torch.equal(maxlogit_score(logits, 2), torch.tensor([-2.0, -0.0]))
+    assert softmax_ood_score(logits, 2)[0] > 90 and softmax_ood_score(logits, 2)[1] < -90
 
 
 def test_evaluate_logits_reports_ind_accuracy():
@@ -67,3 +70,44 @@ def test_evaluate_logits_reports_ind_accuracy():
     logits_ood = torch.zeros(2, 3)
     m = evaluate_logits(logits_ind, torch.tensor([0, 1, 1]), logits_ood, energy_score, 2)
     assert m["ind_acc"] == pytest.approx(2 / 3) and m["auroc"] == 1.0
+
+
+def test_every_baseline_has_a_score():
+    assert list(SCORES) == list(BASELINES) == ["msp", "energy", "maxlogit"]
+
+
+@pytest.mark.parametrize("margins_of", ["msp", "softmax_ood"])
+def test_scores_do_not_saturate_at_large_margins(margins_of):
+    """Top logit leading by 20, 30 and 40: float32 softmax rounds all three to exactly 1.0 (a
+    tie); the scores stay distinct and ordered (larger margin = more confident = lower score)."""
+    margins = torch.tensor([20.0, 30.0, 40.0])
+    if margins_of == "msp":  # K = 3 IND logits plus an OOD slot that must be ignored
+        logits = torch.stack([margins, torch.zeros(3), torch.zeros(3), torch.full((3,), 99.0)], 1)
+        old = torch.softmax(logits[:, :3], 1).amax(1)
+        new = msp_score(logits, 3)
+        assert torch.all(old == 1.0)  # the tie the old score had
+        assert new[0] > new[1] > new[2]  # -> higher = more OOD for the smallest margin
+    else:  # CMG-softmax, K = 2: the OOD slot leads the IND logits by 20, 30, 40
+        logits = torch.stack([torch.zeros(3), torch.zeros(3), margins], 1)
+        old = torch.softmax(logits, 1)[:, 2]
+        new = softmax_ood_score(logits, 2)
+        assert torch.all(old == 1.0)
+        assert new[0] < new[1] < new[2]
+        assert torch.allclose(new, margins - np.log(2.0))
+    assert len(set(new.tolist())) == 3
+
+
+def test_scores_rank_like_the_float64_softmax_on_moderate_logits():
+    """On moderate logits the non-saturating scores give exactly the AUROC of the softmax they
+    replace, computed in float64."""
+    gen = torch.Generator().manual_seed(0)
+    ind = torch.randn(400, 5, generator=gen, dtype=torch.float64) * 3
+    ind[:, 0] += 4  # confident-ish IND images
+    ood = torch.randn(300, 5, generator=gen, dtype=torch.float64) * 3
+    msp64 = lambda x: -torch.softmax(x[:, :4], 1).amax(1)  # noqa: E731
+    pk64 = lambda x: torch.softmax(x, 1)[:, 4]  # noqa: E731
+    for new, reference in ((msp_score, msp64), (softmax_ood_score, pk64)):
+        got = ood_metrics(new(ind.float(), 4), new(ood.float(), 4))["auroc"]
+        want = ood_metrics(reference(ind).numpy(), reference(ood).numpy())["auroc"]
+        assert got == pytest.approx(want, abs=1e-12)
+        assert 0.6 < got < 1.0

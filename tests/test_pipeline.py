@@ -15,7 +15,7 @@ from cmg.stage2 import run_stage2
 def check_metrics(m):
     for part in ("val", "test"):
         assert set(m[part]) == set(METRIC_NAMES)
-        for name in ("msp", "energy"):
+        for name in ("msp", "energy", "maxlogit"):
             assert set(m["baselines"][name][part]) == set(METRIC_NAMES)
         assert all(0 <= v <= 1 for v in m[part].values())
 

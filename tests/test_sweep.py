@@ -48,10 +48,13 @@ def test_every_trial_reports_partitions_in_order_and_the_best_has_five(smoke_swe
         last = t["rows"][-1]
         values = [r["val_auroc"] for r in t["rows"]]
         assert last["val_auroc_mean"] == pytest.approx(sum(values) / 5)
-        assert {"test_auroc_std", "msp_test_auroc_mean", "energy_val_fpr95_mean"} <= set(last)
+        assert {"test_auroc_std", "msp_test_auroc_mean", "energy_val_fpr95_mean",
+                "maxlogit_test_auroc_mean"} <= set(last)
     assert summary["best"]["metrics"]["val_auroc_mean"] == max(
         t["rows"][-1]["val_auroc_mean"] for t in complete)
     assert "best configuration" in smoke_sweep["stdout"]
+    assert "max-logit" in smoke_sweep["stdout"]
+    assert "maxlogit_test_auroc_mean" in summary["best"]["metrics"]
 
 
 def test_stage1_is_trained_once_per_distinct_key(smoke_sweep):

@@ -45,6 +45,8 @@ def stage1_key(setting: str, partition: int, cfg: RunConfig,
     identity = {"format": FORMAT_VERSION, "setting": setting, "partition": partition,
                 "classifier": cfg.to_dict()["classifier"], "cvae": cfg.to_dict()["cvae"],
                 "data": cfg.to_dict()["data"]}
+    if cfg.classifier.label_smoothing:  # smoothed over the K IND classes only (new keys)
+        identity["classifier"] = {**identity["classifier"], "label_smoothing_over": "ind"}
     if backbone is not None:
         identity["classifier"] = {"backbone": backbone.identity(),
                                   "head_width": cfg.classifier.head_width}
@@ -56,7 +58,8 @@ def features_name(ood_sets: tuple[tuple[str, int, int], ...] = ()) -> str:
     """The artifact's features file for an OOD-set layout (`Split.ood_sets`; empty in Setting 1)."""
     if not ood_sets:
         return "features.pt"
-    blob = json.dumps([list(entry) for entry in ood_sets]).encode()
+    # "by-name": each set's val/test split is seeded by its name (earlier: by its list position)
+    blob = json.dumps(["by-name", [list(entry) for entry in ood_sets]]).encode()
     return f"features-{hashlib.sha256(blob).hexdigest()[:12]}.pt"
 
 

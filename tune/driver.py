@@ -27,7 +27,8 @@ from tune.loggers import logger_callbacks
 from tune.search import SweepSearch, SweepSearcher, fail_orphans
 from tune.space import Param, suggest
 from tune.stage1 import NAMESPACE, create_leases
-from tune.trainables import OBJECTIVE, SweepContext, stage1_trainable, stage2_trainable
+from tune.trainables import (OBJECTIVE, SweepContext, stage1_trainable, stage2_trainable,
+                             write_context)
 
 
 class SweepInterrupted(Exception):
@@ -249,6 +250,7 @@ def _search(args, setting, modes, base, space, data_root, storage, name, first, 
                        setting_modules=setting_modules)
     leases = create_leases()  # the actor lives as long as this handle
     ray.get(leases.__ray_ready__.remote())
+    write_context(experiment, ctx, resources, args.max_failures)  # for tune.replicate
     if args.prewarm:
         _prewarm(ctx, experiment, resources, args.quiet, interrupts)
         if interrupts.count:

@@ -136,7 +136,7 @@ def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunCon
                                                     quiet=True, compile_model=compile_model)
         else:
             classifier, clf_hist = _backbone(backbone, split, cfg, device), []
-            local["classifier"] = Path(backbone.path)
+            local["classifier"] = Path(backbone.file(split.partition))
         cvae, cvae_hist = train_cvae(split, cfg.cvae, device, local["cvae"], on_epoch("cvae"),
                                      quiet=True, compile_model=compile_model)
         _publish_features(store, key, split, cfg, classifier)
@@ -177,7 +177,8 @@ def _publish_features(store: ArtifactStore, key: str, split: Split, cfg: RunConf
 
 def _backbone(backbone: BackboneSpec, split: Split, cfg: RunConfig, device: torch.device,
               path: Path | None = None):
-    return backbone.load(split.num_classes, split.family, cfg.classifier.head_width, device, path)
+    return backbone.load(split.num_classes, split.family, cfg.classifier.head_width, device, path,
+                         trained_for=(split.setting, split.partition, split.data))
 
 
 def _load(store: ArtifactStore, key: str, split: Split, cfg: RunConfig, device: torch.device,
@@ -187,10 +188,13 @@ def _load(store: ArtifactStore, key: str, split: Split, cfg: RunConfig, device: 
     if slot not in _LOADED:
         cache = CACHE / "stage1" / key
         fetch = lambda name: store.get_file(key, name, cache / name)  # noqa: E731
-        classifier = (load_stage1_model(fetch("classifier.pt"), "classifier", split, device)
+        # the key holds the data config: models stored before checkpoints recorded it load
+        classifier = (load_stage1_model(fetch("classifier.pt"), "classifier", split, device,
+                                        require_data=False)
                       if backbone is None else
                       _backbone(backbone, split, cfg, device, fetch("backbone.pt")))
-        models = [classifier, load_stage1_model(fetch("cvae.pt"), "cvae", split, device)]
+        models = [classifier, load_stage1_model(fetch("cvae.pt"), "cvae", split, device,
+                                                require_data=False)]
         if store.exists(key, features_file):
             raw = torch.load(fetch(features_file), map_location=device, weights_only=True)
             features = FrozenFeatures(train=raw["train"], evals=raw["evals"],

@@ -35,7 +35,7 @@ from typing import NoReturn
 
 from cmg.cli import (add_backbone_args, add_budget_args, add_compile_arg, add_data_args,
                      add_ood_dataset_arg, add_setting_args, backbone_from_args, write_json)
-from cmg.config import budget_config
+from cmg.config import BASELINES, budget_config
 from cmg.data import load_setting, make_split, resolve_data_root, setting_modules
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
 from tune.artifacts import ArtifactStore
@@ -209,9 +209,10 @@ def main(argv: list[str] | None = None) -> dict:
     first_partition = min(setting.partitions)
     split = make_split(setting, first_partition, base.data, data_root, args.download,
                        args.ood_dataset)  # data present? (Setting 2: which OOD sets?)
-    backbone = backbone_from_args(args)
+    backbone = backbone_from_args(args, tuple(setting.partitions))
     if backbone is not None:  # strict load now: a bad file fails before Ray starts
-        backbone.load(split.num_classes, split.family, base.classifier.head_width)
+        backbone.load(split.num_classes, split.family, base.classifier.head_width,
+                      trained_for=(setting.name, first_partition, base.data))
     if split.skipped_ood_sets:
         print(f"warning: OOD sets not found, skipped: {', '.join(split.skipped_ood_sets)}; the "
               f"objective is the mean over {', '.join(n for n, _, _ in split.ood_sets)}",
@@ -292,7 +293,7 @@ def format_summary(s: dict) -> str:
     if best:
         m = best["metrics"]
         lines.append(f"best configuration (trial {best['trial_id']}): {json.dumps(best['params'])}")
-        for label, prefix in (("CMG", ""), ("max-softmax", "msp_"), ("energy", "energy_")):
+        for label, prefix in (("CMG", ""), *((v, f"{k}_") for k, v in BASELINES.items())):
             lines.append(f"  {label:<12} " + "   ".join(
                 f"{part} AUROC {_mean_sd(m, f'{prefix}{part}_auroc')}" for part in ("val", "test")))
         if m.get("partitions_done") == 1:

@@ -1,7 +1,7 @@
 """Ray Tune trainables: stage 1 for one partition, stage 2 for one configuration over all five.
 
 The stage-2 trainable runs the partitions in a fixed order and reports after each one: that
-partition's metrics (CMG and both baselines, val and test), and the running mean and standard
+partition's metrics (CMG and every baseline, val and test), and the running mean and standard
 deviation of every metric over the partitions done so far. `val_auroc_mean` is the objective;
 ASHA can stop a configuration after one or two partitions. A checkpoint after every partition
 holds the finished partitions, so a retried trial (a crash, a lost node) continues with the next
@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import pickle
 import statistics
 import tempfile
 import time
@@ -63,6 +64,27 @@ class SweepContext:
     name: str = ""  # the experiment's name: stage-1 models it trains record "NAME/TRIAL_ID"
     compile_model: bool = False  # torch.compile stage-1 training (--compile)
     setting_modules: tuple[str, ...] = ()  # imported before the setting is looked up (user's own)
+
+
+CONTEXT_FILE = "sweep-context.pkl"  # EXPERIMENT/CONTEXT_FILE: what tune.replicate re-runs with
+
+
+def write_context(experiment: str, ctx: SweepContext, resources: dict, max_failures: int) -> None:
+    """Keep the sweep's context, trial resources and retries in the experiment folder, so that
+    `tune.replicate` runs more trials exactly like the sweep's."""
+    blob = pickle.dumps({"ctx": ctx, "resources": resources, "max_failures": max_failures})
+    ArtifactStore(experiment).write_bytes("", CONTEXT_FILE, blob)
+
+
+def read_context(experiment: str) -> dict[str, Any]:
+    """`write_context`'s dict: {"ctx", "resources", "max_failures"}."""
+    from analysis.trials import NotAnExperiment
+
+    store = ArtifactStore(experiment)
+    if not store.exists("", CONTEXT_FILE):
+        raise NotAnExperiment(f"{experiment} has no {CONTEXT_FILE}: pass a folder that "
+                              "tune.sweep wrote (STORAGE/NAME), from this version on")
+    return pickle.loads(store.read_bytes("", CONTEXT_FILE))
 
 
 def _device(ctx: SweepContext) -> torch.device:

@@ -15,6 +15,7 @@ split here) validation OOD is a fixed, seeded 20% of each OOD set and the test u
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator
@@ -49,6 +50,7 @@ class Split:
     # (name, images in val_ood_x, images in test_ood_x). Empty: one OOD set, the held-out classes.
     ood_sets: tuple[tuple[str, int, int], ...] = ()
     skipped_ood_sets: tuple[str, ...] = ()  # requested with `all` but not under the data root
+    data: DataConfig = DataConfig()  # the data config it was made with
 
     @property
     def num_classes(self) -> int:
@@ -97,21 +99,28 @@ def _split_train(labels: torch.Tensor, classes, cfg: DataConfig) -> tuple[dict, 
     return train, val
 
 
-def _limit(idx: torch.Tensor, limit: int | None, seed: int, salt: int) -> torch.Tensor:
+def _limit(idx: torch.Tensor, limit: int | None, seed: int, *salt: int) -> torch.Tensor:
     if limit is None or len(idx) <= limit:
         return idx
-    return idx[torch.randperm(len(idx), generator=_seeded(seed, salt))[:limit]]
+    return idx[torch.randperm(len(idx), generator=_seeded(seed, *salt))[:limit]]
+
+
+def name_salt(name: str) -> int:
+    """A stable 32-bit number of an OOD set's name: its split never depends on which other sets
+    are present or in what order."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
 
 
 def _split_ood_sets(sets: dict[str, torch.Tensor], cfg: DataConfig):
     """Setting 2: a fixed, seeded OOD_VAL_FRACTION of every OOD set for validation, the rest for
-    the test (each part capped at eval_limit)."""
+    the test (each part capped at eval_limit), seeded by the set's name."""
     val, test, layout = [], [], []
-    for i, (name, images) in enumerate(sets.items()):
-        order = torch.randperm(len(images), generator=_seeded(cfg.split_seed, 100 + i))
+    for name, images in sets.items():
+        salt = name_salt(name)
+        order = torch.randperm(len(images), generator=_seeded(cfg.split_seed, 100, salt))
         n_val = max(1, round(OOD_VAL_FRACTION * len(images)))
-        v = _limit(order[:n_val], cfg.eval_limit, cfg.split_seed, 200 + i)
-        t = _limit(order[n_val:], cfg.eval_limit, cfg.split_seed, 300 + i)
+        v = _limit(order[:n_val], cfg.eval_limit, cfg.split_seed, 200, salt)
+        t = _limit(order[n_val:], cfg.eval_limit, cfg.split_seed, 300, salt)
         val.append(images[v])
         test.append(images[t])
         layout.append((name, len(v), len(t)))
@@ -156,7 +165,7 @@ def make_split(setting: str | Setting, partition: int, cfg: DataConfig = DataCon
         val_ind_x=train_x[val_ind], val_ind_y=relabel[train_y[val_ind]],
         val_ood_x=val_ood_x,
         test_ind_x=test_x[test_ind], test_ind_y=relabel[test_y[test_ind]],
-        test_ood_x=test_ood_x, **extra,
+        test_ood_x=test_ood_x, data=cfg, **extra,
     )
 
 

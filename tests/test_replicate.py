@@ -1,0 +1,102 @@
+"""Seed replicates: the table's statistics by hand, and tune.replicate on a real local Ray over
+the shared smoke sweep (a second call adds nothing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from analysis.replicates import load_replicates, replicate_table
+from cmg.config import BASELINES
+from tests.conftest import ROOT
+
+
+def _rows() -> pd.DataFrame:
+    """2 seeds x 3 partitions of one configuration, made-up AUROCs."""
+    cmg = {(1, 1): 0.90, (1, 2): 0.80, (1, 3): 0.70, (2, 1): 0.92, (2, 2): 0.86, (2, 3): 0.74}
+    rows = [{"source_trial": "t1", "seed": s, "partition": p, "test_auroc": v,
+             **{f"{b}_test_auroc": v - 0.1 * (s == 1) - 0.02 * k for k, b in enumerate(BASELINES)}}
+            for (s, p), v in cmg.items()]
+    return pd.DataFrame(rows)
+
+
+def test_replicate_table_statistics_by_hand():
+    table = replicate_table(_rows()).set_index("score")
+    cmg = table.loc["CMG"]
+    seed_means = [statistics.fmean([0.90, 0.80, 0.70]), statistics.fmean([0.92, 0.86, 0.74])]
+    assert (cmg["seeds"], cmg["partitions"]) == (2, 3)
+    assert cmg["mean"] == pytest.approx(statistics.fmean([0.90, 0.80, 0.70, 0.92, 0.86, 0.74]))
+    assert cmg["seed_sd"] == pytest.approx(statistics.stdev(seed_means))
+    half = stats.t.ppf(0.975, 1) * statistics.stdev(seed_means) / 2 ** 0.5
+    assert cmg["seed_ci_low"] == pytest.approx(statistics.fmean(seed_means) - half)
+    part_means = [0.91, 0.83, 0.72]
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(part_means) / 3 ** 0.5
+    assert cmg["partition_ci_high"] == pytest.approx(statistics.fmean(part_means) + half)
+    # lifts are paired within (seed, partition): max-softmax is 0.1 below on seed 1 only
+    lift = table.loc["lift vs max-softmax"]
+    assert lift["mean"] == pytest.approx(0.05)
+    assert lift["seed_sd"] == pytest.approx(statistics.stdev([0.1, 0.0]))
+    assert table.loc["lift vs max-logit", "mean"] == pytest.approx(0.05 + 0.04)
+
+
+def _replicate(experiment, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "tune.replicate", str(experiment), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep):
+    experiment = smoke_sweep["experiment"]
+    summary = json.loads((experiment / "summary.json").read_text())
+    proc = _replicate(experiment, "--top", "1", "--seeds", "2", "--quiet")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 runs added" in proc.stdout
+    df = load_replicates(experiment)
+    best = summary["best"]["trial_id"]  # the sweep's best on validation
+    assert set(df["source_trial"]) == {best}
+    assert sorted(set(df["seed"])) == [4, 5]  # the sweep's seed was 3
+    assert len(df) == 2 * 5 and set(df["partition"]) == {1, 2, 3, 4, 5}
+    assert all(df[f"param_{k}"].eq(v).all() for k, v in summary["best"]["params"].items())
+    # new seeds -> new stage-1 models: one per (seed, partition), trained once by this experiment
+    meta = [json.loads(p.read_text())
+            for p in (smoke_sweep["storage"] / "stage1").glob("*/meta.json")]
+    seeded = [m for m in meta if m["config"]["classifier"]["seed"] in (4, 5)]
+    assert sorted((m["config"]["cvae"]["seed"], m["partition"]) for m in seeded) == [
+        (s, p) for s in (4, 5) for p in range(1, 6)]
+    assert all(m["trained_by"].startswith("smoke/") for m in seeded)
+    # a different seed gives a different test AUROC on at least one partition
+    by_seed = df.pivot(index="partition", columns="seed", values="test_auroc")
+    assert (by_seed[4] != by_seed[5]).any()
+    assert "CMG" in proc.stdout and "max-logit" in proc.stdout and "CI over seeds" in proc.stdout
+
+    folders = sorted((experiment / "replicate").glob("*/replicate_trainable_*"))
+    again = _replicate(experiment, "--top", "1", "--seeds", "2", "--quiet")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 runs added" in again.stdout
+    assert sorted((experiment / "replicate").glob("*/replicate_trainable_*")) == folders
+
+
+def _fake_run(experiment, run: str, trial: str, seed: int, aurocs: list[float],
+              total: int = 2) -> None:
+    folder = experiment / "replicate" / run / f"replicate_trainable_{trial}_0_seed={seed}_2026"
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps({"source_trial": "t1", "seed": seed}))
+    (folder / "result.json").write_text("\n".join(json.dumps(
+        {"trial_id": f"{trial}_00000", "partitions_total": total, "partition": p + 1,
+         "test_auroc": a}) for p, a in enumerate(aurocs)))
+
+
+def test_load_replicates_keeps_the_latest_complete_run_of_each_seed(tmp_path):
+    _fake_run(tmp_path, "run-20260101-000000", "aa", 1, [0.5, 0.6])
+    _fake_run(tmp_path, "run-20260102-000000", "bb", 1, [0.7, 0.8])  # seed 1 again: this one
+    _fake_run(tmp_path, "run-20260102-000000", "cc", 2, [0.9])  # incomplete: left out
+    df = load_replicates(tmp_path)
+    assert list(df["test_auroc"]) == [0.7, 0.8] and set(df["seed"]) == {1}
+    assert load_replicates(tmp_path / "nothing").empty

@@ -1,0 +1,147 @@
+"""`python -m tune.replicate EXPERIMENT`: re-run a finished sweep's best configurations with new
+seeds, so that their numbers carry seed variance as well as partition variance.
+
+    python -m tune.replicate experiments/same_dataset_mnist-CMG-energy-demo --top 3 --seeds 3
+
+The top configurations are ranked on validation (mean `val_auroc` over the partitions, complete
+configurations only). Each runs on every partition once per new seed: seeds S+1 .. S+SEEDS, where
+S is the sweep's `--seed`, re-seed stage 1 (classifier and CVAE: new stage-1 keys, trained once
+per seed and reused by every configuration of that seed) and stage 2; the data split stays fixed.
+The sweep's own run (seed S) is not counted: it is the run the configuration was selected on.
+The trials are Ray Tune trials in EXPERIMENT/replicate/run-<time>/ (one Tune run per call),
+with the sweep's resources, retries and stage-1 store (STORAGE/stage1). Running the command
+again adds only the (configuration, seed) pairs that have no complete trial yet. At the end it prints the replicated table, and
+`python -m analysis.report EXPERIMENT` adds it to report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+from pyarrow import fs as pafs
+
+from analysis.replicates import REPLICATE_DIR, load_replicates, replicate_markdown, replicate_table
+from analysis.trials import NotAnExperiment, aggregate, leaderboard, load_trials, open_experiment
+from cmg.config import apply_overrides, seed_overrides
+from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
+from tune.trainables import SweepContext, read_context
+
+
+def build_parser() -> OneLineParser:
+    p = command_parser("python -m tune.replicate", __doc__)
+    p.add_argument("experiment", help="a finished tune.sweep experiment folder (STORAGE/NAME)")
+    p.add_argument("--top", type=int, default=3,
+                   help="configurations to replicate, best mean validation AUROC first")
+    p.add_argument("--seeds", type=int, default=3, help="new seeds per configuration")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join, e.g. auto or HOST:6379 (default: a local Ray)")
+    add_quiet_arg(p)
+    return p
+
+
+def replicate_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
+    """The sweep's stage-2 trainable for one (configuration, seed): the seed replaces the
+    sweep's in every stage (so stage 1 gets its own keys); the data split is unchanged. Its
+    name names the trial folders (analysis.replicates.TRAINABLE)."""
+    from tune.trainables import stage2_trainable
+
+    seeded = replace(ctx, base=apply_overrides(ctx.base, seed_overrides(config["seed"])))
+    params = {k: v for k, v in config.items()
+              if k not in ("source_trial", "seed") and v is not None}  # None: not drawn
+    stage2_trainable(params, seeded)
+
+
+def _read_params(experiment: str, trial_id: str) -> dict[str, Any]:
+    """The selected trial's parameters exactly as Tune gave them (params.json)."""
+    filesystem, root = open_experiment(experiment)
+    infos = filesystem.get_file_info(pafs.FileSelector(root))
+    folder = next(i.path for i in infos if i.base_name.startswith(f"stage2_trainable_{trial_id}_"))
+    with filesystem.open_input_stream(f"{folder}/params.json") as stream:
+        return json.loads(stream.read().decode())
+
+
+def missing_points(experiment: str, top: int, seeds: list[int]) -> tuple[list[str], list[dict]]:
+    """(the top trial ids, ranked on validation; the (configuration, seed) points that have no
+    complete replicate trial yet, as trial configs)."""
+    board = leaderboard(aggregate(load_trials(experiment)), by="val_auroc").head(top)
+    if board.empty:
+        fail(f"{experiment} has no complete configuration to replicate; let the sweep finish "
+             "(python -m tune.sweep ... --resume)")
+    done = load_replicates(experiment)
+    have = set(zip(done["source_trial"], done["seed"])) if not done.empty else set()
+    chosen = list(board["trial_id"])
+    points = [{"source_trial": trial_id, "seed": seed, **_read_params(experiment, trial_id)}
+              for seed in seeds for trial_id in chosen if (trial_id, seed) not in have]
+    return chosen, points
+
+
+def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], address: str | None,
+                   quiet: bool) -> None:
+    """The points as Tune trials in EXPERIMENT/replicate, with the sweep's resources and retries."""
+    import ray
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    from tune.driver import SweepProgress
+    from tune.stage1 import NAMESPACE, create_leases
+
+    ctx: SweepContext = saved["ctx"]
+    ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    try:
+        leases = create_leases()  # the actor lives as long as this handle
+        ray.get(leases.__ray_ready__.remote())
+        trainable = tune.with_resources(tune.with_parameters(replicate_trainable, ctx=ctx),
+                                        saved["resources"])
+        # every key a point sets must exist in the space; a parameter that a configuration did
+        # not draw (conditional, e.g. mask_prob) stays None and is dropped by the trainable
+        space = {key: None for point in points for key in point}
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(
+                search_alg=BasicVariantGenerator(points_to_evaluate=points),
+                num_samples=len(points), reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=time.strftime("run-%Y%m%d-%H%M%S"),
+                storage_path=f"{experiment}/{REPLICATE_DIR}", verbose=0,
+                callbacks=[SweepProgress(len(points), quiet, label="replicate",
+                                         partitions=len(ctx.partitions))],
+                failure_config=tune.FailureConfig(max_failures=saved["max_failures"]),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        tuner.fit()
+    finally:
+        ray.shutdown()
+
+
+@exit_on_usage_error
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.top < 1 or args.seeds < 1:
+        fail("--top and --seeds must be at least 1")
+    experiment = open_experiment(args.experiment)[1] if "://" not in args.experiment \
+        else args.experiment
+    try:
+        saved = read_context(experiment)
+        sweep_seed = saved["ctx"].base.classifier.seed
+        seeds = list(range(sweep_seed + 1, sweep_seed + 1 + args.seeds))
+        chosen, points = missing_points(experiment, args.top, seeds)
+    except NotAnExperiment as err:
+        fail(str(err))
+    started = time.time()
+    if points:
+        if not args.quiet:
+            print(f"[replicate] {len(points)} (configuration, seed) runs to add: configurations "
+                  f"{', '.join(chosen)}, seeds {seeds}", flush=True)
+        run_replicates(experiment, points, saved, args.address, args.quiet)
+    table = replicate_table(load_replicates(experiment), only=chosen, seeds=seeds)
+    print(f"replicate {experiment}: {len(points)} runs added in {time.time() - started:.0f} s")
+    print(replicate_markdown(table))
+    return {"added": len(points), "table": table}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
