@@ -22,7 +22,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from conftest import ROOT, SWEEP_SMOKE, run_sweep
-from tune.manifest import differences, given_options, space_from_manifest
+from tune.manifest import given_options, space_from_manifest
 from tune.sweep import build_parser
 
 SAMPLES = 3
