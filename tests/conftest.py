@@ -46,14 +46,17 @@ def result_rows(trial_folder: Path) -> list[dict]:
 @pytest.fixture(scope="session")
 def smoke_sweep(tmp_path_factory, mnist_available):
     """One real smoke sweep shared by the sweep and analysis tests: 5 trials on real MNIST, two
-    latent sizes (so several stage-1 keys), and a learning rate of 1e30 that diverges in some."""
+    latent sizes (so several stage-1 keys), and a learning rate of 1e30 that diverges in some.
+    One trial at a time, so that the seeded sampler and ASHA see the same history every run: the
+    trials end the same way each time (1 complete, 1 pruned by ASHA at its first partition, 3
+    failed)."""
     storage = tmp_path_factory.mktemp("sweeps")
     space = storage / "space.yaml"
     space.write_text("latent_dim: {choices: [16, 32]}\nlr: {choices: [1.0e-4, 1.0e+30]}\n"
-                     "epochs: 1\n")
+                     "sigma: {low: 2.0, high: 4.0}\nepochs: 1\n")
     proc = run_sweep("--setting", "same_dataset_mnist", "--num-samples", "5", "--storage",
                      str(storage), "--name", "smoke", "--space", str(space), "--max-failures", "0",
-                     "--seed", "3", *SWEEP_SMOKE)
+                     "--seed", "3", "--max-concurrent", "1", *SWEEP_SMOKE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return {"storage": storage, "experiment": storage / "smoke", "stdout": proc.stdout,
             "space": space}

@@ -120,7 +120,7 @@ def test_time_budget_stops_the_sweep_and_still_reports(logged_sweep):
     proc = sweep(logged_sweep["work"], "--setting-module", "my_cmg_settings", "--setting",
                  "my_bands", "--num-samples", "4", "--storage", str(logged_sweep["storage"]),
                  "--name", "budget", "--space", "space.yaml", "--scheduler", "none",
-                 "--time-budget", "0.001s", *SWEEP_SMOKE)
+                 "--no-prewarm", "--time-budget", "0.001s", *SWEEP_SMOKE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((logged_sweep["storage"] / "budget" / "summary.json").read_text())
     assert summary["trials"]["complete"] == 0 and summary["trials"]["total"] < 4

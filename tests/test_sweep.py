@@ -1,11 +1,6 @@
 """The sweep on a real local Ray with real Optuna storage, on real MNIST (smoke budget)."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -14,7 +9,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from conftest import ROOT, SWEEP_SMOKE, result_rows, run_sweep
+from conftest import result_rows, run_sweep
 from tune.artifacts import ArtifactStore
 
 
@@ -98,48 +93,6 @@ def test_a_second_sweep_in_the_same_storage_trains_no_stage1(second_sweep):
     summary = json.loads((second_sweep["experiment"] / "summary.json").read_text())
     assert summary["stage1_trained"] == 0 and summary["stage1_reused"] == 10
     assert "0 trained, 10 reused" in second_sweep["stdout"]
-
-
-def test_killed_driver_resumes_without_losing_or_repeating_trials(tmp_path, mnist_available):
-    # four trials one after the other, each long enough (5 partitions x 4 stage-2 epochs) that
-    # the driver is killed between two partitions of a trial, after another trial completed
-    space = tmp_path / "space.yaml"
-    space.write_text("latent_dim: 32\nepochs: 4\n")
-    args = ["--num-samples", "4", "--storage", str(tmp_path), "--name", "k", "--space",
-            str(space), "--max-concurrent", "1", "--scheduler", "none", *SWEEP_SMOKE]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    log = tmp_path / "driver.log"
-    with open(log, "w") as out:
-        driver = subprocess.Popen([sys.executable, "-m", "tune.sweep", *args], cwd=ROOT, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    experiment = tmp_path / "k"
-
-    def mid_sweep() -> bool:  # a trial complete and another one between two partitions
-        reported = [len(t["rows"]) for t in trials(experiment)]
-        return 5 in reported and any(0 < n < 5 for n in reported)
-
-    deadline = time.time() + 240  # the sweep takes about a minute here
-    try:  # kill the driver (and its local Ray) in that state
-        while not mid_sweep():
-            assert driver.poll() is None, (
-                f"the driver exited (code {driver.returncode}) before it could be killed "
-                f"mid-sweep: {[len(t['rows']) for t in trials(experiment)]} partitions reported"
-                f"\n{log.read_text()[-3000:]}")
-            assert time.time() < deadline, "the sweep did not get going"
-            time.sleep(0.1)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    proc = run_sweep(*args, "--resume", timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    found = trials(experiment)
-    assert len(found) == 4 and all(len(t["rows"]) == 5 for t in found)
-    for t in found:  # no partition reported twice: the interrupted trial continued
-        assert [r["partition"] for r in t["rows"]] == [1, 2, 3, 4, 5]
-    s = study(experiment, "k")
-    states = [t.state for t in s.trials]
-    assert TrialState.RUNNING not in states and states.count(TrialState.COMPLETE) == 4
-    assert len({json.dumps(t["params"], sort_keys=True) for t in found}) == 4
 
 
 @pytest.mark.parametrize("args, words", [
