@@ -8,6 +8,20 @@ from pathlib import Path
 import pytest
 
 
+# Tests that use the shared sweeps: one pytest-xdist worker runs them all, so each sweep is made once
+SHARED_SWEEPS = {"smoke_sweep", "second_sweep"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """With pytest-xdist (`-n 2 --dist loadgroup`, set in pyproject.toml) the two CPU cores run two
+    test modules at once: each module stays on one worker (its module fixtures are made once),
+    and every test of the shared sweeps joins one group on one worker."""
+    for item in items:
+        shared = SHARED_SWEEPS & set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.xdist_group("shared-sweeps" if shared else item.module.__name__))
+
+
 @pytest.fixture(scope="session")
 def mnist_available() -> bool:
     from cmg.data.sources import _find_mnist_dir, resolve_data_root
