@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
-
-
-# Tests that use the shared sweeps: one pytest-xdist worker runs them all, so each sweep is made once
-SHARED_SWEEPS = {"smoke_sweep", "second_sweep"}
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items):
-    """With pytest-xdist (`-n 2 --dist loadgroup`, set in pyproject.toml) the two CPU cores run two
-    test modules at once: each module stays on one worker (its module fixtures are made once),
-    and every test of the shared sweeps joins one group on one worker."""
-    for item in items:
-        shared = SHARED_SWEEPS & set(getattr(item, "fixturenames", ()))
-        item.add_marker(pytest.mark.xdist_group("shared-sweeps" if shared else item.module.__name__))
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +19,9 @@ def mnist_available() -> bool:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every Ray these tests start without an address is a new local one, never a cluster that another
+# test (running at the same time under pytest-xdist) started on this machine
+os.environ.setdefault("RAY_ADDRESS", "local")
 SWEEP_SMOKE = ["--budget", "smoke", "--set", "data.train_limit=192", "--set", "data.eval_limit=64",
                "--quiet"]
 

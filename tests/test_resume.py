@@ -166,32 +166,6 @@ def test_resume_after_sigint_sigterm_and_sigkill_finishes_every_partition_once(i
           f"partitions {list(found.values())}\nstudy {[t.state.name for t in study.trials]}")
 
 
-def test_asha_stops_are_pruned_in_the_study_with_their_last_mean(smoke_sweep):
-    experiment = smoke_sweep["experiment"]
-    study = load_study(experiment, "smoke").trials
-    summary = json.loads((experiment / "summary.json").read_text())
-    counts = {"complete": 0, "pruned": 0, "failed": 0}
-    for folder in experiment.glob("stage2_trainable_*"):
-        params = json.loads((folder / "params.json").read_text())
-        trial, = [t for t in study if all(params[k] == v for k, v in t.params.items())]
-        rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()
-                if line.strip()] if (folder / "result.json").exists() else []
-        if (folder / "error.txt").exists():
-            assert trial.state == TrialState.FAIL and "errored" in trial.system_attrs["fail_reason"]
-            counts["failed"] += 1
-        elif len(rows) < 5:
-            assert trial.state == TrialState.PRUNED
-            assert trial.value == pytest.approx(rows[-1]["val_auroc_mean"])
-            counts["pruned"] += 1
-        else:
-            assert trial.state == TrialState.COMPLETE
-            assert trial.value == pytest.approx(rows[-1]["val_auroc_mean"])
-            counts["complete"] += 1
-    assert counts["pruned"] >= 1
-    assert summary["trials"] == {"total": 5, **counts}
-    assert f"{counts['pruned']} pruned" in smoke_sweep["stdout"]
-
-
 def test_resume_takes_left_out_options_from_the_manifest():
     parser = build_parser()
     argv = ["--resume", "--name", "k", "--num-samples", "8", "--no-prewarm"]

@@ -218,7 +218,7 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        ray.init(address=args.address, namespace=NAMESPACE, include_dashboard=False,
+        ray.init(address=args.address or "local", namespace=NAMESPACE, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
         interrupts = Interrupts()  # after ray.init, which sets its own SIGTERM handler
         summary = _search(args, setting, modes, base, space, data_root, storage, name, first,

@@ -90,8 +90,8 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
     from tune.stage1 import NAMESPACE, create_leases
 
     ctx: SweepContext = saved["ctx"]
-    ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
     try:
         leases = create_leases()  # the actor lives as long as this handle
         ray.get(leases.__ray_ready__.remote())
