@@ -134,6 +134,7 @@ def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
 
 def trial_record(ctx: SweepContext, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     """`trial.json`: what it takes to rebuild a trial's detector or rerun one of its partitions."""
+    import_setting_modules(ctx.setting_modules)  # a user's setting registers itself on import
     return {"setting": ctx.setting, "family": get_setting(ctx.setting).family,
             "budget": ctx.budget, "device": device.type, "threads": torch.get_num_threads(),
             "config": cfg.to_dict(),
