@@ -47,6 +47,17 @@ def result_rows(trial_folder: Path) -> list[dict]:
             if line.endswith("\n") and line.strip()]
 
 
+def assert_refused(storage: Path, *args: str, words: list[str]) -> None:
+    """`python -m tune.sweep --storage STORAGE --budget smoke ARGS` exits 2 with one error line
+    holding every one of `words`, no traceback, and leaves STORAGE uncreated."""
+    proc = run_sweep("--storage", str(storage), "--budget", "smoke", *args, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    for w in words:
+        assert w in proc.stderr
+    assert not storage.exists()
+
+
 @pytest.fixture(scope="session")
 def smoke_sweep(tmp_path_factory, mnist_available):
     """One real smoke sweep shared by the sweep and analysis tests: 5 trials on real MNIST, two

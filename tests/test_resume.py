@@ -21,7 +21,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from conftest import ROOT, SWEEP_SMOKE, run_sweep
+from conftest import ROOT, SWEEP_SMOKE, assert_refused, run_sweep
 from tune.manifest import given_options, space_from_manifest
 from tune.sweep import build_parser
 
@@ -189,13 +189,8 @@ def test_resume_takes_left_out_options_from_the_manifest():
 def test_a_failed_start_exits_2_with_one_line_and_leaves_nothing(tmp_path, args, words):
     (tmp_path / "FILE").write_text("not a folder")
     args = [str(tmp_path / a) if a == "FILE" else a for a in args]
-    storage = tmp_path / "store"
-    proc = run_sweep("--storage", str(storage), "--budget", "smoke", *args, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    for w in words:
-        assert w in proc.stderr
-    assert not storage.exists() and not Path("/proc/nope").exists()
+    assert_refused(tmp_path / "store", *args, words=words)
+    assert not Path("/proc/nope").exists()
 
 
 def test_gpus_that_no_node_has_fail_at_once_and_leave_nothing(tmp_path, mnist_available):

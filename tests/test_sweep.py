@@ -9,7 +9,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from conftest import result_rows, run_sweep
+from conftest import assert_refused, result_rows, run_sweep
 from tune.artifacts import ArtifactStore
 
 
@@ -135,13 +135,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, words):
     (tmp_path / "unknown.yaml").write_text("sigmaa: 3\n")
     (tmp_path / "range.yaml").write_text("sigma: {low: 4, high: 1}\n")
     args = [a if not a.endswith(".yaml") else str(tmp_path / a) for a in args]
-    storage = tmp_path / "store"
-    proc = run_sweep("--storage", str(storage), "--budget", "smoke", *args, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    for w in words:
-        assert w in proc.stderr
-    assert not storage.exists()
+    assert_refused(tmp_path / "store", *args, words=words)
 
 
 def test_existing_experiment_needs_resume(smoke_sweep):
