@@ -1,12 +1,19 @@
-"""Shared fixtures: real MNIST, and one real smoke sweep shared by the sweep tests."""
+"""Shared fixtures: real MNIST, and real smoke sweeps built once per session for every worker."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Callable
 
 import pytest
+from filelock import FileLock
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +45,21 @@ def run_sweep(*args, timeout=540, **popen):
                           capture_output=True, text=True, timeout=timeout, **popen)
 
 
+def run_main(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` run in this process through MODULE's `main(argv)`: its exit code,
+    stdout and stderr as subprocess.run gives them. For commands that stop before any real work
+    (bad input, --help), where a subprocess would spend seconds importing torch and Ray; an
+    exception that `main` lets escape fails the test with its traceback."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            importlib.import_module(module).main(list(args))
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+
+
 def result_rows(trial_folder: Path) -> list[dict]:
     """A trial's reports so far: the complete lines of its `result.json` (Tune appends one JSON
     line per report; a last line without its newline is still being written and is left out)."""
@@ -50,7 +72,7 @@ def result_rows(trial_folder: Path) -> list[dict]:
 def assert_refused(storage: Path, *args: str, words: list[str]) -> None:
     """`python -m tune.sweep --storage STORAGE --budget smoke ARGS` exits 2 with one error line
     holding every one of `words`, no traceback, and leaves STORAGE uncreated."""
-    proc = run_sweep("--storage", str(storage), "--budget", "smoke", *args, timeout=120)
+    proc = run_main("tune.sweep", "--storage", str(storage), "--budget", "smoke", *args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     for w in words:
@@ -58,33 +80,62 @@ def assert_refused(storage: Path, *args: str, words: list[str]) -> None:
     assert not storage.exists()
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], dict]) -> dict:
+    """What `build(folder)` returns (a JSON-able dict), built once per test session, also when
+    pytest-xdist runs the session in several workers: the first worker to ask builds it under a
+    file lock in the session's shared temporary folder, the others wait for it and read its
+    record. Values that are paths come back as strings."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, record = root / name, root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not record.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left behind
+            folder.mkdir()
+            record.write_text(json.dumps(build(folder), default=str))
+    return json.loads(record.read_text())
+
+
 @pytest.fixture(scope="session")
 def smoke_sweep(tmp_path_factory, mnist_available):
-    """One real smoke sweep shared by the sweep and analysis tests: 5 trials on real MNIST, two
-    latent sizes (so several stage-1 keys), and a learning rate of 1e30 that diverges in some.
-    One trial at a time, so that the seeded sampler and ASHA see the same history every run: the
-    trials end the same way each time (1 complete, 1 pruned by ASHA at its first partition, 3
-    failed)."""
-    storage = tmp_path_factory.mktemp("sweeps")
-    space = storage / "space.yaml"
-    space.write_text("latent_dim: {choices: [16, 32]}\nlr: {choices: [1.0e-4, 1.0e+30]}\n"
-                     "sigma: {low: 2.0, high: 4.0}\nepochs: 1\n")
-    proc = run_sweep("--setting", "same_dataset_mnist", "--num-samples", "5", "--storage",
-                     str(storage), "--name", "smoke", "--space", str(space), "--max-failures", "0",
-                     "--seed", "3", "--max-concurrent", "1", *SWEEP_SMOKE)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return {"storage": storage, "experiment": storage / "smoke", "stdout": proc.stdout,
-            "space": space}
+    """One real smoke sweep shared by the sweep, analysis, export and replicate tests (built
+    once for all workers): 5 trials on real MNIST, two latent sizes (so several stage-1 keys),
+    and a learning rate of 1e30 that diverges in some. One trial at a time, so that the seeded
+    sampler and ASHA see the same history every run: the trials end the same way each time (1
+    complete, 1 pruned by ASHA at its first partition, 3 failed). `stage1_keys`: the store's
+    models right after the sweep (later tests add their own to the same store)."""
+    from tune.artifacts import ArtifactStore
+
+    def build(storage: Path) -> dict:
+        space = storage / "space.yaml"
+        space.write_text("latent_dim: {choices: [16, 32]}\nlr: {choices: [1.0e-4, 1.0e+30]}\n"
+                         "sigma: {low: 2.0, high: 4.0}\nepochs: 1\n")
+        proc = run_sweep("--setting", "same_dataset_mnist", "--num-samples", "5", "--storage",
+                         str(storage), "--name", "smoke", "--space", str(space),
+                         "--max-failures", "0", "--seed", "3", "--max-concurrent", "1",
+                         *SWEEP_SMOKE)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return {"storage": storage, "experiment": storage / "smoke", "stdout": proc.stdout,
+                "space": space,
+                "stage1_keys": ArtifactStore(str(storage / "stage1")).keys()}
+
+    built = built_once(tmp_path_factory, "smoke_sweep", build)
+    return {**built, **{k: Path(built[k]) for k in ("storage", "experiment", "space")}}
 
 
 @pytest.fixture(scope="session")
-def second_sweep(smoke_sweep):
+def second_sweep(tmp_path_factory, smoke_sweep):
     """A second sweep in the smoke sweep's storage (so it reuses its stage-1 models): two
-    configurations, no early stopping, both over all five partitions."""
-    space = smoke_sweep["storage"] / "space2.yaml"
-    space.write_text("latent_dim: 32\nlr: 1.0e-4\nepochs: 1\n")
-    proc = run_sweep("--num-samples", "2", "--storage", str(smoke_sweep["storage"]), "--name",
-                     "again", "--space", str(space), "--scheduler", "none", "--seed", "3",
-                     *SWEEP_SMOKE)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return {"experiment": smoke_sweep["storage"] / "again", "stdout": proc.stdout}
+    configurations, no early stopping, both over all five partitions (built once for all
+    workers)."""
+    def build(_: Path) -> dict:
+        space = smoke_sweep["storage"] / "space2.yaml"
+        space.write_text("latent_dim: 32\nlr: 1.0e-4\nepochs: 1\nood_per_batch: 64\n")
+        proc = run_sweep("--num-samples", "2", "--storage", str(smoke_sweep["storage"]),
+                         "--name", "again", "--space", str(space), "--scheduler", "none",
+                         "--seed", "3", *SWEEP_SMOKE)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return {"experiment": smoke_sweep["storage"] / "again", "stdout": proc.stdout}
+
+    built = built_once(tmp_path_factory, "second_sweep", build)
+    return {**built, "experiment": Path(built["experiment"])}

@@ -11,13 +11,13 @@ import torch
 from torch.nn import functional as F
 
 from cifar_data import build_cifar_data_root
-from cmg.backbone import BackboneSpec, CsiResNet18Features, file_sha256, load_backbone
+from cmg.backbone import BackboneSpec, CsiResNet18Features, load_backbone
 from cmg.config import budget_config
 from cmg.errors import UsageError
 from cmg.pipeline import load_partition
 from cmg.stage2 import run_stage2
 from cmg.stage1 import train_cvae
-from conftest import SWEEP_SMOKE, run_sweep
+from conftest import run_main
 from test_cli import SMOKE, assert_usage_error, cli
 
 
@@ -94,14 +94,15 @@ def test_a_renamed_key_is_a_one_line_error_naming_it(csi_checkpoint, data_root, 
     with pytest.raises(UsageError, match=r"missing keys \['layer2\.0\.bn1\.weight'\].*"
                                          r"unexpected keys \['layer2\.0\.bn1\.wieght'\]"):
         load_backbone(broken, "csi", num_classes=10)
-    proc = cli("cmg.run", "--setting", "different_dataset", "--backbone", str(broken),
-               "--backbone-format", "csi", "--data-root", str(data_root),
-               "--out", str(tmp_path / "out"), *SMOKE)
+    proc = run_main("cmg.run", "--setting", "different_dataset", "--backbone", str(broken),
+                    "--backbone-format", "csi", "--data-root", str(data_root),
+                    "--out", str(tmp_path / "out"), *SMOKE)
     assert_usage_error(proc, "layer2.0.bn1.wieght", "--backbone-format")
 
 
 def test_stage2_leaves_the_backbone_bitwise_frozen(csi_checkpoint, data_root):
-    cfg = budget_config("smoke", "cifar", ["cvae.batch_size=100", "stage2.epochs=2"])
+    cfg = budget_config("smoke", "cifar", ["cvae.batch_size=100", "stage2.epochs=2",
+                                           "data.train_limit=100", "data.eval_limit=32"])
     split = load_partition("different_dataset", 1, cfg, "cpu", data_root)
     model = load_backbone(csi_checkpoint, "csi", num_classes=10)
     before = {k: v.clone() for k, v in model.features.state_dict().items()}
@@ -120,7 +121,8 @@ def test_stage2_leaves_the_backbone_bitwise_frozen(csi_checkpoint, data_root):
 def test_run_with_a_csi_backbone_trains_only_the_cvae(csi_checkpoint, data_root, tmp_path):
     proc = cli("cmg.run", "--setting", "different_dataset", "--backbone", str(csi_checkpoint),
                "--backbone-format", "csi", "--data-root", str(data_root), "--out", str(tmp_path),
-               *SMOKE, "--set", "cvae.batch_size=100")
+               *SMOKE, "--set", "cvae.batch_size=100", "--set", "data.train_limit=100",
+               "--set", "data.eval_limit=32")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["seconds"]) == {"cvae", "stage2"}
@@ -166,22 +168,3 @@ def test_stage1_key_includes_the_backbone_files_hash(csi_checkpoint, tmp_path):
     keys = {stage1_key("different_dataset", 1, cfg, backbone=BackboneSpec.from_args(p, "csi"))
             for p in (csi_checkpoint, other)}
     assert len(keys | {stage1_key("different_dataset", 1, cfg)}) == 3
-
-
-def test_smoke_sweep_with_a_backbone(csi_checkpoint, data_root, tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text("epochs: 1\n")
-    proc = run_sweep("--setting", "different_dataset", "--backbone", str(csi_checkpoint),
-                     "--backbone-format", "csi", "--num-samples", "2", "--storage",
-                     str(tmp_path), "--name", "b", "--space", str(space), "--data-root",
-                     str(data_root), "--no-report", *SWEEP_SMOKE,
-                     "--set", "cvae.batch_size=100")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    keys = sorted((tmp_path / "stage1").iterdir())
-    assert len(keys) == 1  # one CVAE for the backbone, reused by both trials
-    meta = json.loads((keys[0] / "meta.json").read_text())
-    assert meta["backbone"] == {"format": "csi", "sha256": file_sha256(csi_checkpoint)}
-    assert meta["classifier_history"] == []  # the backbone is not trained
-    assert (keys[0] / "backbone.pt").exists() and not (keys[0] / "classifier.pt").exists()
-    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
-    assert summary["trials"]["complete"] == 2 and summary["stage1_trained"] == 1

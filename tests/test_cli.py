@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--budget", "smoke", "--quiet", "--device", "cpu"]
 
@@ -43,14 +45,14 @@ def assert_usage_error(proc, *words):
 ])
 def test_run_bad_input(tmp_path, args, words):
     out = tmp_path / "out"
-    assert_usage_error(cli("cmg.run", *args, "--out", str(out), *SMOKE), *words)
+    assert_usage_error(run_main("cmg.run", *args, "--out", str(out), *SMOKE), *words)
     assert not (out / "metrics.json").exists()
 
 
 def test_run_unwritable_output(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_usage_error(cli("cmg.run", "--out", str(blocker / "sub"), *SMOKE), "--out")
+    assert_usage_error(run_main("cmg.run", "--out", str(blocker / "sub"), *SMOKE), "--out")
 
 
 def test_eval_missing_and_corrupt_checkpoints(tmp_path):
@@ -58,11 +60,11 @@ def test_eval_missing_and_corrupt_checkpoints(tmp_path):
     corrupt.write_bytes(b"\x80\x02garbage")
     out = tmp_path / "m.json"
     common = ["--task", "same_dataset_mnist", "--partition", "partition1", "--out", str(out)]
-    proc = cli("cmg.eval", *common, "--params-dict-name", str(tmp_path / "missing.pt"),
-               "--params-dict-name2", str(corrupt), *SMOKE)
+    proc = run_main("cmg.eval", *common, "--params-dict-name", str(tmp_path / "missing.pt"),
+                    "--params-dict-name2", str(corrupt), *SMOKE)
     assert_usage_error(proc, "does not exist", "cmg.train")
-    proc = cli("cmg.eval", *common, "--params-dict-name", str(corrupt),
-               "--params-dict-name2", str(corrupt), *SMOKE)
+    proc = run_main("cmg.eval", *common, "--params-dict-name", str(corrupt),
+                    "--params-dict-name2", str(corrupt), *SMOKE)
     assert_usage_error(proc, "corrupt")
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["corrupt.pt"]
 
@@ -98,7 +100,7 @@ def test_run_writes_metrics_json(mnist_available, tmp_path):
 
 @pytest.mark.parametrize("module", ["cmg.run", "cmg.train", "cmg.eval"])
 def test_help_lists_every_option_with_its_default(module):
-    proc = cli(module, "--help")
+    proc = run_main(module, "--help")
     assert proc.returncode == 0
     for option in ("--budget", "--device", "--data-root", "--download", "--seed", "--quiet",
                    "--set"):

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from ray.cluster_utils import Cluster
 
 from cmg.checkpoint import load_checkpoint
-from conftest import ROOT, SWEEP_SMOKE, result_rows, run_sweep
+from conftest import ROOT, SWEEP_SMOKE, result_rows
 from tune.artifacts import ArtifactStore
 
 # detect a lost node in seconds, not Ray's default half a minute
@@ -38,23 +38,6 @@ def trial_rows(experiment: Path) -> dict[str, list[dict]]:
     """Each trial's reports so far (a trial that has not reported yet has none)."""
     return {folder.name: result_rows(folder)
             for folder in sorted(experiment.glob("stage2_trainable_*"))}
-
-
-def test_a_sweep_spreads_its_trials_over_the_worker_nodes(cluster, tmp_path):
-    c, workers = cluster
-    space = tmp_path / "space.yaml"
-    space.write_text("latent_dim: 32\nlr: 1.0e-4\nepochs: 1\n")
-    # no prewarm: trials that train stage 1 themselves last long enough for the second worker's
-    # process to start (with stage 1 ready, smoke trials take ~2 s and one reused process on one
-    # worker could run them all before the other worker's process is up)
-    proc = run_sweep("--address", c.address, "--num-samples", "4", "--storage", str(tmp_path),
-                     "--name", "multi", "--space", str(space), "--scheduler", "none",
-                     "--no-prewarm", "--no-report", *SWEEP_SMOKE)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = trial_rows(tmp_path / "multi")
-    assert len(rows) == 4 and all(len(r) == 5 for r in rows.values())
-    nodes = {row["node_id"] for r in rows.values() for row in r}
-    assert nodes == {w.node_id for w in workers}  # both workers used, nothing on the head
 
 
 CVAE_EPOCHS = 16  # stage 1 long enough to be killed in the middle
@@ -81,13 +64,15 @@ def _wait_for_partial_stage1(storage: Path, experiment: Path, deadline: float) -
     raise AssertionError("no stage-1 training to interrupt appeared in time")
 
 
-def test_a_lost_worker_loses_nothing(cluster, tmp_path):
-    """Kill the worker node that is training a stage-1 model inside a trial that has finished a
-    partition: the trial is retried from its checkpoint (not from scratch), the stage-1
-    training resumes from its last epoch, and the sweep completes every trial exactly once."""
+def test_a_sweep_spreads_over_the_workers_and_a_lost_worker_loses_nothing(cluster, tmp_path):
+    """Trials run on both worker nodes, never on the head. Kill the worker node that is training
+    a stage-1 model inside a trial that has finished a partition: the trial is retried from its
+    checkpoint (not from scratch), the stage-1 training resumes from its last epoch, and the
+    sweep completes every trial exactly once. No prewarm: the trials train stage 1 themselves,
+    so they last long enough for both workers' processes to start and for the kill."""
     c, workers = cluster
     space = tmp_path / "space.yaml"
-    space.write_text("latent_dim: 32\nlr: 1.0e-4\nepochs: 1\n")
+    space.write_text("latent_dim: 32\nlr: 1.0e-4\nepochs: 1\nood_per_batch: 64\n")
     args = ["--address", c.address, "--num-samples", "4", "--storage", str(tmp_path), "--name",
             "lost", "--space", str(space), "--scheduler", "none", "--no-prewarm",
             "--max-failures", "3", "--no-report", *SWEEP_SMOKE,
@@ -100,7 +85,7 @@ def test_a_lost_worker_loses_nothing(cluster, tmp_path):
         victim = _wait_for_partial_stage1(tmp_path, tmp_path / "lost", time.time() + 200)
         node = next(w for w in workers if w.node_id == victim["node_id"])
         c.remove_node(node, allow_graceful=False)  # a spot worker disappears
-        c.add_node(num_cpus=1)  # and the autoscaler replaces it
+        replacement = c.add_node(num_cpus=1)  # and the autoscaler replaces it
         output, _ = sweep.communicate(timeout=330)
     finally:
         sweep.kill()
@@ -109,6 +94,9 @@ def test_a_lost_worker_loses_nothing(cluster, tmp_path):
 
     rows = trial_rows(tmp_path / "lost")
     assert len(rows) == 4
+    seen = {row["node_id"] for r in rows.values() for row in r}  # both workers, not the head
+    assert {w.node_id for w in workers} <= seen <= {w.node_id for w in workers} | {
+        replacement.node_id}
     for trial in rows.values():  # every partition exactly once, in order: nothing lost or redone
         assert [r["partition"] for r in trial] == [1, 2, 3, 4, 5]
     retried = [t for t in rows.values() if t[0]["trial_id"] == victim["trial"]][0]

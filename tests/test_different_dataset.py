@@ -21,7 +21,9 @@ from cmg.data import make_split
 from cmg.data.ood import load_image_folder
 from cmg.errors import UsageError
 from cifar_data import build_cifar_data_root, noise_png, real_images
-from conftest import SWEEP_SMOKE, run_sweep
+from cmg.backbone import file_sha256
+from conftest import SWEEP_SMOKE, run_main, run_sweep
+from test_backbone import csi_state_dict
 from test_cli import SMOKE, assert_usage_error, cli
 
 PRESENT = ["LSUN", "tinyImageNet", "CIFAR100"]
@@ -76,8 +78,8 @@ def test_a_wrong_size_image_or_an_empty_folder_is_a_one_line_error(tmp_path):
 ])
 def test_eval_with_an_absent_or_unknown_set_named_is_a_one_line_error(data_root, tmp_path, ood,
                                                                          words):
-    proc = cli("cmg.run", "--setting", "different_dataset", "--ood-dataset", ood, "--data-root",
-               str(data_root), "--out", str(tmp_path / "out"), *SMOKE)
+    proc = run_main("cmg.run", "--setting", "different_dataset", "--ood-dataset", ood,
+                    "--data-root", str(data_root), "--out", str(tmp_path / "out"), *SMOKE)
     assert_usage_error(proc, *words)
     assert not (tmp_path / "out" / "metrics.json").exists()
 
@@ -85,7 +87,8 @@ def test_eval_with_an_absent_or_unknown_set_named_is_a_one_line_error(data_root,
 def test_run_reports_every_present_ood_set_and_their_mean(data_root, tmp_path):
     proc = cli("cmg.run", "--setting", "different_dataset", "--ood-dataset", "all",
                "--data-root", str(data_root), "--out", str(tmp_path), *SMOKE,
-               "--set", "classifier.batch_size=100", "--set", "cvae.batch_size=100")
+               "--set", "data.train_limit=100", "--set", "classifier.batch_size=100",
+               "--set", "cvae.batch_size=100")
     assert proc.returncode == 0, proc.stderr
     assert "skipped: SVHN, LSUN-FIX, ImageNet-FIX" in proc.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -100,15 +103,25 @@ def test_run_reports_every_present_ood_set_and_their_mean(data_root, tmp_path):
     assert "test AUROC per OOD set" in proc.stdout and "tinyImageNet" in proc.stdout
 
 
-def test_sweep_optimises_the_mean_over_the_present_ood_sets(data_root, tmp_path):
+def test_sweep_with_a_backbone_optimises_the_mean_over_the_present_ood_sets(data_root, tmp_path):
+    """One Setting-2 sweep on a CSI backbone (its stage 1 trains only the CVAE; the CIFAR
+    classifier's training is covered by the run and stage-1 tests above and below)."""
     space = tmp_path / "space.yaml"
-    space.write_text("epochs: 1\n")
-    proc = run_sweep("--setting", "different_dataset", "--num-samples", "2", "--storage",
+    space.write_text("epochs: 1\nood_per_batch: 64\n")
+    backbone = tmp_path / "last.model"
+    torch.save(csi_state_dict(), backbone)
+    proc = run_sweep("--setting", "different_dataset", "--backbone", str(backbone),
+                     "--backbone-format", "csi", "--num-samples", "2", "--storage",
                      str(tmp_path), "--name", "d", "--space", str(space), "--data-root",
-                     str(data_root), "--no-report", *SWEEP_SMOKE,
-                     "--set", "classifier.batch_size=100", "--set", "cvae.batch_size=100")
+                     str(data_root), "--no-report", *SWEEP_SMOKE, "--set", "cvae.batch_size=100")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "skipped: SVHN, LSUN-FIX, ImageNet-FIX" in proc.stderr
+    keys = sorted((tmp_path / "stage1").iterdir())
+    assert len(keys) == 1  # one CVAE for the backbone, reused by both trials
+    meta = json.loads((keys[0] / "meta.json").read_text())
+    assert meta["backbone"] == {"format": "csi", "sha256": file_sha256(backbone)}
+    assert meta["classifier_history"] == []  # the backbone is not trained
+    assert (keys[0] / "backbone.pt").exists() and not (keys[0] / "classifier.pt").exists()
     rows = [json.loads(line) for f in sorted((tmp_path / "d").glob("stage2_trainable_*"))
             for line in (f / "result.json").read_text().splitlines()]
     assert len(rows) == 2 and all(r["partitions_total"] == 1 for r in rows)
@@ -116,7 +129,7 @@ def test_sweep_optimises_the_mean_over_the_present_ood_sets(data_root, tmp_path)
         assert r["val_auroc_mean"] == pytest.approx(
             np.mean([r[f"val_{s}_auroc"] for s in PRESENT]))
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
-    assert summary["trials"]["complete"] == 2
+    assert summary["trials"]["complete"] == 2 and summary["stage1_trained"] == 1
     assert summary["best"]["metrics"]["val_auroc_std"] is None  # one partition: no spread
     assert "one partition: no spread" in proc.stdout
     # the report shows the selected configuration on every OOD set, beside the baselines
@@ -160,7 +173,8 @@ def test_another_choice_of_ood_sets_reuses_the_stage1_models(data_root, tmp_path
     from tune.artifacts import ArtifactStore, features_name
     from tune.stage1 import ensure_stage1
 
-    cfg = budget_config("smoke", "cifar", ["classifier.batch_size=100", "cvae.batch_size=100"])
+    cfg = budget_config("smoke", "cifar", ["data.train_limit=100", "classifier.batch_size=100",
+                                           "cvae.batch_size=100"])
     store = ArtifactStore(str(tmp_path / "stage1"))
     first_split = make_split("different_dataset", 1, cfg.data, data_root, ood_datasets="LSUN")
     first = ensure_stage1(store, first_split, cfg, torch.device("cpu"))

@@ -42,7 +42,7 @@ def sweep(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Complete
 def logged_sweep(tmp_path_factory):
     work = tmp_path_factory.mktemp("own_setting")
     (work / "my_cmg_settings.py").write_text(SETTING_MODULE)
-    (work / "space.yaml").write_text("latent_dim: 16\nepochs: 1\n")
+    (work / "space.yaml").write_text("latent_dim: 16\nepochs: 1\nood_per_batch: 64\n")
     storage = work / "sweeps"
     proc = sweep(work, "--setting", "my_cmg_settings:my_bands", "--num-samples", "2",
                  "--storage", str(storage), "--name", "logged", "--space", "space.yaml",
@@ -60,7 +60,7 @@ def logged_sweep(tmp_path_factory):
 
 def test_own_setting_from_a_module_runs_in_every_trial(logged_sweep):
     summary = json.loads((logged_sweep["experiment"] / "summary.json").read_text())
-    assert summary["trials"] == {"total": 2, "complete": 2, "stopped": 0, "errored": 0}
+    assert summary["trials"] == {"total": 2, "complete": 2, "pruned": 0, "failed": 0}
     for trial, last in logged_sweep["last"].items():
         assert last["partitions_done"] == 2 and last["partitions_total"] == 2
         assert 0.0 <= last["val_auroc_mean"] <= 1.0

@@ -14,6 +14,7 @@ import pytest
 from scipy import stats
 
 from analysis.replicates import load_replicates, replicate_table
+from analysis.trials import load_trials
 from cmg.config import BASELINES
 from tests.conftest import ROOT
 
@@ -55,29 +56,29 @@ def _replicate(experiment, *args):
 def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep):
     experiment = smoke_sweep["experiment"]
     summary = json.loads((experiment / "summary.json").read_text())
-    proc = _replicate(experiment, "--top", "1", "--seeds", "2", "--quiet")
+    proc = _replicate(experiment, "--top", "1", "--seeds", "1", "--quiet")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "2 runs added" in proc.stdout
+    assert "1 runs added" in proc.stdout
     df = load_replicates(experiment)
     best = summary["best"]["trial_id"]  # the sweep's best on validation
     assert set(df["source_trial"]) == {best}
-    assert sorted(set(df["seed"])) == [4, 5]  # the sweep's seed was 3
-    assert len(df) == 2 * 5 and set(df["partition"]) == {1, 2, 3, 4, 5}
+    assert sorted(set(df["seed"])) == [4]  # the sweep's seed was 3
+    assert len(df) == 5 and set(df["partition"]) == {1, 2, 3, 4, 5}
     assert all(df[f"param_{k}"].eq(v).all() for k, v in summary["best"]["params"].items())
     # new seeds -> new stage-1 models: one per (seed, partition), trained once by this experiment
     meta = [json.loads(p.read_text())
             for p in (smoke_sweep["storage"] / "stage1").glob("*/meta.json")]
-    seeded = [m for m in meta if m["config"]["classifier"]["seed"] in (4, 5)]
+    seeded = [m for m in meta if m["config"]["classifier"]["seed"] == 4]
     assert sorted((m["config"]["cvae"]["seed"], m["partition"]) for m in seeded) == [
-        (s, p) for s in (4, 5) for p in range(1, 6)]
+        (4, p) for p in range(1, 6)]
     assert all(m["trained_by"].startswith("smoke/") for m in seeded)
-    # a different seed gives a different test AUROC on at least one partition
-    by_seed = df.pivot(index="partition", columns="seed", values="test_auroc")
-    assert (by_seed[4] != by_seed[5]).any()
+    # a different seed gives a different test AUROC than the sweep's own run on some partition
+    swept = load_trials(experiment).query("trial_id == @best").set_index("partition")
+    assert any(swept.loc[p, "test_auroc"] != a for p, a in zip(df["partition"], df["test_auroc"]))
     assert "CMG" in proc.stdout and "max-logit" in proc.stdout and "CI over seeds" in proc.stdout
 
     folders = sorted((experiment / "replicate").glob("*/replicate_trainable_*"))
-    again = _replicate(experiment, "--top", "1", "--seeds", "2", "--quiet")
+    again = _replicate(experiment, "--top", "1", "--seeds", "1", "--quiet")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "0 runs added" in again.stdout
     assert sorted((experiment / "replicate").glob("*/replicate_trainable_*")) == folders

@@ -127,6 +127,8 @@ def _prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool,
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(stage1_trainable, ctx=ctx), resources),
         param_space={"partition": tune.grid_search(missing)},
+        # a process trains several partitions in turn: torch, the data and warm kernels once
+        tune_config=tune.TuneConfig(reuse_actors=True),
         run_config=tune.RunConfig(
             name="stage1", storage_path=experiment, verbose=0,
             callbacks=[SweepProgress(len(missing), quiet, label="stage 1"),

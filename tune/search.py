@@ -69,6 +69,11 @@ class SweepSearcher(OptunaSearch):
                 if error else f"Ray Tune trial {trial_id} ended without reporting {self.metric}")
             self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.FAIL)
         elif result.get("partitions_done", 0) < result.get("partitions_total", 0):
+            # Ray Tune hands a stopping result to on_trial_complete only, never to
+            # on_trial_result: report it, so the pruned trial's value is its last running mean.
+            step = result.get("training_iteration")
+            if step is not None and step not in self._frozen(trial_id).intermediate_values:
+                self._ot_trials[trial_id].report(value, step)
             self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
         else:
             self._ot_study.tell(self._ot_trials[trial_id], value, state=TrialState.COMPLETE)
