@@ -29,7 +29,7 @@ BASELINE_STYLE = {key: (label, COLORS.get(key, "black")) for key, label in BASEL
 
 
 def _scatter(ax, x, y, complete: pd.Series, color: str = "tab:blue") -> None:
-    ax.scatter(x[complete], y[complete], color=color, label="5 partitions", zorder=3)
+    ax.scatter(x[complete], y[complete], color=color, label="all partitions", zorder=3)
     ax.scatter(x[~complete], y[~complete], facecolors="none", edgecolors=color,
                label="fewer partitions", zorder=3)
 

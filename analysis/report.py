@@ -34,7 +34,6 @@ from cmg.config import BASELINES
 from cmg.errors import (OneLineParser, add_quiet_arg, atomic_write, command_parser,
                         ensure_writable_dir, exit_on_usage_error, fail)
 
-FIGURES = ("history", "params", "partitions", "importance")
 
 
 def build_parser() -> OneLineParser:

@@ -24,15 +24,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # cmg/, and the tests' data-root builder
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
 from cmg.backbone import BackboneSpec  # noqa: E402
 from cmg.config import budget_config  # noqa: E402
 from cmg.data import get_setting  # noqa: E402
+from cmg.data.synthetic import write_cifar_data_root  # noqa: E402
 from cmg.pipeline import flat_metrics, run_partition  # noqa: E402
-from cifar_data import build_cifar_data_root  # noqa: E402
 
 REAL = {"same_dataset_mnist"}
 CIFAR_SMOKE = ["classifier.epochs=4", "cvae.epochs=4", "stage2.epochs=3", "data.eval_limit=60"]
@@ -70,7 +70,7 @@ def main() -> int:
     print(f"device: {name}, torch {torch.__version__}")
     rows, failures = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        data_root = build_cifar_data_root(Path(tmp) / "data", real=False)
+        data_root = write_cifar_data_root(Path(tmp) / "data")
         for setting, budget, family, mode, extra, backbone in CASES:
             cfg = budget_config(budget, family, [f"stage2.mode={mode}", *extra])
             work = Path(tmp) / setting  # modes share stage 1; the second run resumes/reuses it

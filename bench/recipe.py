@@ -30,7 +30,8 @@ from common import parser, setup
 from cmg.checkpoint import load_checkpoint
 from cmg.config import ClassifierConfig
 from cmg.models import build_classifier, ind_logits
-from cmg.stage1 import prepare, train_classifier
+from cmg.precision import prepare
+from cmg.stage1 import train_classifier
 from cmg.stage2 import extract_features
 
 

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from common import auroc, parser, reference_loader, report, setup, timed
 from cmg.config import Stage2Config
-from cmg.data.settings import DEFAULT_SIGMA
+from cmg.config import DEFAULT_SIGMA
 from cmg.generate import generate_pseudo_ood
 from cmg.metrics import cmg_score, energy_score
 from cmg.stage1 import train_classifier, train_cvae

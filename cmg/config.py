@@ -56,12 +56,16 @@ class CVAEConfig:
     amp: bool = True
 
 
+# The reference's std of z at generation, by model family (Stage2Config.sigma None means this).
+DEFAULT_SIGMA = {"mnist": 3.0, "cifar": 5.0}
+
+
 @dataclass(frozen=True)
 class Stage2Config:
     """Stage 2: class-mixed generation and fine-tuning of the classifier head."""
 
     mode: str = "CMG-energy"
-    sigma: float | None = None  # std of z at generation; None = the setting's default (3 / 5)
+    sigma: float | None = None  # std of z at generation; None = DEFAULT_SIGMA of the family
     mixing: str = "mask"  # "mask": per-coordinate pick (reference); "convex": Dirichlet weights
     mask_prob: float = 0.5  # probability that a coordinate comes from the first mixed class
     num_mixed: int = 2  # classes mixed per pseudo-OOD sample

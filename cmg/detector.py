@@ -37,6 +37,7 @@ from cmg.backbone import BackboneSpec, file_sha256
 from cmg.config import RunConfig
 from cmg.errors import _umask, fail
 from cmg.metrics import SCORES, cmg_score
+from cmg.models import ind_logits
 from cmg.scores import selected_head
 from cmg.stage1 import load_stage1_model
 from cmg.stage2 import _frozen, extract_features
@@ -125,7 +126,7 @@ class Detector:
             feats = extract_features(self.classifier, x[start:start + batch_size].to(self.device),
                                      amp)
             logits, stage1 = self.head(feats), self.classifier.head(feats)
-            parts["pred"].append(logits[:, :k].argmax(dim=1))
+            parts["pred"].append(ind_logits(logits, k).argmax(dim=1))
             parts["cmg"].append(cmg_score(logits, k, self.meta["mode"]))
             for name, fn in SCORES.items():
                 parts[name].append(fn(stage1, k))

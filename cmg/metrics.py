@@ -11,6 +11,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from cmg.config import BASELINES
+from cmg.models.classifier import ind_logits
 
 
 def msp_score(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -18,7 +19,7 @@ def msp_score(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
     `logsumexp_{j != argmax}(l_j - l_max)` = log(1 / max_softmax - 1), strictly decreasing in the
     max softmax. The max softmax itself is exactly 1.0 in float32 once the top logit leads by
     about 17, so confident IND and OOD images would tie."""
-    ind = logits[:, :num_classes].float()
+    ind = ind_logits(logits, num_classes).float()
     top = ind.amax(dim=1, keepdim=True)
     others = (ind - top).scatter(1, ind.argmax(dim=1, keepdim=True), float("-inf"))
     return torch.logsumexp(others, dim=1)
@@ -26,12 +27,12 @@ def msp_score(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def energy_score(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Energy E(x) = -logsumexp of the K IND logits (never the OOD slot)."""
-    return -torch.logsumexp(logits[:, :num_classes].float(), dim=1)
+    return -torch.logsumexp(ind_logits(logits, num_classes).float(), dim=1)
 
 
 def maxlogit_score(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Max-logit baseline (MLS; Vaze et al., ICLR 2022): `-max_k l_k` over the K IND logits."""
-    return -logits[:, :num_classes].float().amax(dim=1)
+    return -ind_logits(logits, num_classes).float().amax(dim=1)
 
 
 def softmax_ood_score(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -39,7 +40,7 @@ def softmax_ood_score(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
     `l_K - logsumexp(l_0..l_{K-1})` = log(p_K / (1 - p_K)): strictly increasing in p_K, and
     never rounded to 0 or 1 as p_K is in float32."""
     logits = logits.float()
-    return logits[:, num_classes] - torch.logsumexp(logits[:, :num_classes], dim=1)
+    return logits[:, num_classes] - torch.logsumexp(ind_logits(logits, num_classes), dim=1)
 
 
 def cmg_score(logits: torch.Tensor, num_classes: int, mode: str) -> torch.Tensor:
@@ -91,6 +92,6 @@ def evaluate_logits(logits_ind: torch.Tensor, labels_ind: torch.Tensor, logits_o
         metrics = {m: float(np.mean([v[m] for v in per_set.values()]))
                    for m in next(iter(per_set.values()))}
         metrics["ood_sets"] = per_set
-    pred = logits_ind[:, :num_classes].argmax(dim=1)
+    pred = ind_logits(logits_ind, num_classes).argmax(dim=1)
     metrics["ind_acc"] = float((pred == labels_ind.to(pred.device)).float().mean())
     return metrics

@@ -78,7 +78,7 @@ def run_partition(setting: str, partition: int, cfg: RunConfig,
                   backbone: BackboneSpec | None = None,
                   compile_model: bool = False) -> dict[str, Any]:
     """With a `backbone`, it replaces the stage-1 classifier: stage 1 trains only the CVAE.
-    `compile_model`: torch.compile the stage-1 training steps (see cmg.stage1.maybe_compile)."""
+    `compile_model`: torch.compile the stage-1 training steps (see cmg.precision.maybe_compile)."""
     device = torch.device(device)
     if backbone is not None:  # checked before any data is loaded
         s = get_setting(setting)

@@ -12,10 +12,8 @@ with the same config resumes from; a per-epoch callback (Ray Tune reports throug
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -25,7 +23,8 @@ from cmg.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpo
 from cmg.config import ClassifierConfig, CVAEConfig, DataConfig
 from cmg.data import Split, batches, random_crop_flip, to_float
 from cmg.errors import fail
-from cmg.models import CVAE, Classifier, build_classifier, build_cvae, cvae_loss
+from cmg.models import CVAE, Classifier, build_classifier, build_cvae, cvae_loss, ind_logits
+from cmg.precision import autocast, maybe_compile, prepare
 from cmg.progress import Progress
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -33,44 +32,6 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the model, epoch and config."""
-
-
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast for training: on CUDA when asked; a no-op elsewhere (bf16 training on the
-    CPU was slower than fp32 here)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX; read from /proc/cpuinfo)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
-
-
-def inference_autocast(device: torch.device, amp: bool):
-    """bf16 autocast for frozen-network inference (features, pseudo-OOD): on CUDA when asked, and
-    on CPUs with native bf16, where it halves the time of the frozen forward passes that
-    dominate stage 2 (MNIST network: 2.53 -> 1.32 ms per image on this machine's CPU)."""
-    dtype_device = device.type if device.type in ("cuda", "cpu") else "cpu"
-    enabled = amp and (device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()))
-    return torch.autocast(dtype_device, dtype=torch.bfloat16, enabled=enabled)
-
-
-def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
-    """`torch.compile` for the training steps of long trainings (the returned model is used for
-    the forward pass only; weights, checkpoints and inference stay on `model`). Compiling costs
-    about 40 s per network on this 2-core CPU and then ran MNIST classifier steps 1.14x faster,
-    so it pays only over thousands of steps: it is off unless asked for (`--compile`)."""
-    return torch.compile(model) if enabled else model
-
-
-def prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -176,7 +137,7 @@ def ind_smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, num_classe
     nll = F.nll_loss(log_p, y)
     if not smoothing:
         return nll
-    return (1 - smoothing) * nll - smoothing * log_p[:, :num_classes].mean(dim=1).mean()
+    return (1 - smoothing) * nll - smoothing * ind_logits(log_p, num_classes).mean(dim=1).mean()
 
 
 def train_classifier(split: Split, cfg: ClassifierConfig = ClassifierConfig(),

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from cmg.config import Stage2Config
+from cmg.config import DEFAULT_SIGMA, Stage2Config
 from cmg.data import Split, to_float
-from cmg.data.settings import DEFAULT_SIGMA
 from cmg.generate import generate_pseudo_ood
 from cmg.metrics import SCORES, cmg_score, energy_score, evaluate_logits
 from cmg.models import CVAE, Classifier
 from cmg.progress import Progress
-from cmg.stage1 import TrainingDiverged, inference_autocast
+from cmg.precision import inference_autocast
+from cmg.stage1 import TrainingDiverged
 
 CHUNK = 1024  # images per frozen-network forward pass
 

@@ -19,8 +19,9 @@ from analysis.report import write_report
 from cmg.config import budget_config
 from cmg.data import make_split
 from cmg.data.ood import load_image_folder
+from cmg.data.synthetic import noise_png
 from cmg.errors import UsageError
-from cifar_data import build_cifar_data_root, noise_png, real_images
+from cifar_data import build_cifar_data_root, real_images
 from cmg.backbone import file_sha256
 from conftest import SWEEP_SMOKE, run_main, run_sweep
 from test_backbone import csi_state_dict
@@ -171,7 +172,7 @@ def test_another_choice_of_ood_sets_reuses_the_stage1_models(data_root, tmp_path
     """The OOD sets evaluated are not part of stage 1: a sweep on other OOD data finds the
     models trained for the first and only computes their features for the new sets."""
     from tune.artifacts import ArtifactStore, features_name
-    from tune.stage1 import ensure_stage1
+    from tune.shared_stage1 import ensure_stage1
 
     cfg = budget_config("smoke", "cifar", ["data.train_limit=100", "classifier.batch_size=100",
                                            "cvae.batch_size=100"])

@@ -12,7 +12,7 @@ import torch
 from cmg.config import budget_config
 from cmg.data import make_split
 from tune.artifacts import ArtifactStore, stage1_key
-from tune.stage1 import Stage1Leases, ensure_stage1
+from tune.shared_stage1 import Stage1Leases, ensure_stage1
 
 CFG = budget_config("smoke", overrides=["data.train_limit=96", "data.eval_limit=32",
                                         "classifier.epochs=1", "cvae.epochs=1"])

@@ -26,7 +26,7 @@ from tune.artifacts import ArtifactStore, stage1_key
 from tune.loggers import logger_callbacks
 from tune.search import SweepSearch, SweepSearcher, fail_orphans
 from tune.space import Param, suggest
-from tune.stage1 import NAMESPACE, create_leases
+from tune.shared_stage1 import NAMESPACE, create_leases
 from tune.trainables import (OBJECTIVE, SweepContext, stage1_trainable, stage2_trainable,
                              write_context)
 

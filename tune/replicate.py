@@ -87,7 +87,7 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
     from ray.tune.search import BasicVariantGenerator
 
     from tune.driver import SweepProgress
-    from tune.stage1 import NAMESPACE, create_leases
+    from tune.shared_stage1 import NAMESPACE, create_leases
 
     ctx: SweepContext = saved["ctx"]
     ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False,

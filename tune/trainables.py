@@ -40,7 +40,7 @@ from cmg.stage2 import run_stage2
 from tune.artifacts import ArtifactStore, put_bytes
 from tune.layout import TRIAL_FILE, head_file, scores_file
 from tune.space import Param, to_overrides
-from tune.stage1 import ensure_stage1, get_leases, node_id
+from tune.shared_stage1 import ensure_stage1, get_leases, node_id
 
 OBJECTIVE = "val_auroc_mean"
 

@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from cmg.config import DEFAULT_SIGMA
 from cmg.errors import fail
 
 # IND class ids per partition (the reference's table); the other classes are OOD. IND classes are
@@ -47,8 +48,6 @@ Source = Callable[[Path, bool], RawData]
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
 
-# Reference sigma of z at generation, by model family.
-DEFAULT_SIGMA = {"mnist": 3.0, "cifar": 5.0}
 # The input images of each model family: uint8 channels x height x width.
 IMAGE_SHAPE = {"mnist": (1, 28, 28), "cifar": (3, 32, 32)}
 
