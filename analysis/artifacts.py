@@ -1,4 +1,4 @@
-"""The files a sweep writes into each trial folder beside Tune's own (`tune.layout`): the trial's
+"""The files a sweep writes into each trial folder beside Tune's own (`cmg.results`): the trial's
 record (`trial.json`) and its per-image scores, read from a local folder or a pyarrow URI; and
 the `python -m cmg.run` command that reproduces one partition of a trial.
 
@@ -18,17 +18,17 @@ from pyarrow import fs as pafs
 
 from analysis.trials import NotAnExperiment, open_experiment
 from cmg.config import budget_config
-from tune.layout import TRIAL_FILE, scores_file
+from cmg.results import TRIAL_FILE, TRIAL_PREFIX, scores_file
 
 SCORE_INFO = ("split", "kind", "label", "partition")  # the columns that are not scores
 
 
 def trial_folder(experiment: str, trial_id: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) of a trial's folder (Tune names it `stage2_trainable_<id>_...`)."""
+    """(filesystem, path) of a trial's folder (Tune names it `<TRIAL_PREFIX>_<id>_...`)."""
     filesystem, root = open_experiment(experiment)
     infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     found = [i.path for i in infos if i.type == pafs.FileType.Directory
-             and i.base_name.startswith(f"stage2_trainable_{trial_id}_")]
+             and i.base_name.startswith(f"{TRIAL_PREFIX}_{trial_id}_")]
     if len(found) != 1:
         raise NotAnExperiment(f"no trial {trial_id} in {experiment}; the trial ids are in "
                               "report/summary.csv")

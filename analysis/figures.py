@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from analysis.artifacts import score_columns
 from analysis.trials import is_complete, leaderboard
-from cmg.config import BASELINES
+from cmg.results import BASELINES
 from cmg.errors import atomic_write
 
 COLORS = {"msp": "tab:gray", "energy": "tab:brown", "maxlogit": "tab:purple"}
@@ -97,7 +97,7 @@ def params_figure(table: pd.DataFrame, by: str = "val_auroc") -> Figure:
 def partitions_figure(df: pd.DataFrame, table: pd.DataFrame, top: int = 3,
                       by: str = "val_auroc") -> Figure:
     """Test AUROC per partition of the `top` configurations (ranked on validation) against
-    the baselines (cmg.config.BASELINES) from the same stage-1 classifiers."""
+    the baselines (cmg.results.BASELINES) from the same stage-1 classifiers."""
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
     board = leaderboard(table, by=by).head(top)

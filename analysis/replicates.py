@@ -5,7 +5,7 @@ seeds x partitions, with its between-seed spread and a seed-level interval.
     table = replicate_table(df)                # one row per (configuration, score)
     print(replicate_markdown(table))
 
-Per configuration and score (CMG, each baseline of cmg.config.BASELINES, and CMG's lift over
+Per configuration and score (CMG, each baseline of cmg.results.BASELINES, and CMG's lift over
 each baseline, paired within (seed, partition)):
 - `mean`: over every (seed, partition);
 - `seed_sd`: the sample sd of the seed-level means (one mean over the partitions per seed);
@@ -24,10 +24,8 @@ from pyarrow import fs as pafs
 from scipy import stats
 
 from analysis.trials import NotAnExperiment, load_trials, open_experiment
-from cmg.config import BASELINES
+from cmg.results import BASELINES, REPLICATE_DIR, REPLICATE_PREFIX
 
-REPLICATE_DIR = "replicate"  # EXPERIMENT/replicate/run-<time>/: one Tune run per call
-TRAINABLE = "replicate_trainable"
 
 
 def load_replicates(experiment: str | Path) -> pd.DataFrame:
@@ -40,7 +38,7 @@ def load_replicates(experiment: str | Path) -> pd.DataFrame:
     frames = []
     for run in sorted(i.path for i in infos if i.type == pafs.FileType.Directory):
         try:
-            frames.append(load_trials(run, trainable=TRAINABLE).assign(run=run))
+            frames.append(load_trials(run, trainable=REPLICATE_PREFIX).assign(run=run))
         except NotAnExperiment:  # a call that was stopped before its first trial
             continue
     empty = pd.DataFrame(columns=["trial_id", "source_trial", "seed", "partition", "run"])

@@ -30,10 +30,9 @@ from analysis.replicates import load_replicates, replicate_markdown, replicate_t
 from analysis.study import importance
 from analysis.trials import (NotAnExperiment, aggregate, leaderboard, leave_one_set_out,
                              load_trials, ood_sets, open_experiment)
-from cmg.config import BASELINES
 from cmg.errors import (OneLineParser, add_quiet_arg, atomic_write, command_parser,
                         ensure_writable_dir, exit_on_usage_error, fail)
-
+from cmg.results import BASELINES, is_uri
 
 
 def build_parser() -> OneLineParser:
@@ -306,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         root = open_experiment(args.experiment)[1]
         df = load_trials(args.experiment)  # fails before any folder is created
         out = Path(args.out) if args.out else (
-            Path(f"{root.rsplit('/', 1)[-1]}-report") if "://" in args.experiment
+            Path(f"{root.rsplit('/', 1)[-1]}-report") if is_uri(args.experiment)
             else Path(root) / "report")
         ensure_writable_dir(out)
         files = write_report(args.experiment, out, args.study_storage, args.by, args.top, df)

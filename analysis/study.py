@@ -22,8 +22,7 @@ from pyarrow import fs as pafs
 
 from analysis.trials import (NotAnExperiment, aggregate, check_selection_metric, is_complete,
                              load_trials, open_experiment)
-
-JOURNAL = "optuna.journal"  # where tune.sweep keeps the study when no --study-storage is given
+from cmg.results import STUDY_JOURNAL
 
 
 def load_study(experiment: str | Path, study_storage: str | None = None):
@@ -38,10 +37,10 @@ def load_study(experiment: str | Path, study_storage: str | None = None):
     name = root.rstrip("/").rsplit("/", 1)[-1]
     if study_storage is not None:
         storage = study_storage
-    elif isinstance(filesystem, pafs.LocalFileSystem) and Path(root, JOURNAL).is_file():
-        storage = JournalStorage(JournalFileBackend(str(Path(root, JOURNAL))))
+    elif isinstance(filesystem, pafs.LocalFileSystem) and Path(root, STUDY_JOURNAL).is_file():
+        storage = JournalStorage(JournalFileBackend(str(Path(root, STUDY_JOURNAL))))
     else:
-        raise NotAnExperiment(f"no Optuna study in {experiment} ({JOURNAL}); pass the URL the "
+        raise NotAnExperiment(f"no Optuna study in {experiment} ({STUDY_JOURNAL}); pass the URL the "
                               "sweep used with --study-storage")
     try:
         return optuna.load_study(study_name=name, storage=storage)

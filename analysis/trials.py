@@ -11,23 +11,16 @@ filesystem URI (`s3://bucket/sweeps/NAME`, `file:///...`), while the sweep runs 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pandas as pd
 from pyarrow import fs as pafs
 from scipy import stats
 
-from cmg.config import BASELINES, METRIC_NAMES
+from cmg.results import (ALL_METRICS, BASELINES, OOD_SET_METRIC, TRIAL_PREFIX, open_storage,
+                         partition_mean_std, trial_number)
 
 PARTITIONS = 5  # Setting 1; a sweep's reports say how many they have (`partitions_total`)
-# CMG's flat metric names and the baselines', as the sweep reports them (cmg.pipeline.flat_metrics)
-CMG_METRICS = [f"{part}_{name}" for part in ("val", "test") for name in METRIC_NAMES]
-ALL_METRICS = CMG_METRICS + [f"{b}_{m}" for b in BASELINES for m in CMG_METRICS]
-# different_dataset also reports every OOD set's own metrics (`test_SVHN_auroc`,
-# `msp_val_LSUN_fpr95`, ...)
-OOD_SET_METRIC = re.compile(rf"^(?:(?:{'|'.join(BASELINES)})_)?(?:val|test)_(?P<set>.+?)_"
-                            r"(?P<metric>auroc|aupr_in|aupr_out|fpr95)$")
 
 
 class NotAnExperiment(ValueError):
@@ -36,13 +29,10 @@ class NotAnExperiment(ValueError):
 
 def open_experiment(experiment: str | Path) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local folder or a pyarrow filesystem URI."""
-    text = str(experiment)
-    if "://" in text:
-        try:
-            return pafs.FileSystem.from_uri(text)
-        except Exception as err:  # pyarrow raises several types for unusable URIs
-            raise NotAnExperiment(f"cannot open {text}: {err}") from None
-    return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+    try:
+        return open_storage(str(experiment))
+    except Exception as err:  # pyarrow raises several types for unusable URIs
+        raise NotAnExperiment(f"cannot open {experiment}: {err}") from None
 
 
 def _read_text(filesystem: pafs.FileSystem, path: str) -> str | None:
@@ -53,13 +43,7 @@ def _read_text(filesystem: pafs.FileSystem, path: str) -> str | None:
         return None
 
 
-def _trial_number(folder_name: str, trainable: str = "stage2_trainable") -> int:
-    """Tune names trial folders `<trainable>_<id>_<number>_<params>_<date>`."""
-    match = re.match(rf"{trainable}_[0-9a-f]+_(\d+)_", folder_name)
-    return int(match.group(1)) if match else -1
-
-
-def load_trials(experiment: str | Path, trainable: str = "stage2_trainable") -> pd.DataFrame:
+def load_trials(experiment: str | Path, trainable: str = TRIAL_PREFIX) -> pd.DataFrame:
     """One row per (trial, partition) reported: trial_id, trial_number (Tune's order of
     creation), status, partitions_total (5, or 1 for different_dataset), partition, the trial's parameters (prefixed `param_`) and every metric of
     CMG and of the baselines.
@@ -76,7 +60,7 @@ def load_trials(experiment: str | Path, trainable: str = "stage2_trainable") -> 
         raise NotAnExperiment(f"cannot list {experiment}: {err}") from None
     folders = sorted((i for i in infos if i.type == pafs.FileType.Directory
                       and i.base_name.startswith(f"{trainable}_")),
-                     key=lambda i: (_trial_number(i.base_name, trainable), i.base_name))
+                     key=lambda i: (trial_number(i.base_name, trainable), i.base_name))
     if not folders:
         raise NotAnExperiment(f"{experiment} holds no sweep trials ({trainable}_* folders); "
                               "pass the folder that tune.sweep wrote (STORAGE/NAME)")
@@ -90,7 +74,7 @@ def load_trials(experiment: str | Path, trainable: str = "stage2_trainable") -> 
         total = max((r.get("partitions_total", PARTITIONS) for r in rows), default=PARTITIONS)
         status = ("error" if failed else "complete" if len(rows) >= total else "incomplete")
         trial_id = rows[0]["trial_id"] if rows else folder.base_name.split("_")[2]
-        base = {"trial_id": trial_id, "trial_number": _trial_number(folder.base_name, trainable),
+        base = {"trial_id": trial_id, "trial_number": trial_number(folder.base_name, trainable),
                 "status": status, "partitions_total": total,
                 **{f"param_{k}": v for k, v in params.items()}}
         for row in rows or [{}]:
@@ -127,8 +111,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
                **group[params].iloc[0].to_dict()}
         t = stats.t.ppf(0.975, n - 1) if n > 1 else float("nan")
         for metric in ALL_METRICS + per_set + lifts:
-            values = group[metric].astype(float)
-            mean, std = values.mean(), values.std(ddof=1)
+            mean, std = partition_mean_std(group[metric].astype(float))
             half = t * std / n ** 0.5
             row.update({f"{metric}_mean": mean, f"{metric}_std": std,
                         f"{metric}_ci_low": mean - half, f"{metric}_ci_high": mean + half})

@@ -12,7 +12,8 @@ import torch
 
 from cmg.backbone import FORMATS as BACKBONE_FORMATS
 from cmg.backbone import BackboneSpec
-from cmg.config import BASELINES, BUDGET_NOTES, BUDGETS, MODES, RunConfig, budget_config
+from cmg.config import BUDGET_NOTES, BUDGETS, MODES, RunConfig, budget_config
+from cmg.results import BASELINES
 from cmg.data import OOD_LOADERS, Setting, load_setting, parse_partition, setting_names
 from cmg.errors import add_quiet_arg, atomic_write, fail
 
@@ -132,7 +133,7 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
-    """A small table: CMG beside the baselines (cmg.config.BASELINES), validation and test."""
+    """A small table: CMG beside the baselines (cmg.results.BASELINES), validation and test."""
     b = metrics["baselines"]
     rows = [("CMG (" + metrics["mode"] + ")", metrics["val"], metrics["test"]),
             *((label, b[key]["val"], b[key]["test"]) for key, label in BASELINES.items())]

@@ -18,10 +18,6 @@ from typing import Any, Iterable
 from cmg.errors import fail
 
 MODES = ("CMG-energy", "CMG-softmax")
-METRIC_NAMES = ("auroc", "aupr_in", "aupr_out", "fpr95", "ind_acc")
-# The baseline scores every result carries beside CMG's (their functions: cmg.metrics.SCORES),
-# key -> the label tables and figures print. Iterate over this to cover every baseline.
-BASELINES = {"msp": "max-softmax", "energy": "energy", "maxlogit": "max-logit"}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from cmg.config import BASELINES
+from cmg.results import BASELINES
 from cmg.models.classifier import ind_logits
 
 
@@ -47,9 +47,9 @@ def cmg_score(logits: torch.Tensor, num_classes: int, mode: str) -> torch.Tensor
     return (softmax_ood_score if mode == "CMG-softmax" else energy_score)(logits, num_classes)
 
 
-# the baselines, one entry per key of cmg.config.BASELINES (same order)
+# the baselines, one entry per key of cmg.results.BASELINES (same order)
 SCORES = {"msp": msp_score, "energy": energy_score, "maxlogit": maxlogit_score}
-assert tuple(SCORES) == tuple(BASELINES), "cmg.config.BASELINES and SCORES must list the same keys"
+assert tuple(SCORES) == tuple(BASELINES), "cmg.results.BASELINES and SCORES must list the same keys"
 
 
 def ood_metrics(score_ind, score_ood) -> dict[str, float]:

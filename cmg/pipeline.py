@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from cmg.backbone import BackboneSpec
-from cmg.config import BASELINES, METRIC_NAMES, RunConfig
+from cmg.config import RunConfig
 from cmg.data import Split, get_setting, make_split
-from cmg.stage1 import train_classifier, train_cvae
+from cmg.results import BASELINES, METRIC_NAMES
+from cmg.stage1 import train_stage1
 from cmg.stage2 import Stage2Result, run_stage2
 
 
@@ -80,24 +81,18 @@ def run_partition(setting: str, partition: int, cfg: RunConfig,
     """With a `backbone`, it replaces the stage-1 classifier: stage 1 trains only the CVAE.
     `compile_model`: torch.compile the stage-1 training steps (see cmg.precision.maybe_compile)."""
     device = torch.device(device)
+    frozen = None
     if backbone is not None:  # checked before any data is loaded
         s = get_setting(setting)
-        classifier = backbone.load(len(s.ind_classes(partition)), s.family,
-                                   cfg.classifier.head_width, device,
-                                   trained_for=(setting, partition, cfg.data))
+        frozen = backbone.load(len(s.ind_classes(partition)), s.family, cfg.classifier.head_width,
+                               device, trained_for=(setting, partition, cfg.data))
     split = load_partition(setting, partition, cfg, device, data_root, download, ood_datasets)
-    ckpt = (lambda name: Path(workdir) / name) if workdir is not None else (lambda name: None)
-    seconds = {}
+    checkpoint = (lambda kind: Path(workdir) / f"{kind}.pt") if workdir is not None else (
+        lambda kind: None)
+    stage1 = train_stage1(split, cfg, device, frozen, checkpoint, quiet=quiet,
+                          compile_model=compile_model)
     t = time.perf_counter()
-    if backbone is None:
-        classifier, _ = train_classifier(split, cfg.classifier, device, ckpt("classifier.pt"),
-                                         quiet=quiet, compile_model=compile_model)
-        seconds["classifier"] = time.perf_counter() - t
-    t = time.perf_counter()
-    cvae, _ = train_cvae(split, cfg.cvae, device, ckpt("cvae.pt"), quiet=quiet,
-                         compile_model=compile_model)
-    seconds["cvae"] = time.perf_counter() - t
-    t = time.perf_counter()
-    result = run_stage2(classifier, cvae, split, cfg.stage2, device, cfg.classifier.amp, quiet)
-    seconds["stage2"] = time.perf_counter() - t
+    result = run_stage2(stage1.classifier, stage1.cvae, split, cfg.stage2, device,
+                        cfg.classifier.amp, quiet)
+    seconds = {**stage1.seconds, "stage2": time.perf_counter() - t}
     return result_dict(split, cfg, result, seconds, budget, backbone)

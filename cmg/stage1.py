@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from typing import Any, Callable
 
 import torch
 from torch.nn import functional as F
 
 from cmg.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
-from cmg.config import ClassifierConfig, CVAEConfig, DataConfig
+from cmg.config import ClassifierConfig, CVAEConfig, DataConfig, RunConfig
 from cmg.data import Split, batches, random_crop_flip, to_float
 from cmg.errors import fail
 from cmg.models import CVAE, Classifier, build_classifier, build_cvae, cvae_loss, ind_logits
@@ -162,7 +163,7 @@ def train_classifier(split: Split, cfg: ClassifierConfig = ClassifierConfig(),
         logits = net(x)
         loss = ind_smoothed_cross_entropy(logits.float(), y, split.num_classes,
                                           cfg.label_smoothing)
-        acc = (logits[:, :split.num_classes].argmax(1) == y).float().mean()
+        acc = (ind_logits(logits, split.num_classes).argmax(1) == y).float().mean()
         return loss, {"loss": loss, "acc": acc}
 
     history = _fit("classifier", model, split, cfg, device, loss_fn, checkpoint, callback, quiet)
@@ -187,6 +188,46 @@ def train_cvae(split: Split, cfg: CVAEConfig = CVAEConfig(), device: str | torch
 
     history = _fit("cvae", model, split, cfg, device, loss_fn, checkpoint, callback, quiet)
     return model, history
+
+
+@dataclasses.dataclass
+class Stage1Result:
+    """A partition's stage-1 models, their per-epoch histories and training seconds (no
+    "classifier" history or seconds when a frozen backbone took the classifier's place)."""
+
+    classifier: torch.nn.Module
+    cvae: CVAE
+    histories: dict[str, list[dict[str, float]]]
+    seconds: dict[str, float]
+
+
+def train_stage1(split: Split, cfg: RunConfig, device: str | torch.device = "cpu",
+                 backbone: torch.nn.Module | None = None,
+                 checkpoint: Callable[[str], str | os.PathLike | None] = lambda kind: None,
+                 callback: Callable[[str], EpochCallback | None] = lambda kind: None,
+                 quiet: bool = False, compile_model: bool = False) -> Stage1Result:
+    """Stage 1 of one partition: the IND classifier (or `backbone`, a loaded frozen network, in
+    its place: then only the CVAE trains), then the CVAE. `checkpoint(kind)` and
+    `callback(kind)` give each model's checkpoint path and per-epoch callback ("classifier" or
+    "cvae"); with a checkpoint a training resumes from it.
+
+        result = train_stage1(split, cfg, "cuda", checkpoint=lambda kind: f"ckpt/{kind}.pt")
+        result.classifier, result.cvae, result.seconds["cvae"]"""
+    histories, seconds = {}, {}
+    started = time.perf_counter()
+    if backbone is None:
+        classifier, histories["classifier"] = train_classifier(
+            split, cfg.classifier, device, checkpoint("classifier"), callback("classifier"),
+            quiet=quiet, compile_model=compile_model)
+        seconds["classifier"] = time.perf_counter() - started
+    else:
+        classifier = backbone
+    started = time.perf_counter()
+    cvae, histories["cvae"] = train_cvae(split, cfg.cvae, device, checkpoint("cvae"),
+                                         callback("cvae"), quiet=quiet,
+                                         compile_model=compile_model)
+    seconds["cvae"] = time.perf_counter() - started
+    return Stage1Result(classifier, cvae, histories, seconds)
 
 
 def check_trained_for(state: dict[str, Any], path: str | os.PathLike, setting: str,

@@ -60,10 +60,41 @@ def test_missing_experiment_is_a_clear_error(tmp_path):
         load_trials(tmp_path)
 
 
-def test_analysis_imports_neither_torch_nor_ray():
-    code = "import analysis, sys; print('torch' in sys.modules, 'ray' in sys.modules)"
+ANALYSIS = ["analysis", "analysis.artifacts", "analysis.figures", "analysis.replicates",
+            "analysis.report", "analysis.study", "analysis.trials"]
+CONTRACT = ["cmg.results", "cmg.errors", "cmg.config"]  # what analysis may use of the project
+
+
+def loaded_modules(*modules: str) -> set[str]:
+    """The top-level and project modules a fresh interpreter holds after importing `modules`."""
+    code = (f"import sys, {', '.join(modules)}; print(*sorted(m for m in sys.modules "
+            "if '.' not in m or m.split('.')[0] in ('cmg', 'tune', 'analysis')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert out.stdout.split() == ["False", "False"], out.stderr
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.split())
+
+
+def test_analysis_uses_only_the_contract_modules_of_the_project():
+    loaded = loaded_modules(*ANALYSIS)
+    assert "torch" not in loaded and "ray" not in loaded
+    project = {m for m in loaded if m.split(".")[0] in ("cmg", "tune")}
+    assert project <= {"cmg", *CONTRACT}, project
+
+
+def test_the_contract_modules_import_only_the_standard_library():
+    loaded = loaded_modules(*CONTRACT)
+    outside = {m for m in loaded if m.split(".")[0] not in sys.stdlib_module_names
+               and m not in ("cmg", *CONTRACT) and not m.startswith("_")}
+    assert not outside, outside
+
+
+def test_trial_folders_are_named_after_the_contracts_prefixes():
+    from cmg.results import REPLICATE_PREFIX, TRIAL_PREFIX
+    from tune.replicate import replicate_trainable
+    from tune.trainables import stage2_trainable
+
+    assert (stage2_trainable.__name__, replicate_trainable.__name__) == (TRIAL_PREFIX,
+                                                                         REPLICATE_PREFIX)
 
 
 def test_load_trials_reads_a_pyarrow_uri_like_a_folder(smoke_sweep):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmg.config import BASELINES
+from cmg.results import BASELINES
 from cmg.metrics import (SCORES, energy_score, evaluate_logits, maxlogit_score, msp_score,
                          ood_metrics, softmax_ood_score)
 

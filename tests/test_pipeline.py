@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from cmg.config import METRIC_NAMES, Stage2Config, budget_config
+from cmg.config import Stage2Config, budget_config
+from cmg.results import METRIC_NAMES
 from cmg.pipeline import load_partition, run_partition
 from cmg.stage1 import train_classifier, train_cvae
 from cmg.stage2 import run_stage2

@@ -15,7 +15,7 @@ from scipy import stats
 
 from analysis.replicates import load_replicates, replicate_table
 from analysis.trials import load_trials
-from cmg.config import BASELINES
+from cmg.results import BASELINES
 from tests.conftest import ROOT
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from analysis.report import selection_note
 from analysis.trials import leave_one_set_out
-from cmg.config import BASELINES
+from cmg.results import BASELINES
 
 
 def _table() -> pd.DataFrame:

@@ -33,6 +33,7 @@ from pyarrow import fs as pafs
 
 from cmg.backbone import BackboneSpec
 from cmg.config import RunConfig
+from cmg.results import open_storage
 
 FORMAT_VERSION = 1
 
@@ -73,10 +74,7 @@ def put_bytes(filesystem: pafs.FileSystem, target: str, data: bytes) -> None:
 
 
 def _open(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    path = Path(uri).expanduser().resolve()
-    return pafs.LocalFileSystem(), str(path)
+    return open_storage(uri)
 
 
 class ArtifactStore:

@@ -22,13 +22,13 @@ from ray.tune.search import ConcurrencyLimiter
 from cmg.config import RunConfig
 from cmg.errors import fail
 from cmg.progress import Progress
+from cmg.results import OBJECTIVE
 from tune.artifacts import ArtifactStore, stage1_key
 from tune.loggers import logger_callbacks
 from tune.search import SweepSearch, SweepSearcher, fail_orphans
 from tune.space import Param, suggest
 from tune.shared_stage1 import NAMESPACE, create_leases
-from tune.trainables import (OBJECTIVE, SweepContext, stage1_trainable, stage2_trainable,
-                             write_context)
+from tune.trainables import SweepContext, stage1_trainable, stage2_trainable, write_context
 
 
 class SweepInterrupted(Exception):

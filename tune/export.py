@@ -30,9 +30,9 @@ from cmg.data import get_setting
 from cmg.detector import SCALING, write_detector
 from cmg.errors import (OneLineParser, command_parser, ensure_writable_dir, exit_on_usage_error,
                         fail)
+from cmg.results import TRIAL_FILE, head_file, scores_file
 from cmg.scores import ind_threshold
 from tune.artifacts import ArtifactStore
-from tune.layout import TRIAL_FILE, head_file, scores_file
 
 STAGE1_KEEP = ("format", "version", "kind", "setting", "partition", "family", "num_classes",
                "config", "model", "epoch")  # what loading a classifier needs (no optimizer)

@@ -21,6 +21,7 @@ import os
 import re
 
 from cmg.errors import fail
+from cmg.results import is_uri
 
 # logger -> (the package it needs, how to install it)
 LOGGERS = {
@@ -37,7 +38,7 @@ def check_loggers(names: list[str], storage: str) -> None:
         package, install = LOGGERS[name]
         if importlib.util.find_spec(package) is None:
             fail(f"--logger {name} needs the {package} package: {install}")
-    if "mlflow" in names and "://" in storage and not os.environ.get("MLFLOW_TRACKING_URI"):
+    if "mlflow" in names and is_uri(storage) and not os.environ.get("MLFLOW_TRACKING_URI"):
         fail("--logger mlflow with a remote --storage: set MLFLOW_TRACKING_URI")
 
 

@@ -32,7 +32,6 @@ from typing import Any
 from cmg.config import RunConfig
 from tune.space import Param
 
-MANIFEST = "manifest.json"
 PACKAGE = "cmg-sweep"
 ROOT = Path(__file__).resolve().parents[1]
 # options that may change between runs of one sweep: where and how long it runs, what it prints

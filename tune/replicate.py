@@ -24,10 +24,11 @@ from typing import Any
 
 from pyarrow import fs as pafs
 
-from analysis.replicates import REPLICATE_DIR, load_replicates, replicate_markdown, replicate_table
+from analysis.replicates import load_replicates, replicate_markdown, replicate_table
 from analysis.trials import NotAnExperiment, aggregate, leaderboard, load_trials, open_experiment
 from cmg.config import apply_overrides, seed_overrides
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
+from cmg.results import REPLICATE_DIR, TRIAL_PREFIX, is_uri
 from tune.trainables import SweepContext, read_context
 
 
@@ -59,7 +60,7 @@ def _read_params(experiment: str, trial_id: str) -> dict[str, Any]:
     """The selected trial's parameters exactly as Tune gave them (params.json)."""
     filesystem, root = open_experiment(experiment)
     infos = filesystem.get_file_info(pafs.FileSelector(root))
-    folder = next(i.path for i in infos if i.base_name.startswith(f"stage2_trainable_{trial_id}_"))
+    folder = next(i.path for i in infos if i.base_name.startswith(f"{TRIAL_PREFIX}_{trial_id}_"))
     with filesystem.open_input_stream(f"{folder}/params.json") as stream:
         return json.loads(stream.read().decode())
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.top < 1 or args.seeds < 1:
         fail("--top and --seeds must be at least 1")
-    experiment = open_experiment(args.experiment)[1] if "://" not in args.experiment \
+    experiment = open_experiment(args.experiment)[1] if not is_uri(args.experiment) \
         else args.experiment
     try:
         saved = read_context(experiment)

@@ -30,7 +30,7 @@ from cmg.backbone import BackboneSpec
 from cmg.checkpoint import load_checkpoint
 from cmg.config import RunConfig
 from cmg.data import Split
-from cmg.stage1 import load_stage1_model, train_classifier, train_cvae
+from cmg.stage1 import load_stage1_model, train_stage1
 from cmg.stage2 import FrozenFeatures, freeze_features
 from tune.artifacts import ArtifactStore, features_name, stage1_key
 
@@ -130,23 +130,20 @@ def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunCon
                     report(kind, epoch, metrics)
             return callback
 
-        if backbone is None:
-            classifier, clf_hist = train_classifier(split, cfg.classifier, device,
-                                                    local["classifier"], on_epoch("classifier"),
-                                                    quiet=True, compile_model=compile_model)
-        else:
-            classifier, clf_hist = _backbone(backbone, split, cfg, device), []
+        models = train_stage1(split, cfg, device, _backbone(backbone, split, cfg, device)
+                              if backbone is not None else None, local.get, on_epoch,
+                              quiet=True, compile_model=compile_model)
+        if backbone is not None:
             local["classifier"] = Path(backbone.file(split.partition))
-        cvae, cvae_hist = train_cvae(split, cfg.cvae, device, local["cvae"], on_epoch("cvae"),
-                                     quiet=True, compile_model=compile_model)
-        _publish_features(store, key, split, cfg, classifier)
+        _publish_features(store, key, split, cfg, models.classifier)
         for name, path in local.items():
             store.put_file(key, f"{'backbone' if backbone and name == 'classifier' else name}.pt",
                            path)
         store.write_json(key, "meta.json", {
             "key": key, "setting": split.setting, "partition": split.partition,
             "config": {k: v for k, v in cfg.to_dict().items() if k != "stage2"},
-            "classifier_history": clf_hist, "cvae_history": cvae_hist,
+            "classifier_history": models.histories.get("classifier", []),
+            "cvae_history": models.histories["cvae"],
             "seconds": round(time.time() - started, 3), "device": str(device),
             "resumed_from": resumed_from, "node_id": node_id(), "trained_by": owner,
             "compiled": compile_model,

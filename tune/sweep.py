@@ -35,13 +35,14 @@ from typing import NoReturn
 
 from cmg.cli import (add_backbone_args, add_budget_args, add_compile_arg, add_data_args,
                      add_ood_dataset_arg, add_setting_args, backbone_from_args, write_json)
-from cmg.config import BASELINES, budget_config
+from cmg.config import budget_config
+from cmg.results import BASELINES, MANIFEST, STUDY_JOURNAL, SUMMARY, TRIAL_PREFIX, is_uri
 from cmg.data import load_setting, make_split, resolve_data_root, setting_modules
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
 from tune.artifacts import ArtifactStore
 from tune.loggers import LOGGERS, check_loggers, parse_duration
-from tune.manifest import (MANIFEST, build_manifest, differences, given_options,
-                           space_from_manifest, with_manifest_defaults)
+from tune.manifest import (build_manifest, differences, given_options, space_from_manifest,
+                           with_manifest_defaults)
 from tune.space import default_space, first_point, load_space_file, mode_choices
 
 
@@ -99,7 +100,7 @@ def _join(storage: str, *parts: str) -> str:
 
 
 def _resolve_storage(storage: str) -> str:
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
 
 
 def _study_storage(url: str | None, experiment: str):
@@ -112,14 +113,14 @@ def _study_storage(url: str | None, experiment: str):
             return optuna.storages.RDBStorage(url)
         except Exception as err:  # bad URL, missing driver, unreachable server
             fail(f"cannot open study storage {url} ({type(err).__name__}); check --study-storage")
-    if "://" in experiment:
+    if is_uri(experiment):
         fail("--storage is remote: pass --study-storage URL (e.g. postgresql://...) for the study")
-    return JournalStorage(JournalFileBackend(os.path.join(experiment, "optuna.journal")))
+    return JournalStorage(JournalFileBackend(os.path.join(experiment, STUDY_JOURNAL)))
 
 
 def _probe_address(address: str | None) -> None:
     """A HOST:PORT that nothing listens on fails in seconds, not after Ray's GCS timeouts."""
-    if not address or address == "auto" or "://" in address or ":" not in address:
+    if not address or address == "auto" or is_uri(address) or ":" not in address:
         return
     host, _, port = address.rpartition(":")
     try:
@@ -139,7 +140,7 @@ def _check_resources(args) -> None:
 def _make_experiment_dir(experiment: str) -> Path | None:
     """Create the local experiment folder; return the top folder this call created (to remove
     it if the sweep fails before its first trial), None for a URI or an existing folder."""
-    if "://" in experiment:
+    if is_uri(experiment):
         return None
     path = Path(experiment)
     top = path
@@ -160,7 +161,7 @@ def _make_experiment_dir(experiment: str) -> Path | None:
 
 def _remove_created(top: Path | None, experiment: str) -> None:
     """Undo `_make_experiment_dir` unless a trial started (its results are kept)."""
-    if top is None or not top.exists() or any(Path(experiment).glob("stage2_trainable_*")):
+    if top is None or not top.exists() or any(Path(experiment).glob(f"{TRIAL_PREFIX}_*")):
         return
     shutil.rmtree(top, ignore_errors=True)
 
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
               file=sys.stderr)
     if args.study_storage:  # a bad URL fails now, before the experiment folder exists
         _study_storage(args.study_storage, experiment)
-    elif "://" in experiment:
+    elif is_uri(experiment):
         fail("--storage is remote: pass --study-storage URL (e.g. postgresql://...) for the study")
     _probe_address(args.address)
     args.storage, args.name, args.data_root = storage, name, data_root  # resolved, for the manifest
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary["wall_seconds"] = round(time.time() - started, 1)
     try:
         if "://" not in experiment:
-            write_json(Path(experiment) / "summary.json", summary)
+            write_json(Path(experiment) / SUMMARY, summary)
         print(format_summary(summary))
         if args.report and summary["trials"]["total"]:
             print(_write_report(experiment, args.study_storage))
@@ -268,7 +269,7 @@ def _interrupted(done: int, total: int, storage: str, name: str) -> NoReturn:
 
 def _write_report(experiment: str, study_storage: str | None) -> str:
     """The analysis report beside the results (local storage); for a URI, the command to run."""
-    if "://" in experiment:
+    if is_uri(experiment):
         return f"report: python -m analysis.report {experiment} --study-storage URL"
     from analysis.report import write_report
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import pickle
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,14 +33,13 @@ from cmg.backbone import BackboneSpec
 from cmg.config import DataConfig, RunConfig, apply_overrides
 from cmg.data import get_setting, import_setting_modules, make_split
 from cmg.pipeline import flat_metrics, result_dict
+from cmg.results import CONTEXT_FILE, TRIAL_FILE, head_file, partition_mean_std, scores_file
 from cmg.scores import score_table, to_parquet_bytes
 from cmg.stage2 import run_stage2
 from tune.artifacts import ArtifactStore, put_bytes
-from tune.layout import TRIAL_FILE, head_file, scores_file
 from tune.space import Param, to_overrides
 from tune.shared_stage1 import ensure_stage1, get_leases, node_id
 
-OBJECTIVE = "val_auroc_mean"
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,6 @@ class SweepContext:
     setting_modules: tuple[str, ...] = ()  # imported before the setting is looked up (user's own)
 
 
-CONTEXT_FILE = "sweep-context.pkl"  # EXPERIMENT/CONTEXT_FILE: what tune.replicate re-runs with
 
 
 def write_context(experiment: str, ctx: SweepContext, resources: dict, max_failures: int) -> None:
@@ -144,14 +140,12 @@ def trial_record(ctx: SweepContext, cfg: RunConfig, device: torch.device) -> dic
                          if ctx.backbone else None)}
 
 
-def aggregate(records: list[dict[str, float]]) -> dict[str, float]:
-    """Mean and sample standard deviation (NaN for one partition) over partitions of every flat
-    metric: the same statistics that `analysis.aggregate` computes from the trial files."""
+def running_aggregate(records: list[dict[str, float]]) -> dict[str, float]:
+    """`<key>_mean` and `<key>_std` of every flat metric over the partitions done so far
+    (cmg.results.partition_mean_std, as analysis.aggregate computes them from the files)."""
     out = {}
     for name in records[0]:
-        values = [r[name] for r in records]
-        out[f"{name}_mean"] = statistics.fmean(values)
-        out[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
+        out[f"{name}_mean"], out[f"{name}_std"] = partition_mean_std(r[name] for r in records)
     return out
 
 
@@ -202,7 +196,7 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
             tune.report({
                 "partitions_done": len(done), "partitions_total": len(ctx.partitions),
                 "partition": partition,
-                **record["metrics"], **aggregate([r["metrics"] for r in done]),
+                **record["metrics"], **running_aggregate([r["metrics"] for r in done]),
                 "stage1_key": models.key, "stage1_trained": record["stage1_trained"],
                 "stage1_trained_total": sum(r["stage1_trained"] for r in done),
                 "selected_epoch": result.selected_epoch,
