@@ -108,13 +108,14 @@ def test_sweep_with_a_backbone_optimises_the_mean_over_the_present_ood_sets(data
     """One Setting-2 sweep on a CSI backbone (its stage 1 trains only the CVAE; the CIFAR
     classifier's training is covered by the run and stage-1 tests above and below)."""
     space = tmp_path / "space.yaml"
-    space.write_text("epochs: 1\nood_per_batch: 64\n")
+    space.write_text("epochs: 1\nood_per_batch: 64\nlatent_dim: 32\n")  # one stage-1 key
     backbone = tmp_path / "last.model"
     torch.save(csi_state_dict(), backbone)
     proc = run_sweep("--setting", "different_dataset", "--backbone", str(backbone),
                      "--backbone-format", "csi", "--num-samples", "2", "--storage",
                      str(tmp_path), "--name", "d", "--space", str(space), "--data-root",
-                     str(data_root), "--no-report", *SWEEP_SMOKE, "--set", "cvae.batch_size=100")
+                     str(data_root), "--no-report", *SWEEP_SMOKE, "--set", "cvae.batch_size=100",
+                     "--set", "data.train_limit=100", "--set", "data.eval_limit=32")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "skipped: SVHN, LSUN-FIX, ImageNet-FIX" in proc.stderr
     keys = sorted((tmp_path / "stage1").iterdir())
