@@ -59,6 +59,7 @@ def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep):
     proc = _replicate(experiment, "--top", "1", "--seeds", "1", "--quiet")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 runs added" in proc.stdout
+    assert "Configuration for experiment" not in proc.stdout + proc.stderr  # no Ray box
     df = load_replicates(experiment)
     best = summary["best"]["trial_id"]  # the sweep's best on validation
     assert set(df["source_trial"]) == {best}

@@ -114,6 +114,17 @@ class SweepProgress(tune.Callback):
         self._finish(trial)
 
 
+def quiet_tune() -> None:
+    """Ray Tune prints only what this project prints (call before the first Tuner)."""
+    # the experiment state is saved after every partition on purpose: not a bottleneck here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Ray's old console output with verbose=0 prints nothing; the new one still prints a
+    # "Configuration for experiment" box and a TensorBoard hint into its session folder
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # TensorBoard files only with --logger tensorboard (logger_callbacks adds Ray's JSON and CSV)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+
+
 def _prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool,
              interrupts: Interrupts) -> None:
     """Train the base config's stage-1 models of all partitions in parallel."""
@@ -208,13 +219,7 @@ def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dic
     """Run (or, with `restore`, continue from Tune's saved state) the sweep; return its summary.
     Raises SweepInterrupted after SIGINT/SIGTERM (Tune's state saved, the study untouched)."""
     started = time.monotonic()  # --time-budget counts from here, the stage-1 prewarm included
-    # the experiment state is saved after every partition on purpose: not a bottleneck here
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Ray's old console output with verbose=0 prints nothing; the new one still prints a
-    # "Configuration for experiment" box and a TensorBoard hint into its session folder
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # TensorBoard files only with --logger tensorboard (logger_callbacks adds Ray's JSON and CSV)
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    quiet_tune()
     if args.quiet:
         import optuna
 

@@ -87,10 +87,12 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from tune.driver import SweepProgress
+    from tune.driver import SweepProgress, quiet_tune
+    from tune.loggers import logger_callbacks
     from tune.shared_stage1 import NAMESPACE, create_leases
 
     ctx: SweepContext = saved["ctx"]
+    quiet_tune()
     ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     try:
@@ -110,7 +112,8 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
                 name=time.strftime("run-%Y%m%d-%H%M%S"),
                 storage_path=f"{experiment}/{REPLICATE_DIR}", verbose=0,
                 callbacks=[SweepProgress(len(points), quiet, label="replicate",
-                                         partitions=len(ctx.partitions))],
+                                         partitions=len(ctx.partitions)),
+                           *logger_callbacks([], experiment, "replicate")],
                 failure_config=tune.FailureConfig(max_failures=saved["max_failures"]),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()
