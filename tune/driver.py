@@ -19,7 +19,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
-from cmg.config import RunConfig
+from cmg.config import RunConfig, apply_overrides, seed_overrides
 from cmg.errors import fail
 from cmg.progress import Progress
 from cmg.results import OBJECTIVE
@@ -125,27 +125,36 @@ def quiet_tune() -> None:
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 
 
-def _prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool,
-             interrupts: Interrupts) -> None:
-    """Train the base config's stage-1 models of all partitions in parallel."""
+def prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool,
+            fit: Callable[[tune.Tuner], Any], seeds: tuple[int, ...] = (),
+            name: str = "stage1") -> None:
+    """Train the base config's stage-1 models of all partitions in parallel (with `seeds`: the
+    base config under each of those seeds, as tune.replicate runs it), as Tune run NAME in the
+    experiment folder; `fit(tuner)` runs it."""
     store = ArtifactStore(ctx.store_uri)
-    missing = [p for p in ctx.partitions if not store.exists(
-        stage1_key(ctx.setting, p, ctx.base, ctx.backbone))]
-    if not missing:
+    bases = {s: apply_overrides(ctx.base, seed_overrides(s)) for s in seeds} or {None: ctx.base}
+    todo = [(s, p) for s, base in bases.items() for p in ctx.partitions
+            if not store.exists(stage1_key(ctx.setting, p, base, ctx.backbone))]
+    if not todo:
         return
+    missing = sorted({p for _, p in todo})
+    space: dict[str, Any] = {"partition": tune.grid_search(missing)}
+    if seeds:  # the grid is every (seed, partition): a pair already stored is found at once
+        space["seed"] = tune.grid_search(sorted({s for s, _ in todo}))
     if not quiet:
-        print(f"[sweep] training stage 1 of partitions {missing} in parallel", flush=True)
+        print(f"[{'replicate' if seeds else 'sweep'}] training stage 1 of partitions {missing}"
+              f"{f' for seeds {sorted(bases)}' if seeds else ''} in parallel", flush=True)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(stage1_trainable, ctx=ctx), resources),
-        param_space={"partition": tune.grid_search(missing)},
+        param_space=space,
         # a process trains several partitions in turn: torch, the data and warm kernels once
         tune_config=tune.TuneConfig(reuse_actors=True),
         run_config=tune.RunConfig(
-            name="stage1", storage_path=experiment, verbose=0,
-            callbacks=[SweepProgress(len(missing), quiet, label="stage 1"),
-                       *logger_callbacks([], experiment, "stage1")],
+            name=name, storage_path=experiment, verbose=0,
+            callbacks=[SweepProgress(len(missing) * max(1, len(seeds)), quiet, label="stage 1"),
+                       *logger_callbacks([], experiment, name)],
             failure_config=tune.FailureConfig(max_failures=2)))
-    interrupts.fit(tuner)
+    fit(tuner)
 
 
 def _trained_by(store_uri: str, name: str) -> int:
@@ -259,7 +268,7 @@ def _search(args, setting, modes, base, space, data_root, storage, name, first, 
     ray.get(leases.__ray_ready__.remote())
     write_context(experiment, ctx, resources, args.max_failures)  # for tune.replicate
     if args.prewarm:
-        _prewarm(ctx, experiment, resources, args.quiet, interrupts)
+        prewarm(ctx, experiment, resources, args.quiet, interrupts.fit)
         if interrupts.count:
             raise SweepInterrupted(_finished(study_factory, name))
     trainable = tune.with_resources(tune.with_parameters(stage2_trainable, ctx=ctx), resources)

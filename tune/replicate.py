@@ -29,6 +29,8 @@ from analysis.trials import NotAnExperiment, aggregate, leaderboard, load_trials
 from cmg.config import apply_overrides, seed_overrides
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
 from cmg.results import REPLICATE_DIR, TRIAL_PREFIX, is_uri
+from tune.artifacts import stage1_key
+from tune.space import to_overrides
 from tune.trainables import SweepContext, read_context
 
 
@@ -47,13 +49,25 @@ def build_parser() -> OneLineParser:
 def replicate_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     """The sweep's stage-2 trainable for one (configuration, seed): the seed replaces the
     sweep's in every stage (so stage 1 gets its own keys); the data split is unchanged. Its
-    name names the trial folders (analysis.replicates.TRAINABLE)."""
+    name names the trial folders (cmg.results.REPLICATE_PREFIX)."""
     from tune.trainables import stage2_trainable
 
     seeded = replace(ctx, base=apply_overrides(ctx.base, seed_overrides(config["seed"])))
-    params = {k: v for k, v in config.items()
-              if k not in ("source_trial", "seed") and v is not None}  # None: not drawn
-    stage2_trainable(params, seeded)
+    stage2_trainable(_drawn(config), seeded)
+
+
+def _drawn(point: dict[str, Any]) -> dict[str, Any]:
+    """A point's configuration parameters (None: a conditional one that was not drawn)."""
+    return {k: v for k, v in point.items() if k not in ("source_trial", "seed") and v is not None}
+
+
+def _base_stage1(point: dict[str, Any], ctx: SweepContext) -> bool:
+    """Whether the point's stage-1 models are the seeded base config's (its drawn parameters
+    change only stage 2)."""
+    base = apply_overrides(ctx.base, seed_overrides(point["seed"]))
+    cfg = apply_overrides(base, to_overrides(_drawn(point), ctx.space))
+    return all(stage1_key(ctx.setting, p, cfg, ctx.backbone) ==
+               stage1_key(ctx.setting, p, base, ctx.backbone) for p in ctx.partitions)
 
 
 def _read_params(experiment: str, trial_id: str) -> dict[str, Any]:
@@ -87,7 +101,7 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from tune.driver import SweepProgress, quiet_tune
+    from tune.driver import SweepProgress, prewarm, quiet_tune
     from tune.loggers import logger_callbacks
     from tune.shared_stage1 import NAMESPACE, create_leases
 
@@ -98,6 +112,13 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
     try:
         leases = create_leases()  # the actor lives as long as this handle
         ray.get(leases.__ray_ready__.remote())
+        # the new seeds' stage-1 models, all in parallel first: otherwise the trials of one seed
+        # take turns training them (a lease per model) and cores wait. Only seeds whose points
+        # keep the sweep's stage-1 knobs: a point that changes one trains its own in its trial.
+        seeds = tuple(sorted({p["seed"] for p in points if _base_stage1(p, ctx)}))
+        if seeds:
+            prewarm(ctx, f"{experiment}/{REPLICATE_DIR}", saved["resources"], quiet,
+                    lambda tuner: tuner.fit(), seeds, name=time.strftime("stage1-%Y%m%d-%H%M%S"))
         trainable = tune.with_resources(tune.with_parameters(replicate_trainable, ctx=ctx),
                                         saved["resources"])
         # every key a point sets must exist in the space; a parameter that a configuration did

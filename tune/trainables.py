@@ -30,7 +30,7 @@ import torch
 from ray import tune
 
 from cmg.backbone import BackboneSpec
-from cmg.config import DataConfig, RunConfig, apply_overrides
+from cmg.config import DataConfig, RunConfig, apply_overrides, seed_overrides
 from cmg.data import get_setting, import_setting_modules, make_split
 from cmg.pipeline import flat_metrics, result_dict
 from cmg.results import CONTEXT_FILE, TRIAL_FILE, head_file, partition_mean_std, scores_file
@@ -111,16 +111,19 @@ def _owner(ctx: SweepContext) -> str:
 
 
 def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
-    """Train (or find) the sweep's base stage-1 models of one partition, reporting every epoch."""
+    """Train (or find) the sweep's base stage-1 models of one partition (under another seed if
+    the config has one: tune.replicate's), reporting every epoch."""
     device = _device(ctx)
     partition = config["partition"]
+    base = (apply_overrides(ctx.base, seed_overrides(config["seed"])) if "seed" in config
+            else ctx.base)
     split = split_for(ctx, partition, device)
 
     def report(kind: str, epoch: int, metrics: dict) -> None:
         tune.report({"partition": partition, "model": kind, "epoch": epoch, "node_id": node_id(),
                      **{f"{kind}_{k}": v for k, v in metrics.items() if k != "epoch"}})
 
-    models = ensure_stage1(ArtifactStore(ctx.store_uri), split, ctx.base, device, get_leases(),
+    models = ensure_stage1(ArtifactStore(ctx.store_uri), split, base, device, get_leases(),
                            _owner(ctx), report, backbone=ctx.backbone,
                            compile_model=ctx.compile_model)
     tune.report({"partition": partition, "model": "done", "stage1_key": models.key,
