@@ -102,3 +102,19 @@ def test_load_replicates_keeps_the_latest_complete_run_of_each_seed(tmp_path):
     df = load_replicates(tmp_path)
     assert list(df["test_auroc"]) == [0.7, 0.8] and set(df["seed"]) == {1}
     assert load_replicates(tmp_path / "nothing").empty
+
+
+def test_the_prewarm_takes_only_points_that_keep_the_sweeps_stage1_models():
+    from cmg.config import budget_config
+    from tune.replicate import _base_stage1
+    from tune.space import default_space
+    from tune.trainables import SweepContext
+
+    base = budget_config("smoke")
+    ctx = SweepContext(setting="same_dataset_mnist", budget="smoke", base=base,
+                       space=default_space(base), partitions=(1, 2), store_uri="", data_root="",
+                       use_gpu=False, threads=1)
+    point = {"source_trial": "t1", "seed": 4, "mode": "CMG-energy", "sigma": 2.0,
+             "mask_prob": None, "latent_dim": base.cvae.latent_dim}
+    assert _base_stage1(point, ctx)  # stage-2 knobs only: the seeded base models serve it
+    assert not _base_stage1({**point, "latent_dim": 2 * base.cvae.latent_dim}, ctx)
