@@ -40,6 +40,7 @@ def trial_rows(experiment: Path) -> dict[str, list[dict]]:
             for folder in sorted(experiment.glob("stage2_trainable_*"))}
 
 
+TRIALS = 3  # two run at once (one per worker); the third runs after the kill
 CVAE_EPOCHS = 16  # stage 1 long enough to be killed in the middle
 KILL_BY_EPOCH = 4  # kill only with 12 or more CVAE epochs left, far longer than the kill takes
 
@@ -73,8 +74,8 @@ def test_a_sweep_spreads_over_the_workers_and_a_lost_worker_loses_nothing(cluste
     c, workers = cluster
     space = tmp_path / "space.yaml"
     space.write_text("latent_dim: 32\nlr: 1.0e-4\nepochs: 1\nood_per_batch: 64\n")
-    args = ["--address", c.address, "--num-samples", "4", "--storage", str(tmp_path), "--name",
-            "lost", "--space", str(space), "--scheduler", "none", "--no-prewarm",
+    args = ["--address", c.address, "--num-samples", str(TRIALS), "--storage", str(tmp_path),
+            "--name", "lost", "--space", str(space), "--scheduler", "none", "--no-prewarm",
             "--max-failures", "3", "--no-report", *SWEEP_SMOKE,
             "--set", f"cvae.epochs={CVAE_EPOCHS}", "--set", "data.train_limit=512"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -93,7 +94,7 @@ def test_a_sweep_spreads_over_the_workers_and_a_lost_worker_loses_nothing(cluste
     wall = time.time() - started
 
     rows = trial_rows(tmp_path / "lost")
-    assert len(rows) == 4
+    assert len(rows) == TRIALS
     seen = {row["node_id"] for r in rows.values() for row in r}  # both workers, not the head
     assert {w.node_id for w in workers} <= seen <= {w.node_id for w in workers} | {
         replacement.node_id}
@@ -122,11 +123,11 @@ def test_a_sweep_spreads_over_the_workers_and_a_lost_worker_loses_nothing(cluste
 
     study = optuna.load_study(study_name="lost", storage=JournalStorage(
         JournalFileBackend(str(tmp_path / "lost" / "optuna.journal"))))
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4  # none lost, none extra
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * TRIALS  # none lost, none extra
     nodes = sorted({r["node_id"][:8] for t in rows.values() for r in t})
     retried_ids = sorted(t[0]["trial_id"] for t in rows.values()
                          if any(r["restored_partitions"] for r in t))
-    print(f"\nlost-worker sweep: 4 trials complete on nodes {nodes}; killed node "
+    print(f"\nlost-worker sweep: {TRIALS} trials complete on nodes {nodes}; killed node "
           f"{victim['node_id'][:8]} while it trained {victim['key']} for trial {victim['trial']}; "
           f"retried from their checkpoints: {retried_ids} (on "
           f"{sorted({r['node_id'][:8] for r in retried[1:]})}); stage 1 resumed at classifier "
