@@ -17,7 +17,7 @@ import pandas as pd
 from pyarrow import fs as pafs
 
 from analysis.trials import NotAnExperiment, open_experiment
-from cmg.config import budget_config
+from cmg.config import budget_config, seed_overrides
 from cmg.results import TRIAL_FILE, TRIAL_PREFIX, scores_file
 
 SCORE_INFO = ("split", "kind", "label", "partition")  # the columns that are not scores
@@ -77,7 +77,7 @@ def reproduce_command(trial: dict[str, Any], partition: int) -> str:
     trained models, depend on it."""
     config, budget = trial["config"], trial["budget"]
     seed = config["stage2"]["seed"]
-    seeds = [f"{section}.seed={seed}" for section in ("classifier", "cvae", "stage2")]
+    seeds = seed_overrides(seed)
     mode = config["stage2"]["mode"]
     reference = budget_config(budget, trial["family"], seeds + [f"stage2.mode={mode}"]).to_dict()
     sets = [f"{section}.{key}={value if isinstance(value, str) else json.dumps(value)}"

@@ -12,7 +12,7 @@ import torch
 
 from cmg.backbone import FORMATS as BACKBONE_FORMATS
 from cmg.backbone import BackboneSpec
-from cmg.config import BUDGET_NOTES, BUDGETS, MODES, RunConfig, budget_config
+from cmg.config import BUDGET_NOTES, BUDGETS, MODES, RunConfig, budget_config, seed_overrides
 from cmg.results import BASELINES
 from cmg.data import OOD_LOADERS, Setting, load_setting, parse_partition, setting_names
 from cmg.errors import add_quiet_arg, atomic_write, fail
@@ -108,7 +108,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def config_from_args(args: argparse.Namespace, family: str, mode: str | None = None) -> RunConfig:
-    seeds = [f"{section}.seed={args.seed}" for section in ("classifier", "cvae", "stage2")]
+    seeds = seed_overrides(args.seed)
     extra = [f"stage2.mode={mode}"] if mode is not None else []
     return budget_config(args.budget, family, seeds + extra + list(args.overrides))
 

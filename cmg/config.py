@@ -195,6 +195,11 @@ def seed_overrides(seed: int) -> list[str]:
     return [f"{stage}.seed={seed}" for stage in ("classifier", "cvae", "stage2")]
 
 
+def with_seed(cfg: RunConfig, seed: int) -> RunConfig:
+    """`cfg` with every model seeded by `seed` (tune.replicate's runs, their stage-1 models)."""
+    return apply_overrides(cfg, seed_overrides(seed))
+
+
 def apply_overrides(cfg: RunConfig, overrides: Iterable[str] | dict[str, Any]) -> RunConfig:
     """Return `cfg` with dotted-key overrides applied ("stage2.sigma=4" or {"stage2.sigma": 4})."""
     items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)

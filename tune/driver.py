@@ -19,7 +19,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
-from cmg.config import RunConfig, apply_overrides, seed_overrides
+from cmg.config import RunConfig, with_seed
 from cmg.errors import fail
 from cmg.progress import Progress
 from cmg.results import OBJECTIVE
@@ -132,7 +132,7 @@ def prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool,
     base config under each of those seeds, as tune.replicate runs it), as Tune run NAME in the
     experiment folder; `fit(tuner)` runs it."""
     store = ArtifactStore(ctx.store_uri)
-    bases = {s: apply_overrides(ctx.base, seed_overrides(s)) for s in seeds} or {None: ctx.base}
+    bases = {s: with_seed(ctx.base, s) for s in seeds} or {None: ctx.base}
     todo = [(s, p) for s, base in bases.items() for p in ctx.partitions
             if not store.exists(stage1_key(ctx.setting, p, base, ctx.backbone))]
     if not todo:

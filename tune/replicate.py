@@ -26,7 +26,7 @@ from pyarrow import fs as pafs
 
 from analysis.replicates import load_replicates, replicate_markdown, replicate_table
 from analysis.trials import NotAnExperiment, aggregate, leaderboard, load_trials, open_experiment
-from cmg.config import apply_overrides, seed_overrides
+from cmg.config import apply_overrides, with_seed
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
 from cmg.results import REPLICATE_DIR, TRIAL_PREFIX, is_uri
 from tune.artifacts import stage1_key
@@ -52,7 +52,7 @@ def replicate_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     name names the trial folders (cmg.results.REPLICATE_PREFIX)."""
     from tune.trainables import stage2_trainable
 
-    seeded = replace(ctx, base=apply_overrides(ctx.base, seed_overrides(config["seed"])))
+    seeded = replace(ctx, base=with_seed(ctx.base, config["seed"]))
     stage2_trainable(_drawn(config), seeded)
 
 
@@ -64,7 +64,7 @@ def _drawn(point: dict[str, Any]) -> dict[str, Any]:
 def _base_stage1(point: dict[str, Any], ctx: SweepContext) -> bool:
     """Whether the point's stage-1 models are the seeded base config's (its drawn parameters
     change only stage 2)."""
-    base = apply_overrides(ctx.base, seed_overrides(point["seed"]))
+    base = with_seed(ctx.base, point["seed"])
     cfg = apply_overrides(base, to_overrides(_drawn(point), ctx.space))
     return all(stage1_key(ctx.setting, p, cfg, ctx.backbone) ==
                stage1_key(ctx.setting, p, base, ctx.backbone) for p in ctx.partitions)

@@ -35,7 +35,7 @@ from typing import NoReturn
 
 from cmg.cli import (add_backbone_args, add_budget_args, add_compile_arg, add_data_args,
                      add_ood_dataset_arg, add_setting_args, backbone_from_args, write_json)
-from cmg.config import budget_config
+from cmg.config import budget_config, seed_overrides
 from cmg.results import BASELINES, MANIFEST, STUDY_JOURNAL, SUMMARY, TRIAL_PREFIX, is_uri
 from cmg.data import load_setting, make_split, resolve_data_root, setting_modules
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     modules = setting_modules(args.setting, args.setting_modules)  # imported by every trial too
     check_loggers(args.loggers, args.storage)
     modes = mode_choices(args.mode)
-    seeds = [f"{s}.seed={args.seed}" for s in ("classifier", "cvae", "stage2")]
+    seeds = seed_overrides(args.seed)
     base = budget_config(args.budget, setting.family, seeds + list(args.overrides))
     space = default_space(base)
     if manifest and "space" not in given:  # the space it used, even if its file changed since

@@ -30,7 +30,7 @@ import torch
 from ray import tune
 
 from cmg.backbone import BackboneSpec
-from cmg.config import DataConfig, RunConfig, apply_overrides, seed_overrides
+from cmg.config import DataConfig, RunConfig, apply_overrides, with_seed
 from cmg.data import get_setting, import_setting_modules, make_split
 from cmg.pipeline import flat_metrics, result_dict
 from cmg.results import CONTEXT_FILE, TRIAL_FILE, head_file, partition_mean_std, scores_file
@@ -115,8 +115,7 @@ def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     the config has one: tune.replicate's), reporting every epoch."""
     device = _device(ctx)
     partition = config["partition"]
-    base = (apply_overrides(ctx.base, seed_overrides(config["seed"])) if "seed" in config
-            else ctx.base)
+    base = with_seed(ctx.base, config["seed"]) if "seed" in config else ctx.base
     split = split_for(ctx, partition, device)
 
     def report(kind: str, epoch: int, metrics: dict) -> None:
