@@ -173,16 +173,16 @@ def test_another_choice_of_ood_sets_reuses_the_stage1_models(data_root, tmp_path
     """The OOD sets evaluated are not part of stage 1: a sweep on other OOD data finds the
     models trained for the first and only computes their features for the new sets."""
     from tune.artifacts import ArtifactStore, features_name
-    from tune.shared_stage1 import ensure_stage1
+    from tune.shared_stage1 import SharedStage1
 
     cfg = budget_config("smoke", "cifar", ["data.train_limit=100", "classifier.batch_size=100",
                                            "cvae.batch_size=100"])
     store = ArtifactStore(str(tmp_path / "stage1"))
     first_split = make_split("different_dataset", 1, cfg.data, data_root, ood_datasets="LSUN")
-    first = ensure_stage1(store, first_split, cfg, torch.device("cpu"))
+    first = SharedStage1(store).ensure(first_split, cfg, torch.device("cpu"))
     split = make_split("different_dataset", 1, cfg.data, data_root,
                        ood_datasets="LSUN,CIFAR100")
-    second = ensure_stage1(store, split, cfg, torch.device("cpu"))
+    second = SharedStage1(store).ensure(split, cfg, torch.device("cpu"))
     assert first.trained and not second.trained and first.key == second.key
     assert store.keys() == [first.key]
     assert {features_name(first_split.ood_sets), features_name(split.ood_sets)} == {

@@ -22,8 +22,9 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from conftest import ROOT, SWEEP_SMOKE, assert_refused, run_sweep
-from tune.manifest import given_options, space_from_manifest
-from tune.sweep import build_parser
+from tune.manifest import space_from_manifest, with_manifest_defaults
+from tune.spec import SweepOptions
+from tune.sweep import build_parser, given_options
 
 SAMPLES = 2
 LINE = re.compile(r"^interrupted after (\d+) of 2 configurations; continue with: "
@@ -100,6 +101,10 @@ def test_manifest_records_how_the_sweep_was_launched(interrupted):
     assert manifest["options"]["seed"] == 0 and manifest["options"]["num_samples"] == SAMPLES
     assert manifest["options"]["storage"] == str(interrupted["storage"])
     assert "--scheduler none" in manifest["command"]
+    # the spec serialised: its options read back into the typed object, what they resolved to
+    options = SweepOptions.from_dict(manifest["options"])
+    assert options.scheduler == "none" and options.name == "k" and options.loggers == ()
+    assert manifest["partitions"] == [1, 2, 3, 4, 5] and manifest["ood_sets"] == []
     space = space_from_manifest(manifest)
     assert space["latent_dim"].fixed == 32 and space["epochs"].fixed == 1
     assert space["sigma"].low == 0.5 and space["sigma"].log
@@ -171,11 +176,9 @@ def test_resume_takes_left_out_options_from_the_manifest():
     assert given_options(parser, argv) == {"resume", "name", "num_samples", "prewarm"}
     manifest = {"options": {**vars(parser.parse_args([])), "seed": 4, "num_samples": 6},
                 "space": {}, "run_config": {}}
-    args = parser.parse_args(argv)
-    from tune.manifest import with_manifest_defaults
-
+    args = vars(parser.parse_args(argv))
     merged = with_manifest_defaults(args, given_options(parser, argv), manifest)
-    assert merged.seed == 4 and merged.num_samples == 8 and merged.prewarm is False
+    assert merged["seed"] == 4 and merged["num_samples"] == 8 and merged["prewarm"] is False
 
 
 @pytest.mark.parametrize("args, words", [

@@ -12,7 +12,7 @@ import torch
 from cmg.config import budget_config
 from cmg.data import make_split
 from tune.artifacts import ArtifactStore, stage1_key
-from tune.shared_stage1 import Stage1Leases, ensure_stage1
+from tune.shared_stage1 import SharedStage1, Stage1Leases
 
 CFG = budget_config("smoke", overrides=["data.train_limit=96", "data.eval_limit=32",
                                         "classifier.epochs=1", "cvae.epochs=1"])
@@ -52,8 +52,8 @@ def test_a_trial_that_saw_the_key_missing_does_not_retrain_what_another_publishe
     results = {}
 
     def trial(name, trial_store):
-        results[name] = ensure_stage1(trial_store, split, CFG, torch.device("cpu"), leases,
-                                      owner=f"t/{name}", poll_seconds=0.05)
+        shared = SharedStage1(trial_store, leases, owner=f"t/{name}", poll_seconds=0.05)
+        results[name] = shared.ensure(split, CFG, torch.device("cpu"))
 
     waiting = threading.Thread(target=trial, args=("late", late))
     waiting.start()
@@ -79,8 +79,8 @@ def test_two_trials_started_together_train_once(leases, tmp_path, mnist_availabl
 
     def trial(name):
         start.wait()
-        results[name] = ensure_stage1(store, split, CFG, torch.device("cpu"), leases,
-                                      owner=f"t/{name}", poll_seconds=0.05)
+        shared = SharedStage1(store, leases, owner=f"t/{name}", poll_seconds=0.05)
+        results[name] = shared.ensure(split, CFG, torch.device("cpu"))
 
     threads = [threading.Thread(target=trial, args=(n,)) for n in ("a", "b")]
     for t in threads:

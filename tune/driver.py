@@ -1,7 +1,8 @@
 """The sweep's driver: Ray, the stage-1 prewarm, the Optuna-searched Tuner, resume, summary.
 
-`tune.sweep` validates the input first and only then calls `run_sweep`, so bad input never
-starts Ray or leaves a half-made experiment folder.
+`tune.sweep` validates the input and builds the sweep's spec (tune.spec.SweepSpec) first, and
+only then calls `run_sweep(spec)`, so bad input never starts Ray or leaves a half-made
+experiment folder.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
-from cmg.config import RunConfig, with_seed
+from cmg.config import with_seed
 from cmg.errors import fail
 from cmg.progress import Progress
 from cmg.results import OBJECTIVE
 from tune.artifacts import ArtifactStore, stage1_key
 from tune.loggers import logger_callbacks
 from tune.search import SweepSearch, SweepSearcher, fail_orphans
-from tune.space import Param, suggest
+from tune.space import suggest
+from tune.spec import SweepSpec
 from tune.shared_stage1 import NAMESPACE, create_leases
 from tune.trainables import SweepContext, stage1_trainable, stage2_trainable, write_context
 
@@ -165,12 +167,12 @@ def _trained_by(store_uri: str, name: str) -> int:
                for key in store.keys())
 
 
-def _finished(study_factory: Callable, study_name: str) -> int:
+def _finished(spec: SweepSpec) -> int:
     """Configurations the study holds as finished (complete, pruned or failed)."""
     import optuna
 
     try:
-        study = optuna.load_study(study_name=study_name, storage=study_factory())
+        study = optuna.load_study(study_name=spec.options.name, storage=spec.study_storage())
     except KeyError:  # interrupted before the search created it
         return 0
     return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
@@ -221,88 +223,87 @@ def _finite_or_none(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def run_sweep(args, setting, modes: tuple[str, ...], base: RunConfig, space: dict[str, Param],
-              data_root: str, storage: str, name: str, first: dict[str, Any],
-              study_factory: Callable, ood_sets: tuple = (), backbone=None,
-              setting_modules: tuple[str, ...] = (), restore: bool = False) -> dict[str, Any]:
+def trial_context(spec: SweepSpec, gpus: float) -> SweepContext:
+    """What each trial of SPEC needs, with `gpus` per trial (resolved against the cluster)."""
+    return SweepContext(setting=spec.setting, budget=spec.options.budget, base=spec.base,
+                        space=spec.space, partitions=spec.partitions,
+                        store_uri=spec.stage1_store, data_root=spec.options.data_root,
+                        use_gpu=gpus > 0, threads=max(1, int(spec.options.cpus_per_trial)),
+                        ood_datasets=spec.options.ood_dataset, ood_sets=spec.ood_sets,
+                        backbone=spec.backbone, name=spec.options.name,
+                        compile_model=spec.options.compile, setting_modules=spec.modules)
+
+
+def run_sweep(spec: SweepSpec, restore: bool = False) -> dict[str, Any]:
     """Run (or, with `restore`, continue from Tune's saved state) the sweep; return its summary.
     Raises SweepInterrupted after SIGINT/SIGTERM (Tune's state saved, the study untouched)."""
     started = time.monotonic()  # --time-budget counts from here, the stage-1 prewarm included
     quiet_tune()
-    if args.quiet:
+    if spec.options.quiet:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        ray.init(address=args.address or "local", namespace=NAMESPACE, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(address=spec.options.address or "local", namespace=NAMESPACE,
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
         interrupts = Interrupts()  # after ray.init, which sets its own SIGTERM handler
-        summary = _search(args, setting, modes, base, space, data_root, storage, name, first,
-                          study_factory, ood_sets, backbone, setting_modules, restore,
-                          interrupts, started)
+        summary = _search(spec, restore, interrupts, started)
     except KeyboardInterrupt:  # outside Tune's loop, or a second signal: stop at once
-        raise SweepInterrupted(_finished(study_factory, name)) from None
+        raise SweepInterrupted(_finished(spec)) from None
     finally:
         ray.shutdown()
     return summary
 
 
-def _search(args, setting, modes, base, space, data_root, storage, name, first, study_factory,
-            ood_sets, backbone, setting_modules: tuple[str, ...], restore: bool,
-            interrupts: Interrupts, started: float) -> dict[str, Any]:
-    gpus = args.gpus_per_trial
+def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts,
+            started: float) -> dict[str, Any]:
+    options, experiment, name = spec.options, spec.experiment, spec.options.name
+    gpus = options.gpus_per_trial
     if gpus is None:
         gpus = 0.25 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     _check_gpus(gpus)
-    resources = {"cpu": args.cpus_per_trial, "gpu": gpus}
-    experiment = "/".join([storage, name])
-    ctx = SweepContext(setting=setting.name, budget=args.budget, base=base, space=space,
-                       partitions=tuple(setting.partitions),
-                       store_uri="/".join([storage, "stage1"]),
-                       data_root=data_root, use_gpu=gpus > 0,
-                       threads=max(1, int(args.cpus_per_trial)),
-                       ood_datasets=args.ood_dataset, ood_sets=ood_sets, backbone=backbone,
-                       name=name, compile_model=args.compile,
-                       setting_modules=setting_modules)
+    resources = {"cpu": options.cpus_per_trial, "gpu": gpus}
+    ctx = trial_context(spec, gpus)
     leases = create_leases()  # the actor lives as long as this handle
     ray.get(leases.__ray_ready__.remote())
-    write_context(experiment, ctx, resources, args.max_failures)  # for tune.replicate
-    if args.prewarm:
-        prewarm(ctx, experiment, resources, args.quiet, interrupts.fit)
+    write_context(experiment, ctx, resources, options.max_failures)  # for tune.replicate
+    if options.prewarm:
+        prewarm(ctx, experiment, resources, options.quiet, interrupts.fit)
         if interrupts.count:
-            raise SweepInterrupted(_finished(study_factory, name))
+            raise SweepInterrupted(_finished(spec))
     trainable = tune.with_resources(tune.with_parameters(stage2_trainable, ctx=ctx), resources)
-    callbacks = [SweepProgress(args.num_samples, args.quiet, partitions=len(ctx.partitions)),
-                 *logger_callbacks(args.loggers, experiment, name)]
-    if "tensorboard" in args.loggers and not args.quiet:
+    callbacks = [SweepProgress(options.num_samples, options.quiet,
+                               partitions=len(spec.partitions)),
+                 *logger_callbacks(list(options.loggers), experiment, name)]
+    if "tensorboard" in options.loggers and not options.quiet:
         print(f"[sweep] TensorBoard: tensorboard --logdir {experiment}", flush=True)
     run_config = tune.RunConfig(
-        name=name, storage_path=storage, verbose=0, callbacks=callbacks,
-        failure_config=tune.FailureConfig(max_failures=args.max_failures),
+        name=name, storage_path=options.storage, verbose=0, callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=options.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     if restore:
-        SweepSearch.grow_to = args.num_samples  # --num-samples may grow on resume
+        SweepSearch.grow_to = options.num_samples  # --num-samples may grow on resume
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
         searcher = SweepSearcher(
-            space=functools.partial(suggest, space=space, modes=modes), metric=OBJECTIVE,
-            mode="max", points_to_evaluate=[first], seed=args.seed, study_name=name,
-            storage=study_factory())
-        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(ctx.partitions),
+            space=functools.partial(suggest, space=spec.space, modes=spec.modes),
+            metric=OBJECTIVE, mode="max", points_to_evaluate=[spec.first], seed=options.seed,
+            study_name=name, storage=spec.study_storage())
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(spec.partitions),
                                    grace_period=1, reduction_factor=2)
-                     if args.scheduler == "asha" else None)
+                     if options.scheduler == "asha" else None)
         tuner = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
-            search_alg=SweepSearch(ConcurrencyLimiter(searcher, args.max_concurrent)
-                                   if args.max_concurrent else searcher),
-            scheduler=scheduler, num_samples=args.num_samples, metric=OBJECTIVE,
+            search_alg=SweepSearch(ConcurrencyLimiter(searcher, options.max_concurrent)
+                                   if options.max_concurrent else searcher),
+            scheduler=scheduler, num_samples=options.num_samples, metric=OBJECTIVE,
             mode="max", reuse_actors=True,  # keep warm processes: imports, data, caches
-            time_budget_s=(max(1.0, args.time_budget - (time.monotonic() - started))
-                           if args.time_budget else None)))
+            time_budget_s=(max(1.0, options.time_budget - (time.monotonic() - started))
+                           if options.time_budget else None)))
     results = interrupts.fit(tuner)
     if interrupts.count:
-        raise SweepInterrupted(_finished(study_factory, name))
+        raise SweepInterrupted(_finished(spec))
     summary = _summary(results, name, experiment, _trained_by(ctx.store_uri, name),
-                       len(ctx.partitions))
-    summary["study"] = {"name": name, "orphans_failed": fail_orphans(study_factory(), name)}
+                       len(spec.partitions))
+    summary["study"] = {"name": name, "orphans_failed": fail_orphans(spec.study_storage(), name)}
     return summary

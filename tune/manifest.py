@@ -1,22 +1,22 @@
-"""EXPERIMENT/manifest.json: how a sweep was launched, written before its first trial, and the
-check that a `--resume` continues the same sweep.
+"""EXPERIMENT/manifest.json: the sweep's spec (tune.spec.SweepSpec) serialised with where and
+how it was launched, written before its first trial, and the check that a `--resume` continues
+the same sweep.
 
-    manifest = build_manifest(argv, args, space, base)      # tune.sweep, before the first trial
+    manifest = build_manifest(argv, spec)                  # tune.sweep, before the first trial
     ArtifactStore(storage).write_json(name, MANIFEST, manifest)
-    args = with_manifest_defaults(args, given_options(parser, argv), manifest)   # on --resume
-    differences(manifest, args, space, base)  # [] or ["--seed 0 -> 1", "search space: sigma"]
+    options = with_manifest_defaults(vars(args), given, manifest)      # on --resume
+    differences(manifest, spec)  # [] or ["--seed 0 -> 1", "search space: sigma"]
 
 It holds the command line, every resolved option, the search space actually used (after
---space), the budget's resolved RunConfig, the versions of torch, ray, optuna and this package,
-the git commit and whether the tree was dirty (when the code runs from a git checkout) and the
-host's devices. On --resume, an option left out is taken from the manifest (so `--resume
---storage S --name X` alone continues a sweep); one given must match it, except the options in
-FREE (where to run, what to print) and --num-samples, which may grow.
+--space), the budget's resolved RunConfig, the partitions and OOD sets, the versions of torch,
+ray, optuna and this package, the git commit and whether the tree was dirty (when the code runs
+from a git checkout) and the host's devices. On --resume, an option left out is taken from the
+manifest (so `--resume --storage S --name X` alone continues a sweep); one given must match it,
+except the options in FREE (where to run, what to print) and --num-samples, which may grow.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -29,32 +29,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from cmg.config import RunConfig
 from tune.space import Param
+from tune.spec import SweepSpec
 
 PACKAGE = "cmg-sweep"
 ROOT = Path(__file__).resolve().parents[1]
 # options that may change between runs of one sweep: where and how long it runs, what it prints
 # and where it sends its metrics
-FREE = {"resume", "storage", "name", "address", "data_root", "download", "prewarm", "report",
-        "quiet", "num_samples", "time_budget", "loggers"}
+FREE = {"storage", "name", "address", "data_root", "download", "prewarm", "report", "quiet",
+        "num_samples", "time_budget", "loggers"}
 # compared through what they resolve to (the space, the RunConfig), not as typed
 RESOLVED = {"space", "overrides"}
-
-
-def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The destinations of the options that `argv` gives explicitly."""
-    bare = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:  # the same options, none with a default
-        if action.option_strings and action.dest != "help":
-            bare._add_action(_copy(action))
-    return set(vars(bare.parse_known_args(argv)[0]))
-
-
-def _copy(action: argparse.Action) -> argparse.Action:
-    clone = argparse.Action.__new__(type(action))
-    clone.__dict__.update(action.__dict__, default=argparse.SUPPRESS)
-    return clone
 
 
 def _space_dict(space: dict[str, Param]) -> dict[str, dict]:
@@ -97,19 +82,20 @@ def _host() -> dict[str, Any]:
             "python": platform.python_version(), "cpus": os.cpu_count(), "gpus": gpus}
 
 
-def build_manifest(argv: list[str], args: argparse.Namespace, space: dict[str, Param],
-                   base: RunConfig) -> dict[str, Any]:
+def build_manifest(argv: list[str], spec: SweepSpec) -> dict[str, Any]:
     return {"command": shlex.join([Path(sys.executable).name, "-m", "tune.sweep", *argv]),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "options": vars(args), "space": _space_dict(space), "run_config": base.to_dict(),
+            "options": spec.options.to_dict(), "space": _space_dict(spec.space),
+            "run_config": spec.base.to_dict(), "partitions": list(spec.partitions),
+            "ood_sets": [list(s) for s in spec.ood_sets],
             "versions": _versions(), "git": _git(), "host": _host(), "resumed": []}
 
 
-def with_manifest_defaults(args: argparse.Namespace, given: set[str],
-                           manifest: dict) -> argparse.Namespace:
-    """`args` with every option not given taken from the manifest (on --resume)."""
-    kept = {k: v for k, v in manifest["options"].items() if k not in given and k in vars(args)}
-    return argparse.Namespace(**{**vars(args), **kept})
+def with_manifest_defaults(options: dict[str, Any], given: set[str],
+                           manifest: dict) -> dict[str, Any]:
+    """`options` with every one not `given` taken from the manifest (on --resume)."""
+    return {**options, **{k: v for k, v in manifest["options"].items()
+                          if k not in given and k in options}}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -119,24 +105,23 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def differences(manifest: dict, args: argparse.Namespace, space: dict[str, Param],
-                base: RunConfig) -> list[str]:
+def differences(manifest: dict, spec: SweepSpec) -> list[str]:
     """What a resume would change: option, search space or RunConfig differences, each named."""
     out = []
-    before = manifest["options"]
-    for key, value in sorted(vars(args).items()):
+    before, now = manifest["options"], spec.options.to_dict()
+    for key, value in sorted(now.items()):
         if key in FREE | RESOLVED or key not in before or before[key] == value:
             continue
         out.append(f"--{key.replace('_', '-')} {before[key]} -> {value}")
-    if args.num_samples < before.get("num_samples", 0):
-        out.append(f"--num-samples {before['num_samples']} -> {args.num_samples} (it may only "
+    if now["num_samples"] < before.get("num_samples", 0):
+        out.append(f"--num-samples {before['num_samples']} -> {now['num_samples']} (it may only "
                    "grow)")
-    old_space, new_space = manifest["space"], _space_dict(space)
+    old_space, new_space = manifest["space"], _space_dict(spec.space)
     changed = sorted(k for k in old_space.keys() | new_space.keys()
                      if _jsonish(old_space.get(k)) != _jsonish(new_space.get(k)))
     if changed:
         out.append(f"search space: {', '.join(changed)}")
-    old_cfg, new_cfg = _flat(manifest["run_config"]), _flat(_jsonish(base.to_dict()))
+    old_cfg, new_cfg = _flat(manifest["run_config"]), _flat(_jsonish(spec.base.to_dict()))
     changed = sorted(k for k in old_cfg.keys() | new_cfg.keys() if old_cfg.get(k) != new_cfg.get(k))
     if changed:
         out.append("run config: " + ", ".join(f"{k} {old_cfg.get(k)} -> {new_cfg.get(k)}"

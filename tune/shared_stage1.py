@@ -7,7 +7,8 @@ next trial, or the holder's own retry, takes over and resumes from the per-epoch
 ``KEY/partial/`` on the shared store (``partial/owner.json`` names who trains it, and the
 artifact's ``meta.json`` records the epochs a resumed training started from).
 
-    models = ensure_stage1(store, split, cfg, device, leases, owner=trial_id)
+    shared = SharedStage1(store, leases, owner=trial_id, backbone=None)
+    models = shared.ensure(split, cfg, device)
     models.classifier, models.cvae, models.features, models.trained
 """
 
@@ -20,7 +21,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import ray
 import torch
@@ -103,54 +104,6 @@ class Stage1Models:
 EpochReport = Callable[[str, int, dict], None]  # (model kind, epoch, metrics)
 
 
-def _train_and_publish(store: ArtifactStore, key: str, split: Split, cfg: RunConfig,
-                       device: torch.device, renew: Callable[[], None],
-                       report: EpochReport | None, owner: str,
-                       backbone: BackboneSpec | None, compile_model: bool = False) -> float:
-    """Train both models (resuming from KEY/partial/), publish the artifact; return seconds.
-    With a backbone only the CVAE trains, and the backbone file is published in the artifact
-    (so any node can load it)."""
-    started = time.time()
-    with tempfile.TemporaryDirectory(prefix="cmg-stage1-") as tmp:
-        local = {name: Path(tmp) / f"{name}.pt" for name in ("classifier", "cvae")}
-        resumed_from = {}
-        for name, path in local.items():
-            if store.exists(key, f"partial/{name}.pt"):
-                path.write_bytes(store.read_bytes(key, f"partial/{name}.pt"))
-                resumed_from[name] = int(load_checkpoint(path, name)["epoch"])
-        record = {"owner": owner, "node_id": node_id(), "resumed_from": resumed_from}
-        store.write_json(key, "partial/owner.json", record)
-        store.log_training(key, record)
-
-        def on_epoch(kind):
-            def callback(epoch, metrics):
-                store.put_file(key, f"partial/{kind}.pt", local[kind])  # any node can resume
-                renew()
-                if report is not None:
-                    report(kind, epoch, metrics)
-            return callback
-
-        models = train_stage1(split, cfg, device, _backbone(backbone, split, cfg, device)
-                              if backbone is not None else None, local.get, on_epoch,
-                              quiet=True, compile_model=compile_model)
-        if backbone is not None:
-            local["classifier"] = Path(backbone.file(split.partition))
-        _publish_features(store, key, split, cfg, models.classifier)
-        for name, path in local.items():
-            store.put_file(key, f"{'backbone' if backbone and name == 'classifier' else name}.pt",
-                           path)
-        store.write_json(key, "meta.json", {
-            "key": key, "setting": split.setting, "partition": split.partition,
-            "config": {k: v for k, v in cfg.to_dict().items() if k != "stage2"},
-            "classifier_history": models.histories.get("classifier", []),
-            "cvae_history": models.histories["cvae"],
-            "seconds": round(time.time() - started, 3), "device": str(device),
-            "resumed_from": resumed_from, "node_id": node_id(), "trained_by": owner,
-            "compiled": compile_model,
-            **({"backbone": backbone.identity()} if backbone else {})})
-    return time.time() - started
-
-
 # Artifacts loaded in this worker process, most recent last: trial processes are reused, and
 # stage 2 never modifies the frozen models or features, so the next trial skips the reload.
 _LOADED: OrderedDict[tuple[str, str, str, str], tuple] = OrderedDict()  # uri, key, features, device
@@ -206,29 +159,88 @@ def _load(store: ArtifactStore, key: str, split: Split, cfg: RunConfig, device: 
     return Stage1Models(key, *_LOADED[slot], trained)
 
 
-def ensure_stage1(store: ArtifactStore, split: Split, cfg: RunConfig, device: torch.device,
-                  leases=None, owner: str = "local", report: EpochReport | None = None,
-                  poll_seconds: float = 1.0, backbone: BackboneSpec | None = None,
-                  compile_model: bool = False) -> Stage1Models:
-    """Load the stage-1 artifact of (split, cfg), training it first if no one has. With a
-    `backbone`, it is the classifier and only the CVAE is trained; `compile_model`
-    torch.compiles the training steps (not part of the key: the same models either way)."""
-    key = stage1_key(split.setting, split.partition, cfg, backbone)
-    trained, seconds = False, 0.0
-    while not store.exists(key):
-        if leases is None or ray.get(leases.acquire.remote(key, owner, node_id())):
-            renew = (lambda: leases.renew.remote(key, owner)) if leases is not None else (
-                lambda: None)
-            try:
-                if not store.exists(key):  # else published while this trial waited for the lease
-                    seconds = _train_and_publish(store, key, split, cfg, device, renew, report,
-                                                 owner, backbone, compile_model)
-                    trained = True
-            finally:
-                if leases is not None:
-                    ray.get(leases.release.remote(key, owner))
-            break
-        time.sleep(poll_seconds)
-    models = _load(store, key, split, cfg, device, trained, backbone)
-    models.train_seconds = seconds
-    return models
+@dataclass(frozen=True)
+class SharedStage1:
+    """A sweep's stage-1 models on a shared store, and who trains a missing one: `owner` (its
+    lease holder, recorded as `trained_by`), under `leases` (None: no other trainer), with a
+    `backbone` as the classifier (then only the CVAE trains) and `compile_model` (torch.compile
+    the training steps; not part of the key: the same models either way).
+
+        models = SharedStage1(store, leases, owner="sweep/trial_1").ensure(split, cfg, device)
+    """
+
+    store: ArtifactStore
+    leases: Any = None  # a Stage1Leases actor handle
+    owner: str = "local"
+    backbone: BackboneSpec | None = None
+    compile_model: bool = False
+    poll_seconds: float = 1.0  # how often a waiting trial looks for the artifact
+
+    def ensure(self, split: Split, cfg: RunConfig, device: torch.device,
+               report: EpochReport | None = None) -> Stage1Models:
+        """Load the stage-1 artifact of (split, cfg), training it first if no one has;
+        `report(kind, epoch, metrics)` after each training epoch."""
+        key = stage1_key(split.setting, split.partition, cfg, self.backbone)
+        leases, trained, seconds = self.leases, False, 0.0
+        while not self.store.exists(key):
+            if leases is None or ray.get(leases.acquire.remote(key, self.owner, node_id())):
+                renew = (lambda: leases.renew.remote(key, self.owner)) if leases is not None else (
+                    lambda: None)
+                try:
+                    if not self.store.exists(key):  # else published while this one waited
+                        seconds = self._train_and_publish(key, split, cfg, device, renew, report)
+                        trained = True
+                finally:
+                    if leases is not None:
+                        ray.get(leases.release.remote(key, self.owner))
+                break
+            time.sleep(self.poll_seconds)
+        models = _load(self.store, key, split, cfg, device, trained, self.backbone)
+        models.train_seconds = seconds
+        return models
+
+    def _train_and_publish(self, key: str, split: Split, cfg: RunConfig, device: torch.device,
+                           renew: Callable[[], None], report: EpochReport | None) -> float:
+        """Train both models (resuming from KEY/partial/), publish the artifact; return seconds.
+        With a backbone only the CVAE trains, and the backbone file is published in the
+        artifact (so any node can load it)."""
+        store, backbone = self.store, self.backbone
+        started = time.time()
+        with tempfile.TemporaryDirectory(prefix="cmg-stage1-") as tmp:
+            local = {name: Path(tmp) / f"{name}.pt" for name in ("classifier", "cvae")}
+            resumed_from = {}
+            for name, path in local.items():
+                if store.exists(key, f"partial/{name}.pt"):
+                    path.write_bytes(store.read_bytes(key, f"partial/{name}.pt"))
+                    resumed_from[name] = int(load_checkpoint(path, name)["epoch"])
+            record = {"owner": self.owner, "node_id": node_id(), "resumed_from": resumed_from}
+            store.write_json(key, "partial/owner.json", record)
+            store.log_training(key, record)
+
+            def on_epoch(kind):
+                def callback(epoch, metrics):
+                    store.put_file(key, f"partial/{kind}.pt", local[kind])  # any node resumes
+                    renew()
+                    if report is not None:
+                        report(kind, epoch, metrics)
+                return callback
+
+            models = train_stage1(split, cfg, device, _backbone(backbone, split, cfg, device)
+                                  if backbone is not None else None, local.get, on_epoch,
+                                  quiet=True, compile_model=self.compile_model)
+            if backbone is not None:
+                local["classifier"] = Path(backbone.file(split.partition))
+            _publish_features(store, key, split, cfg, models.classifier)
+            for name, path in local.items():
+                store.put_file(key, f"{'backbone' if backbone and name == 'classifier' else name}.pt",
+                               path)
+            store.write_json(key, "meta.json", {
+                "key": key, "setting": split.setting, "partition": split.partition,
+                "config": {k: v for k, v in cfg.to_dict().items() if k != "stage2"},
+                "classifier_history": models.histories.get("classifier", []),
+                "cvae_history": models.histories["cvae"],
+                "seconds": round(time.time() - started, 3), "device": str(device),
+                "resumed_from": resumed_from, "node_id": node_id(), "trained_by": self.owner,
+                "compiled": self.compile_model,
+                **({"backbone": backbone.identity()} if backbone else {})})
+        return time.time() - started

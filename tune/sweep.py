@@ -22,8 +22,8 @@ space, seed or any other option that shapes results is refused, naming each diff
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import shlex
 import shutil
 import socket
@@ -36,14 +36,15 @@ from typing import NoReturn
 from cmg.cli import (add_backbone_args, add_budget_args, add_compile_arg, add_data_args,
                      add_ood_dataset_arg, add_setting_args, backbone_from_args, write_json)
 from cmg.config import budget_config, seed_overrides
-from cmg.results import BASELINES, MANIFEST, STUDY_JOURNAL, SUMMARY, TRIAL_PREFIX, is_uri
+from cmg.results import BASELINES, MANIFEST, SUMMARY, TRIAL_PREFIX, is_uri
 from cmg.data import load_setting, make_split, resolve_data_root, setting_modules
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
 from tune.artifacts import ArtifactStore
 from tune.loggers import LOGGERS, check_loggers, parse_duration
-from tune.manifest import (build_manifest, differences, given_options, space_from_manifest,
+from tune.manifest import (build_manifest, differences, space_from_manifest,
                            with_manifest_defaults)
 from tune.space import default_space, first_point, load_space_file, mode_choices
+from tune.spec import SweepOptions, SweepSpec
 
 
 def build_parser() -> OneLineParser:
@@ -103,19 +104,15 @@ def _resolve_storage(storage: str) -> str:
     return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
 
 
-def _study_storage(url: str | None, experiment: str):
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    if url:
-        try:
-            return optuna.storages.RDBStorage(url)
-        except Exception as err:  # bad URL, missing driver, unreachable server
-            fail(f"cannot open study storage {url} ({type(err).__name__}); check --study-storage")
-    if is_uri(experiment):
-        fail("--storage is remote: pass --study-storage URL (e.g. postgresql://...) for the study")
-    return JournalStorage(JournalFileBackend(os.path.join(experiment, STUDY_JOURNAL)))
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options that `argv` gives explicitly."""
+    bare = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:  # the same options, none with a default
+        if action.option_strings and action.dest != "help":
+            clone = argparse.Action.__new__(type(action))
+            clone.__dict__.update(action.__dict__, default=argparse.SUPPRESS)
+            bare._add_action(clone)
+    return set(vars(bare.parse_known_args(argv)[0]))
 
 
 def _probe_address(address: str | None) -> None:
@@ -130,11 +127,11 @@ def _probe_address(address: str | None) -> None:
              "start one (ray start --head) or fix --address")
 
 
-def _check_resources(args) -> None:
-    if args.cpus_per_trial <= 0:
-        fail(f"--cpus-per-trial must be above 0 (got {args.cpus_per_trial:g})")
-    if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
-        fail(f"--gpus-per-trial must be 0 or more (got {args.gpus_per_trial:g})")
+def _check_resources(options: SweepOptions) -> None:
+    if options.cpus_per_trial <= 0:
+        fail(f"--cpus-per-trial must be above 0 (got {options.cpus_per_trial:g})")
+    if options.gpus_per_trial is not None and options.gpus_per_trial < 0:
+        fail(f"--gpus-per-trial must be 0 or more (got {options.gpus_per_trial:g})")
 
 
 def _make_experiment_dir(experiment: str) -> Path | None:
@@ -166,9 +163,10 @@ def _remove_created(top: Path | None, experiment: str) -> None:
     shutil.rmtree(top, ignore_errors=True)
 
 
-@exit_on_usage_error
-def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_spec(argv: list[str]) -> tuple[SweepSpec, dict | None, bool]:
+    """The sweep the command line asks for, every input checked (bad input: a UsageError before
+    anything is written), with the existing manifest (--resume) and whether Tune's state exists
+    to restore."""
     parser = build_parser()
     args = parser.parse_args(argv)
     storage = _resolve_storage(args.storage)
@@ -185,14 +183,12 @@ def main(argv: list[str] | None = None) -> dict:
              "another --name")
     given = given_options(parser, argv)
     if manifest:  # options left out continue the sweep as it was launched
-        args = with_manifest_defaults(args, given, manifest)
-    # -- validate everything before anything is written -----------------------------------
+        args = argparse.Namespace(**with_manifest_defaults(vars(args), given, manifest))
     setting = load_setting(args.setting, args.setting_modules)
-    modules = setting_modules(args.setting, args.setting_modules)  # imported by every trial too
     check_loggers(args.loggers, args.storage)
     modes = mode_choices(args.mode)
-    seeds = seed_overrides(args.seed)
-    base = budget_config(args.budget, setting.family, seeds + list(args.overrides))
+    base = budget_config(args.budget, setting.family,
+                         seed_overrides(args.seed) + list(args.overrides))
     space = default_space(base)
     if manifest and "space" not in given:  # the space it used, even if its file changed since
         space = space_from_manifest(manifest)
@@ -200,17 +196,24 @@ def main(argv: list[str] | None = None) -> dict:
         space = load_space_file(args.space, space)
     if args.num_samples < 1:
         fail("--num-samples must be at least 1")
-    _check_resources(args)
+    data_root = str(resolve_data_root(args.data_root))
+    options = SweepOptions.from_dict({**vars(args), "storage": storage, "name": name,
+                                      "data_root": data_root})
+    _check_resources(options)
+    first_partition = min(setting.partitions)
+    split = make_split(setting, first_partition, base.data, data_root, options.download,
+                       options.ood_dataset)  # data present? (Setting 2: which OOD sets?)
+    backbone = backbone_from_args(args, tuple(setting.partitions))
+    spec = SweepSpec(options, setting=setting.name,
+                     modules=setting_modules(options.setting, options.setting_modules),
+                     partitions=tuple(setting.partitions), modes=modes, base=base, space=space,
+                     first=first_point(space, base, setting.default_sigma, modes),
+                     ood_sets=split.ood_sets, backbone=backbone)
     if manifest:
-        changed = differences(manifest, args, space, base)
+        changed = differences(manifest, spec)
         if changed:
             fail(f"cannot resume {experiment} with changed settings: {'; '.join(changed)}; "
                  "leave them out (they default to its manifest.json) or choose another --name")
-    data_root = str(resolve_data_root(args.data_root))
-    first_partition = min(setting.partitions)
-    split = make_split(setting, first_partition, base.data, data_root, args.download,
-                       args.ood_dataset)  # data present? (Setting 2: which OOD sets?)
-    backbone = backbone_from_args(args, tuple(setting.partitions))
     if backbone is not None:  # strict load now: a bad file fails before Ray starts
         backbone.load(split.num_classes, split.family, base.classifier.head_width,
                       trained_for=(setting.name, first_partition, base.data))
@@ -218,45 +221,51 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"warning: OOD sets not found, skipped: {', '.join(split.skipped_ood_sets)}; the "
               f"objective is the mean over {', '.join(n for n, _, _ in split.ood_sets)}",
               file=sys.stderr)
-    if args.study_storage:  # a bad URL fails now, before the experiment folder exists
-        _study_storage(args.study_storage, experiment)
+    if options.study_storage:  # a bad URL fails now, before the experiment folder exists
+        spec.study_storage()
     elif is_uri(experiment):
         fail("--storage is remote: pass --study-storage URL (e.g. postgresql://...) for the study")
-    _probe_address(args.address)
-    args.storage, args.name, args.data_root = storage, name, data_root  # resolved, for the manifest
+    _probe_address(options.address)
+    return spec, manifest, restore
+
+
+@exit_on_usage_error
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    spec, manifest, restore = build_spec(argv)
+    options, experiment = spec.options, spec.experiment
     created = _make_experiment_dir(experiment)
     started = time.time()
     try:
         if manifest:
             manifest["options"]["num_samples"] = max(manifest["options"]["num_samples"],
-                                                     args.num_samples)
+                                                     options.num_samples)
             manifest["resumed"].append({"command": shlex.join(["python", "-m", "tune.sweep",
                                                                *argv]),
                                         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        store.write_json(name, MANIFEST, manifest or build_manifest(argv, args, space, base))
+        ArtifactStore(options.storage).write_json(options.name, MANIFEST,
+                                                  manifest or build_manifest(argv, spec))
 
         from tune.driver import SweepInterrupted, run_sweep  # imports Ray: input known good
 
         try:
-            summary = run_sweep(args, setting, modes, base, space, data_root, storage, name,
-                                first_point(space, base, setting.default_sigma, modes),
-                                lambda: _study_storage(args.study_storage, experiment),
-                                split.ood_sets, backbone, modules, restore)
+            summary = run_sweep(spec, restore)
         except SweepInterrupted as stop:
             created = None  # keep everything: the sweep continues with --resume
-            _interrupted(stop.done, args.num_samples, storage, name)
+            _interrupted(stop.done, options.num_samples, options.storage, options.name)
     except BaseException:
         _remove_created(created, experiment)
         raise
     summary["wall_seconds"] = round(time.time() - started, 1)
     try:
-        if "://" not in experiment:
+        if not is_uri(experiment):
             write_json(Path(experiment) / SUMMARY, summary)
         print(format_summary(summary))
-        if args.report and summary["trials"]["total"]:
-            print(_write_report(experiment, args.study_storage))
+        if options.report and summary["trials"]["total"]:
+            print(_write_report(experiment, options.study_storage))
     except KeyboardInterrupt:  # while reporting: --resume writes the summary and report again
-        _interrupted(summary["trials"]["total"], args.num_samples, storage, name)
+        _interrupted(summary["trials"]["total"], options.num_samples, options.storage,
+                     options.name)
     return summary
 
 

@@ -38,7 +38,7 @@ from cmg.scores import score_table, to_parquet_bytes
 from cmg.stage2 import run_stage2
 from tune.artifacts import ArtifactStore, put_bytes
 from tune.space import Param, to_overrides
-from tune.shared_stage1 import ensure_stage1, get_leases, node_id
+from tune.shared_stage1 import SharedStage1, get_leases, node_id
 
 
 
@@ -105,9 +105,12 @@ def split_for(ctx: SweepContext, partition: int, device: torch.device):
     return split
 
 
-def _owner(ctx: SweepContext) -> str:
-    """Who trains a stage-1 model (its lease holder, and `trained_by` in its meta.json)."""
-    return f"{ctx.name}/{tune.get_context().get_trial_id() or 'driver'}"
+def shared_stage1(ctx: SweepContext) -> SharedStage1:
+    """The sweep's stage-1 store, this trial training what is missing (its lease holder, and
+    `trained_by: NAME/TRIAL_ID` in the models' meta.json)."""
+    owner = f"{ctx.name}/{tune.get_context().get_trial_id() or 'driver'}"
+    return SharedStage1(ArtifactStore(ctx.store_uri), get_leases(), owner, ctx.backbone,
+                        ctx.compile_model)
 
 
 def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
@@ -122,9 +125,7 @@ def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
         tune.report({"partition": partition, "model": kind, "epoch": epoch, "node_id": node_id(),
                      **{f"{kind}_{k}": v for k, v in metrics.items() if k != "epoch"}})
 
-    models = ensure_stage1(ArtifactStore(ctx.store_uri), split, base, device, get_leases(),
-                           _owner(ctx), report, backbone=ctx.backbone,
-                           compile_model=ctx.compile_model)
+    models = shared_stage1(ctx).ensure(split, base, device, report)
     tune.report({"partition": partition, "model": "done", "stage1_key": models.key,
                  "node_id": node_id(),
                  "stage1_trained": int(models.trained), "stage1_train_s": models.train_seconds})
@@ -168,13 +169,11 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     trial_fs, trial_path = storage.storage_filesystem, storage.trial_fs_path
     put_bytes(trial_fs, f"{trial_path}/{TRIAL_FILE}",
               json.dumps(trial_record(ctx, cfg, device)).encode())
-    store = ArtifactStore(ctx.store_uri)
-    leases = get_leases()
+    shared = shared_stage1(ctx)
     for partition in ctx.partitions[len(done):]:
         started = time.perf_counter()
         split = split_for(ctx, partition, device)
-        models = ensure_stage1(store, split, cfg, device, leases, _owner(ctx),
-                               backbone=ctx.backbone, compile_model=ctx.compile_model)
+        models = shared.ensure(split, cfg, device)
         stage1_s = time.perf_counter() - started
         result = run_stage2(models.classifier, models.cvae, split, cfg.stage2, device,
                             cfg.classifier.amp, quiet=True, features=models.features)

@@ -1,0 +1,119 @@
+"""What a sweep is, as one typed object: `tune.sweep` builds it once from the command line (the
+only place that knows argparse), the driver runs it, and `manifest.json` is it serialised.
+
+    options = SweepOptions.from_dict(vars(args))           # as typed, names resolved
+    spec = SweepSpec(options, setting="same_dataset_mnist", base=..., space=..., ...)
+    run_sweep(spec, restore=False)                           # tune.driver
+    manifest = build_manifest(argv, spec)                    # tune.manifest
+
+`SweepOptions` are the command-line options as given (after `--resume` filled the left-out ones
+from the manifest); `SweepSpec` adds what they resolve to: the RunConfig, the search space, the
+partitions, the OOD-set layout, the backbone, the first point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from cmg.backbone import BackboneSpec
+from cmg.config import RunConfig
+from cmg.errors import fail
+from cmg.results import STUDY_JOURNAL, is_uri
+from tune.space import Param
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """`python -m tune.sweep`'s options, one field per option (its argparse name); the defaults
+    live in the parser, so every field is required here."""
+
+    setting: str
+    setting_modules: tuple[str, ...]
+    mode: str
+    budget: str
+    overrides: tuple[str, ...]  # --set KEY=VALUE
+    num_samples: int
+    time_budget: float | None  # seconds
+    storage: str  # resolved: an absolute folder or a pyarrow URI
+    name: str  # resolved: SETTING-MODE-BUDGET unless given
+    seed: int
+    space: str | None  # the --space file
+    study_storage: str | None
+    scheduler: str
+    gpus_per_trial: float | None  # None: 0.25 when the cluster has GPUs, else 0
+    cpus_per_trial: float
+    max_concurrent: int | None
+    max_failures: int
+    address: str | None
+    loggers: tuple[str, ...]
+    prewarm: bool
+    data_root: str  # resolved
+    download: bool
+    ood_dataset: str
+    backbone: str | None  # the --backbone path
+    backbone_format: str
+    compile: bool
+    report: bool
+    quiet: bool
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> "SweepOptions":
+        """The fields of `options` (e.g. `vars(args)`; other keys, like `resume`, are ignored);
+        lists become tuples, so the object stays hashable and frozen."""
+        return cls(**{f.name: tuple(v) if isinstance(v := options[f.name], list) else v
+                      for f in dataclasses.fields(cls)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (manifest.json's "options")."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A sweep: its options and what they resolve to."""
+
+    options: SweepOptions
+    setting: str  # the registered setting's name (a MODULE:NAME setting: NAME)
+    modules: tuple[str, ...]  # setting modules every trial imports (a MODULE:NAME's MODULE too)
+    partitions: tuple[int, ...]
+    modes: tuple[str, ...]  # the modes searched (--mode both: two)
+    base: RunConfig  # the budget's RunConfig with the seed and every --set
+    space: dict[str, Param]  # the searched knobs, after --space (on resume: the manifest's)
+    first: dict[str, Any]  # the first point: the reference's defaults
+    ood_sets: tuple[tuple[str, int, int], ...] = ()  # Setting 2: the OOD sets found, their layout
+    backbone: BackboneSpec | None = None  # an external model in place of the stage-1 classifier
+
+    @property
+    def experiment(self) -> str:
+        """STORAGE/NAME: the experiment folder or URI."""
+        return "/".join([self.options.storage.rstrip("/"), self.options.name])
+
+    @property
+    def stage1_store(self) -> str:
+        """STORAGE/stage1: the stage-1 models, shared by every sweep on this storage."""
+        return "/".join([self.options.storage.rstrip("/"), "stage1"])
+
+    def study_storage(self):
+        """The Optuna storage: --study-storage, else a journal file in the experiment folder."""
+        return open_study_storage(self.options.study_storage, self.experiment)
+
+
+def open_study_storage(url: str | None, experiment: str):
+    """Optuna storage at URL (an RDB URL), else EXPERIMENT/optuna.journal; a bad URL or a remote
+    experiment without one is a one-line UsageError."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if url:
+        try:
+            return optuna.storages.RDBStorage(url)
+        except Exception as err:  # bad URL, missing driver, unreachable server
+            fail(f"cannot open study storage {url} ({type(err).__name__}); check --study-storage")
+    if is_uri(experiment):
+        fail("--storage is remote: pass --study-storage URL (e.g. postgresql://...) for the study")
+    return JournalStorage(JournalFileBackend(os.path.join(experiment, STUDY_JOURNAL)))
