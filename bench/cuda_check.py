@@ -32,7 +32,7 @@ from cmg.backbone import BackboneSpec  # noqa: E402
 from cmg.config import budget_config  # noqa: E402
 from cmg.data import get_setting  # noqa: E402
 from cmg.data.synthetic import write_cifar_data_root  # noqa: E402
-from cmg.pipeline import flat_metrics, run_partition  # noqa: E402
+from cmg.pipeline import flat_metrics, load_partition, run_partition  # noqa: E402
 
 REAL = {"same_dataset_mnist"}
 CIFAR_SMOKE = ["classifier.epochs=4", "cvae.epochs=4", "stage2.epochs=3", "data.eval_limit=60"]
@@ -78,8 +78,9 @@ def main() -> int:
             if spec is not None:
                 work = work / "with-backbone"
             start = time.perf_counter()
-            m = run_partition(setting, 1, cfg, device, data_root=data_root, workdir=work,
-                              budget=budget, quiet=True, backbone=spec)
+            split = load_partition(setting, 1, cfg, device, data_root)
+            m = run_partition(split, cfg, device, workdir=work, budget=budget, quiet=True,
+                              backbone=spec)
             wall = time.perf_counter() - start
             problems = check(m, setting in REAL, len(get_setting(setting).ind_classes(1)))
             if spec is not None and "classifier" in m["seconds"]:

@@ -1,6 +1,8 @@
 """One partition end to end: split -> stage 1 (classifier, CVAE) -> stage 2 -> metrics dict.
 
-    metrics = run_partition("same_dataset_mnist", 1, budget_config("smoke"), workdir="runs/p1")
+    cfg = budget_config("smoke")
+    split = load_partition("same_dataset_mnist", 1, cfg, "cpu")
+    metrics = run_partition(split, cfg, "cpu", workdir="runs/p1")
     metrics["test"]["auroc"], metrics["baselines"]["energy"]["test"]["auroc"]
 
 With a `workdir`, stage-1 checkpoints are kept there and a later call with the same config
@@ -72,21 +74,17 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def run_partition(setting: str, partition: int, cfg: RunConfig,
-                  device: str | torch.device = "cpu", data_root=None, download: bool = False,
+def run_partition(split: Split, cfg: RunConfig, device: str | torch.device = "cpu", *,
                   workdir: str | Path | None = None, budget: str | None = None,
-                  quiet: bool = False, ood_datasets: str = "all",
-                  backbone: BackboneSpec | None = None,
+                  quiet: bool = False, backbone: BackboneSpec | None = None,
                   compile_model: bool = False) -> dict[str, Any]:
-    """With a `backbone`, it replaces the stage-1 classifier: stage 1 trains only the CVAE.
-    `compile_model`: torch.compile the stage-1 training steps (see cmg.precision.maybe_compile)."""
+    """Stage 1, stage 2 and the metrics of one partition's split (`load_partition`, on the
+    device). With a `backbone`, it replaces the stage-1 classifier: stage 1 trains only the
+    CVAE. `compile_model`: torch.compile the stage-1 training steps (cmg.precision)."""
     device = torch.device(device)
-    frozen = None
-    if backbone is not None:  # checked before any data is loaded
-        s = get_setting(setting)
-        frozen = backbone.load(len(s.ind_classes(partition)), s.family, cfg.classifier.head_width,
-                               device, trained_for=(setting, partition, cfg.data))
-    split = load_partition(setting, partition, cfg, device, data_root, download, ood_datasets)
+    frozen = (backbone.load(split.num_classes, split.family, cfg.classifier.head_width, device,
+                            trained_for=(split.setting, split.partition, cfg.data))
+              if backbone is not None else None)
     checkpoint = (lambda kind: Path(workdir) / f"{kind}.pt") if workdir is not None else (
         lambda kind: None)
     stage1 = train_stage1(split, cfg, device, frozen, checkpoint, quiet=quiet,

@@ -14,7 +14,7 @@ from cmg.cli import (add_backbone_args, add_common_args, add_compile_arg, add_oo
                      add_setting_args, backbone_from_args, setup_run, summary_lines, write_json)
 from cmg.config import MODES
 from cmg.errors import OneLineParser, command_parser, ensure_writable_dir, exit_on_usage_error
-from cmg.pipeline import run_partition
+from cmg.pipeline import load_partition, run_partition
 
 
 def build_parser() -> OneLineParser:
@@ -42,9 +42,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                 args.setting_modules)
     backbone = backbone_from_args(args, (partition,))
     out = ensure_writable_dir(args.out or f"runs/{setting.name}_p{partition}_{args.mode}")
-    metrics = run_partition(setting.name, partition, cfg, device, args.data_root, args.download,
-                            workdir=args.stage1_dir or out, budget=args.budget, quiet=args.quiet,
-                            ood_datasets=args.ood_dataset, backbone=backbone,
+    if backbone is not None:  # a bad file fails before the data is loaded
+        backbone.load(len(setting.ind_classes(partition)), setting.family,
+                      cfg.classifier.head_width, trained_for=(setting.name, partition, cfg.data))
+    split = load_partition(setting.name, partition, cfg, device, args.data_root, args.download,
+                           args.ood_dataset)
+    metrics = run_partition(split, cfg, device, workdir=args.stage1_dir or out,
+                            budget=args.budget, quiet=args.quiet, backbone=backbone,
                             compile_model=args.compile)
     write_json(out / "metrics.json", metrics)
     print("\n".join(summary_lines(metrics)))

@@ -29,7 +29,10 @@ from cmg.progress import Progress
 from cmg.precision import inference_autocast
 from cmg.stage1 import TrainingDiverged
 
-CHUNK = 1024  # images per frozen-network forward pass
+CHUNK = 1024  # pseudo-OOD images generated per call (fixes how the random stream is drawn)
+# images per frozen-network forward pass: on a CPU, batches of 128 keep the activations in cache
+# (MNIST network, one thread: 3000 images in 12.67 s instead of 14.39 s at 1024, bitwise equal)
+FORWARD_CHUNK = {"cpu": 128}
 
 
 @dataclass
@@ -49,9 +52,10 @@ class Stage2Result:
 def extract_features(classifier: Classifier, images: torch.Tensor, amp: bool = True) -> torch.Tensor:
     """Frozen features (N, F) in float32 of uint8 or float images, in chunks."""
     device = images.device
+    chunk = FORWARD_CHUNK.get(device.type, CHUNK)
     out = []
-    for start in range(0, len(images), CHUNK):
-        x = images[start:start + CHUNK]
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk]
         x = to_float(x) if x.dtype == torch.uint8 else x
         x = x.contiguous(memory_format=torch.channels_last)  # the layout `_frozen` gives the net
         with inference_autocast(device, amp):

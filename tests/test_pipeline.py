@@ -22,8 +22,9 @@ def check_metrics(m):
 
 
 def test_smoke_pipeline_on_real_mnist(mnist_available, tmp_path):
-    m = run_partition("same_dataset_mnist", 1, budget_config("smoke"), workdir=tmp_path,
-                      budget="smoke", quiet=True)
+    cfg = budget_config("smoke")
+    m = run_partition(load_partition("same_dataset_mnist", 1, cfg, "cpu"), cfg,
+                      workdir=tmp_path, budget="smoke", quiet=True)
     check_metrics(m)
     assert set(m["seconds"]) == {"classifier", "cvae", "stage2"}
     assert (tmp_path / "classifier.pt").is_file() and (tmp_path / "cvae.pt").is_file()
@@ -33,7 +34,7 @@ def test_short_real_training_beats_chance(mnist_available):
     cfg = budget_config("smoke", overrides=[
         "classifier.epochs=2", "classifier.lr=3e-3", "classifier.schedule=onecycle",
         "data.train_limit=1200", "data.eval_limit=400", "cvae.epochs=2", "stage2.epochs=2"])
-    m = run_partition("same_dataset_mnist", 3, cfg, quiet=True)
+    m = run_partition(load_partition("same_dataset_mnist", 3, cfg, "cpu"), cfg, quiet=True)
     assert m["test"]["ind_acc"] > 0.8  # chance is 1/6
     assert m["test"]["auroc"] > 0.75 and m["baselines"]["msp"]["test"]["auroc"] > 0.75
 
@@ -43,7 +44,7 @@ def test_cifar_path_on_synthetic_images(mode):
     cfg = budget_config("smoke", "cifar", [f"stage2.mode={mode}", "data.train_limit=96",
                                            "data.eval_limit=32", "classifier.batch_size=48",
                                            "cvae.batch_size=48"])
-    m = run_partition("synthetic_cifar10", 2, cfg, quiet=True)
+    m = run_partition(load_partition("synthetic_cifar10", 2, cfg, "cpu"), cfg, quiet=True)
     check_metrics(m)
     assert (m["stage2"]["margins"] != {}) == (mode == "CMG-energy")
 
