@@ -6,6 +6,7 @@
     leaderboard(table)                          # complete configurations, best validation first
     importance("experiments/NAME")              # fANOVA importances on the study's search space
     replicate_table(load_replicates("experiments/NAME"))  # tune.replicate: seeds x partitions
+    # python -m analysis.headline REPORT: tuned CMG vs the baselines and default CMG, over seeds
 
 Figures: `analysis.figures`; files: `python -m analysis.report`; notebook:
 `analysis/notebooks/sweep_report.ipynb`.

@@ -56,7 +56,8 @@ def load_replicates(experiment: str | Path) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def _interval(values: pd.Series) -> tuple[float, float]:
+def t_interval(values: pd.Series) -> tuple[float, float]:
+    """95% t-interval of the mean of `values` (NaNs for fewer than two)."""
     n = len(values)
     if n < 2:
         return float("nan"), float("nan")
@@ -95,8 +96,8 @@ def replicate_table(df: pd.DataFrame, only: list[str] | None = None,
             values = group[column].astype(float)
             per_seed = values.groupby(group["seed"]).mean()
             per_partition = values.groupby(group["partition"]).mean()
-            seed_low, seed_high = _interval(per_seed)
-            part_low, part_high = _interval(per_partition)
+            seed_low, seed_high = t_interval(per_seed)
+            part_low, part_high = t_interval(per_partition)
             rows.append({"configuration": source, "score": label,
                          "seeds": len(per_seed), "partitions": len(per_partition),
                          "mean": values.mean(), "seed_sd": per_seed.std(ddof=1),

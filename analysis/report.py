@@ -8,6 +8,7 @@ writes into --out (default EXPERIMENT/report; for a URI, ./NAME-report):
                    importances and the figures, readable on GitHub
   summary.csv      one row per configuration (analysis.aggregate)
   trials.parquet   one row per (trial, partition) (analysis.load_trials)
+  replicates.csv   one row per (seed replicate, partition), after tune.replicate
   history.png, params.png, partitions.png, importance.png
   roc.png, scores.png  ROC curves and IND/OOD score histograms of the best configuration against
                    the baselines, from its per-image scores files (when the trials wrote them)
@@ -32,7 +33,7 @@ from analysis.trials import (NotAnExperiment, aggregate, leaderboard, leave_one_
                              load_trials, ood_sets, open_experiment)
 from cmg.errors import (OneLineParser, add_quiet_arg, atomic_write, command_parser,
                         ensure_writable_dir, exit_on_usage_error, fail)
-from cmg.results import BASELINES, is_uri
+from cmg.results import BASELINES, REPLICATES_FILE, is_uri
 
 
 def build_parser() -> OneLineParser:
@@ -174,9 +175,9 @@ def best_scores(experiment: str, df: pd.DataFrame, table: pd.DataFrame,
         f"```\n{command}\n```"])
 
 
-def replicates_note(experiment: str) -> str:
-    """tune.replicate's table, or how to make it."""
-    table = replicate_table(load_replicates(experiment))
+def replicates_note(replicates: pd.DataFrame) -> str:
+    """tune.replicate's table (`load_replicates`), or how to make it."""
+    table = replicate_table(replicates)
     return "\n".join([
         "The top configurations re-run with new seeds for stage 1 and stage 2 (same split) by "
         "`python -m tune.replicate`. Quote the interval over seeds: the partitions share IND "
@@ -248,6 +249,7 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
                "importance": importance_figure(importances)}
     score_figures, scores_text = best_scores(experiment, df, table, by)
     figures.update(score_figures)
+    replicates = load_replicates(experiment)
     counts = df.groupby("trial_id")["status"].first().value_counts()
     name = open_experiment(experiment)[1].rstrip("/").rsplit("/", 1)[-1]
     text = "\n".join([
@@ -276,10 +278,13 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
         "## Parameter importances", "", importance_note, "",
         importances.to_markdown(index=False, floatfmt=".3f") if not importances.empty else "",
         "", "![importances](importance.png)", "",
-        "## Seed replicates", "", replicates_note(experiment), "",
+        "## Seed replicates", "", replicates_note(replicates), "",
         "## Trials not on the leaderboard", "", others_section(df, table, by), "",
         "Files: `summary.csv` (one row per configuration: mean, std and 95% CI of every metric), "
-        "`trials.parquet` (one row per trial and partition).", "",
+        "`trials.parquet` (one row per trial and partition)"
+        + (f", `{REPLICATES_FILE}` (one row per seed replicate and partition; "
+           "`python -m analysis.headline` turns it into the headline table)."
+           if not replicates.empty else "."), "",
     ])
     files: dict[str, Path] = {}
     for figure_name, fig in figures.items():
@@ -290,6 +295,11 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
     with atomic_write(out / "trials.parquet") as handle:
         df.to_parquet(handle, index=False)
     files["trials"] = out / "trials.parquet"
+    if not replicates.empty:  # the run folder by name: no local paths in a published report
+        with atomic_write(out / REPLICATES_FILE, "w") as handle:
+            replicates.assign(run=replicates["run"].map(lambda r: r.rstrip("/").rsplit("/", 1)[-1])
+                              ).to_csv(handle, index=False)
+        files["replicates"] = out / REPLICATES_FILE
     with atomic_write(out / "report.md", "w") as handle:
         handle.write(text)
     files["report"] = out / "report.md"

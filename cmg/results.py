@@ -40,6 +40,7 @@ OBJECTIVE = "val_auroc_mean"  # what the sweep maximises: mean validation AUROC 
 TRIAL_PREFIX = "stage2_trainable"  # Tune names a trial folder after its function (tune.trainables)
 REPLICATE_PREFIX = "replicate_trainable"
 REPLICATE_DIR = "replicate"  # EXPERIMENT/replicate/run-<time>/: one Tune run per tune.replicate
+REPLICATES_FILE = "replicates.csv"  # in a report: one row per (replicate trial, partition)
 MANIFEST = "manifest.json"  # how the sweep was launched (tune.manifest)
 SUMMARY = "summary.json"  # the sweep's end: counts, best configuration, baselines
 STUDY_JOURNAL = "optuna.journal"  # the study, when the sweep had no --study-storage

@@ -15,7 +15,7 @@ from scipy import stats
 
 from analysis.replicates import load_replicates, replicate_table
 from analysis.trials import load_trials
-from cmg.results import BASELINES
+from cmg.results import ALL_METRICS, BASELINES
 from tests.conftest import ROOT
 
 
@@ -118,3 +118,33 @@ def test_the_prewarm_takes_only_points_that_keep_the_sweeps_stage1_models():
              "mask_prob": None, "latent_dim": base.cvae.latent_dim}
     assert _base_stage1(point, ctx)  # stage-2 knobs only: the seeded base models serve it
     assert not _base_stage1({**point, "latent_dim": 2 * base.cvae.latent_dim}, ctx)
+
+
+def _fake_trial(experiment, trial: str, number: int, val_aurocs: list[float], params: dict,
+                total: int = 2) -> None:
+    """A sweep trial folder as Tune writes it: params.json and one result line per partition."""
+    folder = experiment / f"stage2_trainable_{trial}_{number}_mode=CMG-energy_2026"
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps(params))
+    (folder / "result.json").write_text("\n".join(json.dumps(
+        {"trial_id": trial, "partitions_total": total, "partition": p + 1,
+         **{m: a for m in ALL_METRICS}}) for p, a in enumerate(val_aurocs)))
+
+
+def test_with_defaults_adds_the_first_configuration_even_when_early_stopping_cut_it(tmp_path):
+    from tune.replicate import missing_points
+
+    defaults = {"mode": "CMG-energy", "sigma": 3.0, "mask_prob": 0.5}
+    _fake_trial(tmp_path, "f1f1", 1, [0.5], defaults)  # stopped after one partition
+    _fake_trial(tmp_path, "a0a0", 2, [0.9, 0.8], {**defaults, "sigma": 1.0})
+    _fake_trial(tmp_path, "b0b0", 3, [0.7, 0.6], {**defaults, "sigma": 6.0})
+    chosen, points = missing_points(str(tmp_path), 1, [1, 2], with_defaults=True)
+    assert chosen == ["a0a0", "f1f1"]
+    assert [(p["source_trial"], p["seed"]) for p in points] == [
+        ("a0a0", 1), ("f1f1", 1), ("a0a0", 2), ("f1f1", 2)]
+    assert points[1] == {"source_trial": "f1f1", "seed": 1, **defaults}
+    assert missing_points(str(tmp_path), 2, [1])[0] == ["a0a0", "b0b0"]
+    # the defaults among the top: replicated once
+    _fake_trial(tmp_path / "b", "f1f1", 1, [0.95, 0.9], defaults)
+    _fake_trial(tmp_path / "b", "a0a0", 2, [0.9, 0.8], {**defaults, "sigma": 1.0})
+    assert missing_points(str(tmp_path / "b"), 2, [1], with_defaults=True)[0] == ["f1f1", "a0a0"]

@@ -2,16 +2,19 @@
 seeds, so that their numbers carry seed variance as well as partition variance.
 
     python -m tune.replicate experiments/same_dataset_mnist-CMG-energy-demo --top 3 --seeds 3
+    python -m tune.replicate EXPERIMENT --top 3 --seeds 3 --with-defaults
 
 The top configurations are ranked on validation (mean `val_auroc` over the partitions, complete
-configurations only). Each runs on every partition once per new seed: seeds S+1 .. S+SEEDS, where
+configurations only); `--with-defaults` adds the sweep's first configuration (the reference's
+defaults, even if early stopping cut it short), so that tuned CMG is compared with default CMG
+on the same seeds. Each runs on every partition once per new seed: seeds S+1 .. S+SEEDS, where
 S is the sweep's `--seed`, re-seed stage 1 (classifier and CVAE: new stage-1 keys, trained once
 per seed and reused by every configuration of that seed) and stage 2; the data split stays fixed.
 The sweep's own run (seed S) is not counted: it is the run the configuration was selected on.
 The trials are Ray Tune trials in EXPERIMENT/replicate/run-<time>/ (one Tune run per call),
 with the sweep's resources, retries and stage-1 store (STORAGE/stage1). Running the command
-again adds only the (configuration, seed) pairs that have no complete trial yet. At the end it prints the replicated table, and
-`python -m analysis.report EXPERIMENT` adds it to report.md.
+again adds only the (configuration, seed) pairs that have no complete trial yet. At the end it
+prints the replicated table, and `python -m analysis.report EXPERIMENT` adds it to report.md.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--top", type=int, default=3,
                    help="configurations to replicate, best mean validation AUROC first")
     p.add_argument("--seeds", type=int, default=3, help="new seeds per configuration")
+    p.add_argument("--with-defaults", action="store_true",
+                   help="also replicate the sweep's first configuration (the reference's "
+                        "defaults, complete or not), the one tuning has to beat")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join, e.g. auto or HOST:6379 (default: a local Ray)")
     add_quiet_arg(p)
@@ -79,16 +85,21 @@ def _read_params(experiment: str, trial_id: str) -> dict[str, Any]:
         return json.loads(stream.read().decode())
 
 
-def missing_points(experiment: str, top: int, seeds: list[int]) -> tuple[list[str], list[dict]]:
-    """(the top trial ids, ranked on validation; the (configuration, seed) points that have no
-    complete replicate trial yet, as trial configs)."""
-    board = leaderboard(aggregate(load_trials(experiment)), by="val_auroc").head(top)
+def missing_points(experiment: str, top: int, seeds: list[int],
+                   with_defaults: bool = False) -> tuple[list[str], list[dict]]:
+    """(the top trial ids, ranked on validation, then the first trial's if `with_defaults`; the
+    (configuration, seed) points that have no complete replicate trial yet, as trial configs)."""
+    trials = aggregate(load_trials(experiment))
+    board = leaderboard(trials, by="val_auroc").head(top)
     if board.empty:
         fail(f"{experiment} has no complete configuration to replicate; let the sweep finish "
              "(python -m tune.sweep ... --resume)")
+    chosen = list(board["trial_id"])
+    first = trials.sort_values("trial_number")["trial_id"].iloc[0]
+    if with_defaults and first not in chosen:
+        chosen.append(first)
     done = load_replicates(experiment)
     have = set(zip(done["source_trial"], done["seed"])) if not done.empty else set()
-    chosen = list(board["trial_id"])
     points = [{"source_trial": trial_id, "seed": seed, **_read_params(experiment, trial_id)}
               for seed in seeds for trial_id in chosen if (trial_id, seed) not in have]
     return chosen, points
@@ -153,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         saved = read_context(experiment)
         sweep_seed = saved["ctx"].base.classifier.seed
         seeds = list(range(sweep_seed + 1, sweep_seed + 1 + args.seeds))
-        chosen, points = missing_points(experiment, args.top, seeds)
+        chosen, points = missing_points(experiment, args.top, seeds, args.with_defaults)
     except NotAnExperiment as err:
         fail(str(err))
     started = time.time()
