@@ -221,10 +221,8 @@ def build_spec(argv: list[str]) -> tuple[SweepSpec, dict | None, bool]:
         print(f"warning: OOD sets not found, skipped: {', '.join(split.skipped_ood_sets)}; the "
               f"objective is the mean over {', '.join(n for n, _, _ in split.ood_sets)}",
               file=sys.stderr)
-    if options.study_storage:  # a bad URL fails now, before the experiment folder exists
-        spec.study_storage()
-    elif is_uri(experiment):
-        fail("--storage is remote: pass --study-storage URL (e.g. postgresql://...) for the study")
+    if options.study_storage or is_uri(experiment):  # a bad URL, or a remote experiment
+        spec.study_storage()  # without one, fails now, before the experiment folder exists
     _probe_address(options.address)
     return spec, manifest, restore
 
