@@ -3,6 +3,7 @@
     bar = Progress("classifier", total=steps, quiet=args.quiet)
     bar.update(done, epoch="2/5", loss=0.31)      # prints at most every `every` seconds
     bar.close(acc=0.98)
+    Progress("sweep", total=24, done_before=15)  # a resumed run: 15 of 24 were done before it
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ def _fmt(fields: dict) -> str:
 
 class Progress:
     def __init__(self, label: str, total: int, quiet: bool = False, every: float = 5.0,
-                 stream: TextIO | None = None):
+                 stream: TextIO | None = None, done_before: int = 0):
         self.label, self.total, self.quiet, self.every = label, max(total, 1), quiet, every
+        # work finished by an earlier process (a resumed run): it counts in the percentage but
+        # not in the rate, which is this process's own
+        self.done_before = done_before
         self.stream = stream or sys.stderr
         self.start = self.last = time.monotonic()
 
@@ -40,8 +44,8 @@ class Progress:
             return
         self.last = now
         elapsed = now - self.start
-        eta = elapsed / done * (self.total - done) if done else float("nan")
-        eta_text = _fmt_seconds(eta) if done else "?"
+        rate_done = done - self.done_before
+        eta_text = _fmt_seconds(elapsed / rate_done * (self.total - done)) if rate_done > 0 else "?"
         print(f"[{self.label}] {100 * done / self.total:5.1f}% {_fmt(fields)} | "
               f"{_fmt_seconds(elapsed)} elapsed, ETA {eta_text}", file=self.stream, flush=True)
 

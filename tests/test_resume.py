@@ -145,6 +145,9 @@ def test_resume_after_sigint_sigterm_and_sigkill_finishes_every_partition_once(i
     assert proc.returncode == -signal.SIGKILL
     done = run_sweep(*resume)
     assert done.returncode == 0, done.stderr
+    # its progress counts the trials the earlier runs finished too
+    bar = [line for line in done.stderr.splitlines() if line.startswith("[sweep]")]
+    assert bar and f"100.0% trials={SAMPLES}/{SAMPLES}" in bar[-1], done.stderr
     found = partitions(experiment)
     assert len(found) == SAMPLES
     assert all(p == [1, 2, 3, 4, 5] for p in found.values()), found  # each exactly once

@@ -77,10 +77,12 @@ class SweepProgress(tune.Callback):
     """A line per trial start, stage-1 epoch, finished partition and finished trial, with the
     ETA of the whole run; nothing with quiet=True."""
 
-    def __init__(self, total: int, quiet: bool, label: str = "sweep", partitions: int = 5):
-        self.bar = Progress(label, total, quiet, every=0)
+    def __init__(self, total: int, quiet: bool, label: str = "sweep", partitions: int = 5,
+                 finished: int = 0, best: float = float("nan")):
+        """`finished` and `best` (validation AUROC) carry over what a resumed run restored."""
+        self.bar = Progress(label, total, quiet, every=0, done_before=finished)
         self.partitions = partitions
-        self.quiet, self.finished, self.best = quiet, 0, float("nan")
+        self.quiet, self.finished, self.best = quiet, finished, best
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if not self.quiet:
@@ -167,15 +169,19 @@ def _trained_by(store_uri: str, name: str) -> int:
                for key in store.keys())
 
 
-def _finished(spec: SweepSpec) -> int:
-    """Configurations the study holds as finished (complete, pruned or failed)."""
+def _study_progress(spec: SweepSpec) -> tuple[int, float]:
+    """(configurations the study holds as finished: complete, pruned or failed; the best
+    objective of a complete one, NaN if none)."""
     import optuna
+    from optuna.trial import TrialState
 
     try:
         study = optuna.load_study(study_name=spec.options.name, storage=spec.study_storage())
     except KeyError:  # interrupted before the search created it
-        return 0
-    return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+        return 0, float("nan")
+    trials = study.get_trials(deepcopy=False)
+    values = [t.value for t in trials if t.state == TrialState.COMPLETE]
+    return sum(t.state.is_finished() for t in trials), max(values, default=float("nan"))
 
 
 def _check_gpus(gpus: float) -> None:
@@ -249,7 +255,7 @@ def run_sweep(spec: SweepSpec, restore: bool = False) -> dict[str, Any]:
         interrupts = Interrupts()  # after ray.init, which sets its own SIGTERM handler
         summary = _search(spec, restore, interrupts, started)
     except KeyboardInterrupt:  # outside Tune's loop, or a second signal: stop at once
-        raise SweepInterrupted(_finished(spec)) from None
+        raise SweepInterrupted(_study_progress(spec)[0]) from None
     finally:
         ray.shutdown()
     return summary
@@ -270,10 +276,11 @@ def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts,
     if options.prewarm:
         prewarm(ctx, experiment, resources, options.quiet, interrupts.fit)
         if interrupts.count:
-            raise SweepInterrupted(_finished(spec))
+            raise SweepInterrupted(_study_progress(spec)[0])
     trainable = tune.with_resources(tune.with_parameters(stage2_trainable, ctx=ctx), resources)
+    finished, best = _study_progress(spec) if restore else (0, float("nan"))
     callbacks = [SweepProgress(options.num_samples, options.quiet,
-                               partitions=len(spec.partitions)),
+                               partitions=len(spec.partitions), finished=finished, best=best),
                  *logger_callbacks(list(options.loggers), experiment, name)]
     if "tensorboard" in options.loggers and not options.quiet:
         print(f"[sweep] TensorBoard: tensorboard --logdir {experiment}", flush=True)
@@ -302,7 +309,7 @@ def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts,
                            if options.time_budget else None)))
     results = interrupts.fit(tuner)
     if interrupts.count:
-        raise SweepInterrupted(_finished(spec))
+        raise SweepInterrupted(_study_progress(spec)[0])
     summary = _summary(results, name, experiment, _trained_by(ctx.store_uri, name),
                        len(spec.partitions))
     summary["study"] = {"name": name, "orphans_failed": fail_orphans(spec.study_storage(), name)}
