@@ -1,13 +1,17 @@
 """Seed replicates: the table's statistics by hand, and tune.replicate on a real local Ray over
-the shared smoke sweep (a second call adds nothing)."""
+the shared smoke sweep (Ctrl-C stops it with exit 130, the same command finishes it, a third
+call adds nothing)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -53,9 +57,31 @@ def _replicate(experiment, *args):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+def _interrupt_once_training(experiment) -> subprocess.Popen:
+    """tune.replicate, sent Ctrl-C (SIGINT to its process group) once its stage-1 trials run."""
+    proc = subprocess.Popen([sys.executable, "-m", "tune.replicate", str(experiment), "--top",
+                             "1", "--seeds", "1", "--quiet"], cwd=ROOT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not list((experiment / "replicate").glob("stage1-*/stage1_trainable_*")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "tune.replicate started no stage-1 trial"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=300)
+    return proc
+
+
 def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep):
     experiment = smoke_sweep["experiment"]
     summary = json.loads((experiment / "summary.json").read_text())
+    stopped = _interrupt_once_training(experiment)
+    assert stopped.returncode == 130, stopped.stderr
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"interrupted with 0 of 1 runs added; add the rest with: python -m "
+                        r"tune\.replicate \S+ --top 1 --seeds 1 --quiet", last), stopped.stderr
+    assert "Traceback" not in stopped.stderr
     proc = _replicate(experiment, "--top", "1", "--seeds", "1", "--quiet")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 runs added" in proc.stdout

@@ -13,13 +13,16 @@ per seed and reused by every configuration of that seed) and stage 2; the data s
 The sweep's own run (seed S) is not counted: it is the run the configuration was selected on.
 The trials are Ray Tune trials in EXPERIMENT/replicate/run-<time>/ (one Tune run per call),
 with the sweep's resources, retries and stage-1 store (STORAGE/stage1). Running the command
-again adds only the (configuration, seed) pairs that have no complete trial yet. At the end it
-prints the replicated table, and `python -m analysis.report EXPERIMENT` adds it to report.md.
+again adds only the (configuration, seed) pairs that have no complete trial yet, so Ctrl-C (or
+SIGTERM) stops it cleanly (exit 130, saying how many runs were added) and the same command goes
+on. At the end it prints the replicated table, and `python -m analysis.report EXPERIMENT` adds it
+to report.md.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -107,12 +110,13 @@ def missing_points(experiment: str, top: int, seeds: list[int],
 
 def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], address: str | None,
                    quiet: bool) -> None:
-    """The points as Tune trials in EXPERIMENT/replicate, with the sweep's resources and retries."""
+    """The points as Tune trials in EXPERIMENT/replicate, with the sweep's resources and retries.
+    Raises KeyboardInterrupt after SIGINT or SIGTERM, once Tune has stopped its trials."""
     import ray
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from tune.driver import SweepProgress, prewarm, quiet_tune
+    from tune.driver import Interrupts, SweepProgress, prewarm, quiet_tune
     from tune.loggers import logger_callbacks
     from tune.shared_stage1 import NAMESPACE, create_leases
 
@@ -121,6 +125,7 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
     ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     try:
+        interrupts = Interrupts()  # after ray.init, which sets its own SIGTERM handler
         leases = create_leases()  # the actor lives as long as this handle
         ray.get(leases.__ray_ready__.remote())
         # the new seeds' stage-1 models, all in parallel first: otherwise the trials of one seed
@@ -129,7 +134,9 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
         seeds = tuple(sorted({p["seed"] for p in points if _base_stage1(p, ctx)}))
         if seeds:
             prewarm(ctx, f"{experiment}/{REPLICATE_DIR}", saved["resources"], quiet,
-                    lambda tuner: tuner.fit(), seeds, name=time.strftime("stage1-%Y%m%d-%H%M%S"))
+                    interrupts.fit, seeds, name=time.strftime("stage1-%Y%m%d-%H%M%S"))
+            if interrupts.count:
+                raise KeyboardInterrupt
         trainable = tune.with_resources(tune.with_parameters(replicate_trainable, ctx=ctx),
                                         saved["resources"])
         # every key a point sets must exist in the space; a parameter that a configuration did
@@ -148,7 +155,9 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
                            *logger_callbacks([], experiment, "replicate")],
                 failure_config=tune.FailureConfig(max_failures=saved["max_failures"]),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-        tuner.fit()
+        interrupts.fit(tuner)
+        if interrupts.count:
+            raise KeyboardInterrupt
     finally:
         ray.shutdown()
 
@@ -172,7 +181,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.quiet:
             print(f"[replicate] {len(points)} (configuration, seed) runs to add: configurations "
                   f"{', '.join(chosen)}, seeds {seeds}", flush=True)
-        run_replicates(experiment, points, saved, args.address, args.quiet)
+        try:
+            run_replicates(experiment, points, saved, args.address, args.quiet)
+        except KeyboardInterrupt:
+            left = missing_points(experiment, args.top, seeds, args.with_defaults)[1]
+            again = ["python", "-m", "tune.replicate", *(sys.argv[1:] if argv is None else argv)]
+            print(f"interrupted with {len(points) - len(left)} of {len(points)} runs added; add "
+                  f"the rest with: {shlex.join(again)}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
     table = replicate_table(load_replicates(experiment), only=chosen, seeds=seeds)
     print(f"replicate {experiment}: {len(points)} runs added in {time.time() - started:.0f} s")
     print(replicate_markdown(table))
