@@ -3,6 +3,7 @@ within (seed, partition), the README section between its markers, and refusals."
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 
@@ -10,9 +11,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.headline import END, START, headline_lifts, headline_table
+from analysis.headline import (END, START, chosen_trials, headline_lifts, headline_markdown,
+                               headline_table)
 from cmg.results import BASELINES, REPLICATES_FILE
-from conftest import run_main
+from conftest import ROOT, run_main
 
 # (trial, seed, partition) -> CMG test AUROC; a baseline b is 0.01 * (its index + 1) below the
 # tuned configuration's CMG; every FPR95 is 1 - AUROC
@@ -92,3 +94,29 @@ def test_refusals_name_the_fix(tmp_path):
     proc = run_main("analysis.headline", str(tmp_path))
     assert proc.returncode == 2 and "no complete configuration" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_readme_results_are_the_committed_reports():
+    """The README's table is analysis.headline of results/mnist-quick, whose tuned configuration
+    is the one its report selected on validation, replicated on new seeds only."""
+    report = ROOT / "results" / "mnist-quick"
+    readme = (ROOT / "README.md").read_text()
+    assert readme.split(START + "\n")[1].split("\n" + END)[0] == headline_markdown(report)
+    summary = pd.read_csv(report / "summary.csv")
+    complete = summary[summary["status"] == "complete"]
+    tuned, defaults = chosen_trials(summary)
+    assert tuned == complete.loc[complete["val_auroc_mean"].idxmax(), "trial_id"]
+    assert defaults == summary.loc[summary["trial_number"].idxmin(), "trial_id"]
+    assert f"Trial `{tuned}`, selected on mean val_auroc" in (report / "report.md").read_text()
+    replicates = pd.read_csv(report / REPLICATES_FILE)
+    manifest = json.loads((report / "manifest.json").read_text())
+    assert manifest["options"]["num_samples"] == len(summary) >= 24
+    assert manifest["options"]["seed"] not in set(replicates["seed"])
+    for trial in (tuned, defaults):
+        runs = replicates[replicates["source_trial"] == trial]
+        assert sorted(set(runs["seed"])) == [1, 2, 3] and len(runs) == 3 * 5
+    # the verdict's numbers: the per-seed lifts over max-logit, and CMG above it on every pair
+    runs = replicates[replicates["source_trial"] == tuned]
+    lifts = (runs["test_auroc"] - runs["maxlogit_test_auroc"]).groupby(runs["seed"]).mean()
+    assert f"({', '.join(f'{v:+.4f}' for v in lifts)})" in " ".join(readme.split())
+    assert (runs["test_auroc"] > runs["maxlogit_test_auroc"]).all()
