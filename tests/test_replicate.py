@@ -57,8 +57,9 @@ def _replicate(experiment, *args):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-def _interrupt_once_training(experiment) -> subprocess.Popen:
-    """tune.replicate, sent Ctrl-C (SIGINT to its process group) once its stage-1 trials run."""
+def _interrupt_once_training(experiment) -> tuple[int, str]:
+    """tune.replicate, sent Ctrl-C (SIGINT to its process group) once its stage-1 trials run:
+    (its exit code, its stderr)."""
     proc = subprocess.Popen([sys.executable, "-m", "tune.replicate", str(experiment), "--top",
                              "1", "--seeds", "1", "--quiet"], cwd=ROOT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
@@ -69,19 +70,19 @@ def _interrupt_once_training(experiment) -> subprocess.Popen:
         assert time.time() < deadline, "tune.replicate started no stage-1 trial"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)
-    proc.communicate(timeout=300)
-    return proc
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
 
 
 def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep):
     experiment = smoke_sweep["experiment"]
     summary = json.loads((experiment / "summary.json").read_text())
-    stopped = _interrupt_once_training(experiment)
-    assert stopped.returncode == 130, stopped.stderr
-    last = stopped.stderr.strip().splitlines()[-1]
+    code, err = _interrupt_once_training(experiment)
+    assert code == 130, err
+    last = err.strip().splitlines()[-1]
     assert re.fullmatch(r"interrupted with 0 of 1 runs added; add the rest with: python -m "
-                        r"tune\.replicate \S+ --top 1 --seeds 1 --quiet", last), stopped.stderr
-    assert "Traceback" not in stopped.stderr
+                        r"tune\.replicate \S+ --top 1 --seeds 1 --quiet", last), err
+    assert "Traceback" not in err
     proc = _replicate(experiment, "--top", "1", "--seeds", "1", "--quiet")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 runs added" in proc.stdout
