@@ -1,5 +1,6 @@
 """Partitions, relabelling, the validation split and data errors, on real MNIST."""
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,27 @@ def test_split_is_seeded_and_partition_independent(mnist_available):
     # class 5 is IND in partitions 1 and 2: its validation images are the same in both
     p1, p2 = make_split("same_dataset_mnist", 1), make_split("same_dataset_mnist", 2)
     assert torch.equal(p1.val_ind_x[p1.val_ind_y == 5], p2.val_ind_x[p2.val_ind_y == 4])
+
+
+@pytest.mark.parametrize("cfg, sizes, digest", [
+    (DataConfig(), (32416, 3601, 2398, 6031, 3969), "af2b074791422986"),
+    (DataConfig(train_limit=6000, eval_limit=2000), (6000, 2000, 2000, 2000, 2000),
+     "508cae85c3d5f5e5"),
+])
+def test_the_split_of_a_data_config_is_pinned(mnist_available, cfg, sizes, digest):
+    """The stage-1 key hashes the data config, not the images: if the split drawn from a config
+    ever changed, stored models would be reused on another split (whose validation images they
+    may have trained on). So the images and labels of partition 1 are pinned by their digest;
+    a deliberate change must bump tune.artifacts.FORMAT_VERSION and this digest together."""
+    split = make_split("same_dataset_mnist", 1, cfg)
+    parts = (split.train_x, split.train_y, split.val_ind_x, split.val_ind_y, split.val_ood_x,
+             split.test_ind_x, split.test_ind_y, split.test_ood_x)
+    assert (len(split.train_x), len(split.val_ind_x), len(split.val_ood_x), len(split.test_ind_x),
+            len(split.test_ood_x)) == sizes
+    h = hashlib.sha256()
+    for t in parts:
+        h.update(t.numpy().tobytes())
+    assert h.hexdigest()[:16] == digest
 
 
 def test_train_limit_is_class_balanced(mnist_available):

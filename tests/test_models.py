@@ -61,7 +61,16 @@ def test_input_dropout_flag_restores_the_reference_layer():
     assert has_first(build_classifier("mnist", 6, ClassifierConfig(input_dropout=True)))
 
 
-def test_channels_last_input_works():
-    model = build_classifier("mnist", 6).eval().to(memory_format=torch.channels_last)
-    x = torch.rand(2, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-    assert model(x).shape == (2, 7)
+@pytest.mark.parametrize("family", ["mnist", "cifar"])
+def test_channels_last_gives_the_same_logits_as_the_default_layout(family):
+    """Stage 2 runs the frozen network channels-last (cmg.stage2._frozen): a layout change, not
+    a different function."""
+    torch.manual_seed(0)
+    model = build_classifier(family, 6).eval()
+    x = torch.rand(5, *SHAPES[family])
+    with torch.no_grad():
+        expected = model(x)
+        model.to(memory_format=torch.channels_last)
+        got = model(x.contiguous(memory_format=torch.channels_last))
+    assert got.shape == (5, 7) and expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

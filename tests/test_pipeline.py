@@ -39,14 +39,20 @@ def test_short_real_training_beats_chance(mnist_available):
     assert m["test"]["auroc"] > 0.75 and m["baselines"]["msp"]["test"]["auroc"] > 0.75
 
 
-@pytest.mark.parametrize("mode", ["CMG-energy", "CMG-softmax"])
-def test_cifar_path_on_synthetic_images(mode):
-    cfg = budget_config("smoke", "cifar", [f"stage2.mode={mode}", "data.train_limit=96",
-                                           "data.eval_limit=32", "classifier.batch_size=48",
-                                           "cvae.batch_size=48"])
-    m = run_partition(load_partition("synthetic_cifar10", 2, cfg, "cpu"), cfg, quiet=True)
-    check_metrics(m)
-    assert (m["stage2"]["margins"] != {}) == (mode == "CMG-energy")
+def test_cifar_path_on_synthetic_images_in_both_modes(tmp_path):
+    """ResNet-18 stage 1 trained once, then stage 2 in each mode on it (the workdir's finished
+    checkpoints are reused, not rewritten): every metric of both modes, margins in energy only."""
+    overrides = ["data.train_limit=96", "data.eval_limit=32", "classifier.batch_size=48",
+                 "cvae.batch_size=48"]
+    stamps = []
+    for mode in ("CMG-energy", "CMG-softmax"):
+        cfg = budget_config("smoke", "cifar", [f"stage2.mode={mode}", *overrides])
+        m = run_partition(load_partition("synthetic_cifar10", 2, cfg, "cpu"), cfg,
+                          workdir=tmp_path, quiet=True)
+        check_metrics(m)
+        assert m["mode"] == mode and (m["stage2"]["margins"] != {}) == (mode == "CMG-energy")
+        stamps.append({k: (tmp_path / f"{k}.pt").stat().st_mtime_ns for k in ("classifier", "cvae")})
+    assert stamps[0] == stamps[1]  # stage 1 trained by the first mode only
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ import pytest
 
 from cmg.config import MODES, apply_overrides, budget_config
 from cmg.errors import UsageError
-from tune.space import (default_space, first_point, load_space_file, mode_choices, suggest,
-                        to_overrides)
+from conftest import assert_refused
+from tune.space import (check_fixed, default_space, first_point, load_space_file, mode_choices,
+                        suggest, to_overrides)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ENERGY_ONLY = {"energy_weight", "m_in_percentile", "m_out_percentile"}
@@ -120,3 +121,31 @@ def test_unknown_mode_is_a_usage_error():
         mode_choices("CMG")
 
 
+
+
+@pytest.mark.parametrize("text, words", [
+    ("num_mixed: 0\n", ["'num_mixed: 0'", "at least 1"]),
+    ("sigma: -1.0\n", ["'sigma: -1.0'", "positive"]),
+    ("mask_prob: 1.5\n", ["'mask_prob: 1.5'", "[0, 1]"]),
+    ("num_mixed: two\n", ["'num_mixed: two'"]),
+])
+def test_fixed_values_that_no_trial_could_run_are_refused_before_the_sweep(tmp_path, text,
+                                                                           words):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    base = budget_config("quick")
+    space = load_space_file(path, default_space(base))  # loads: only the config knows the rule
+    with pytest.raises(UsageError) as err:
+        check_fixed(path, space, base)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_valid_fixed_values_pass_and_the_sweep_command_refuses_a_bad_one(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("num_mixed: 1\nsigma: 2.5\n")  # one class per condition is a valid control
+    base = budget_config("quick")
+    check_fixed(path, load_space_file(path, default_space(base)), base)
+    path.write_text("num_mixed: 0\n")
+    assert_refused(tmp_path / "sweeps", "--space", str(path), words=["num_mixed", "at least 1"])

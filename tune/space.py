@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cmg.config import MODES, RunConfig
-from cmg.errors import fail
+from cmg.config import MODES, RunConfig, apply_overrides
+from cmg.errors import UsageError, fail
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,17 @@ def load_space_file(path: str | Path, space: dict[str, Param]) -> dict[str, Para
             fail(f"space file {path}: unknown parameter '{name}'; known: {', '.join(space)}")
         space[name] = _override(path, name, space[name], value)
     return space
+
+
+def check_fixed(path: str | Path, space: dict[str, Param], base: RunConfig) -> None:
+    """A space file's fixed values must make a valid config (e.g. `num_mixed: 0` would fail
+    every trial): checked once, with the config's own rules, before the sweep starts."""
+    for name, param in space.items():
+        if param.is_fixed:
+            try:
+                apply_overrides(base, {param.key: param.fixed})
+            except UsageError as err:
+                fail(f"space file {path}: '{name}: {param.fixed}' is not a valid value ({err})")
 
 
 def _override(path: Path, name: str, param: Param, value: Any) -> Param:

@@ -43,7 +43,7 @@ from tune.artifacts import ArtifactStore
 from tune.loggers import LOGGERS, check_loggers, parse_duration
 from tune.manifest import (build_manifest, differences, space_from_manifest,
                            with_manifest_defaults)
-from tune.space import default_space, first_point, load_space_file, mode_choices
+from tune.space import check_fixed, default_space, first_point, load_space_file, mode_choices
 from tune.spec import SweepOptions, SweepSpec
 
 
@@ -194,6 +194,7 @@ def build_spec(argv: list[str]) -> tuple[SweepSpec, dict | None, bool]:
         space = space_from_manifest(manifest)
     elif args.space:
         space = load_space_file(args.space, space)
+        check_fixed(args.space, space, base)
     if args.num_samples < 1:
         fail("--num-samples must be at least 1")
     data_root = str(resolve_data_root(args.data_root))
