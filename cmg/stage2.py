@@ -75,8 +75,45 @@ def pseudo_ood_features(classifier: Classifier, cvae: CVAE, n: int, cfg: Stage2C
 
 
 def _energy_loss(logits_in, logits_out, k, m_in, m_out) -> torch.Tensor:
+    """Squared hinges on the energy: IND above `m_in` and pseudo-OOD below `m_out` are penalised,
+    so fine-tuning pushes IND energy down and pseudo-OOD energy up."""
     e_in, e_out = energy_score(logits_in, k), energy_score(logits_out, k)
     return F.relu(e_in - m_in).pow(2).mean() + F.relu(m_out - e_out).pow(2).mean()
+
+
+def energy_margins(stage1_head: torch.nn.Module, train_f: torch.Tensor, pool: torch.Tensor, k: int,
+                   cfg: Stage2Config) -> dict[str, float]:
+    """CMG-energy's margins, set once from the stage-1 head before fine-tuning: `m_in` is the
+    `m_in_percentile` of the IND training energies, `m_out` the `m_out_percentile` of the
+    pseudo-OOD pool's (a fixed `cfg.m_in` / `cfg.m_out` overrides either)."""
+    with torch.no_grad():
+        e_in = energy_score(stage1_head(train_f), k)
+        e_gen = energy_score(stage1_head(pool), k)
+    return {
+        "m_in": cfg.m_in if cfg.m_in is not None
+        else float(torch.quantile(e_in, cfg.m_in_percentile / 100)),
+        "m_out": cfg.m_out if cfg.m_out is not None
+        else float(torch.quantile(e_gen, cfg.m_out_percentile / 100)),
+    }
+
+
+def ood_target(n: int, k: int, device: torch.device) -> torch.Tensor:
+    """CMG-softmax's label for n pseudo-OOD samples: the extra class K, output index `k`."""
+    return torch.full((n,), k, device=device, dtype=torch.long)
+
+
+def step_loss(head: torch.nn.Module, feats_in: torch.Tensor, labels_in: torch.Tensor,
+              feats_out: torch.Tensor, k: int, cfg: Stage2Config,
+              margins: dict[str, float]) -> torch.Tensor:
+    """One fine-tuning step's loss: cross-entropy of the IND batch, plus (CMG-softmax) the
+    pseudo-OOD batch's cross-entropy against the extra class, or (CMG-energy) the weighted
+    energy hinges with the margins of `energy_margins`."""
+    logits_in, logits_out = head(feats_in), head(feats_out)
+    loss = F.cross_entropy(logits_in, labels_in)
+    if cfg.mode == "CMG-softmax":
+        return loss + F.cross_entropy(logits_out, ood_target(len(logits_out), k, logits_out.device))
+    return loss + cfg.energy_weight * _energy_loss(logits_in, logits_out, k, margins["m_in"],
+                                                   margins["m_out"])
 
 
 def _logits(head, feats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,21 +195,11 @@ def run_stage2(classifier: Classifier, cvae: CVAE, split: Split, cfg: Stage2Conf
     n = len(train_f)
     steps = math.ceil(n / cfg.batch_size)
     pool = pseudo_ood_features(classifier, cvae, steps * cfg.ood_per_batch, cfg, sigma, generator, amp)
-    margins: dict[str, float] = {}
-    if cfg.mode == "CMG-energy":  # set once, from the stage-1 head, before fine-tuning
-        with torch.no_grad():
-            e_in = energy_score(stage1_head(train_f), k)
-            e_gen = energy_score(stage1_head(pool), k)
-        margins = {
-            "m_in": cfg.m_in if cfg.m_in is not None
-            else float(torch.quantile(e_in, cfg.m_in_percentile / 100)),
-            "m_out": cfg.m_out if cfg.m_out is not None
-            else float(torch.quantile(e_gen, cfg.m_out_percentile / 100)),
-        }
+    margins = (energy_margins(stage1_head, train_f, pool, k, cfg) if cfg.mode == "CMG-energy"
+               else {})
 
     best = (-math.inf, 0, copy.deepcopy(head.state_dict()))
     history: list[dict[str, float]] = []
-    ood_target = torch.full((cfg.ood_per_batch,), k, device=device, dtype=torch.long)
     batch_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     for epoch in range(cfg.epochs):
         if epoch > 0:  # fresh pseudo-OOD every epoch, generated in large batches
@@ -183,14 +210,9 @@ def run_stage2(classifier: Classifier, cvae: CVAE, split: Split, cfg: Stage2Conf
         total = torch.zeros((), device=device)
         for step in range(steps):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            logits_in = head(train_f[idx])
-            logits_out = head(pool[step * cfg.ood_per_batch:(step + 1) * cfg.ood_per_batch])
-            loss = F.cross_entropy(logits_in, split.train_y[idx])
-            if cfg.mode == "CMG-softmax":
-                loss = loss + F.cross_entropy(logits_out, ood_target[:len(logits_out)])
-            else:
-                loss = loss + cfg.energy_weight * _energy_loss(
-                    logits_in, logits_out, k, margins["m_in"], margins["m_out"])
+            loss = step_loss(head, train_f[idx], split.train_y[idx],
+                             pool[step * cfg.ood_per_batch:(step + 1) * cfg.ood_per_batch], k, cfg,
+                             margins)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
