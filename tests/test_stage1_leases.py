@@ -1,8 +1,13 @@
 """Train-once-per-key under concurrency: two trials on one stage-1 key, on a real local Ray with
-the sweep's real lease actor, train the models once (counted from the store's training log)."""
+the sweep's real lease actor, train the models once (counted from the store's training log); the
+lease service knows what is published and outlives the driver that started it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -11,8 +16,10 @@ import torch
 
 from cmg.config import budget_config
 from cmg.data import make_split
+from conftest import ROOT
 from tune.artifacts import ArtifactStore, stage1_key
-from tune.shared_stage1 import SharedStage1, Stage1Leases
+from tune.shared_stage1 import (PUBLISHED, SharedStage1, Stage1Leases, create_leases, get_leases,
+                                node_id)
 
 CFG = budget_config("smoke", overrides=["data.train_limit=96", "data.eval_limit=32",
                                         "classifier.epochs=1", "cvae.epochs=1"])
@@ -91,3 +98,59 @@ def test_two_trials_started_together_train_once(leases, tmp_path, mnist_availabl
     trainings = store.trainings(stage1_key(split.setting, 2, CFG))
     assert len(trainings) == 1 and sum(r.trained for r in results.values()) == 1
     assert {r.key for r in results.values()} == set(store.keys())
+
+
+class StoreWithStaleMisses(ArtifactStore):
+    """The real store, seen through a file system that keeps answering "meta.json missing" for
+    its first `misses` looks (an NFS negative-lookup cache after another node wrote it)."""
+
+    def __init__(self, uri: str, misses: int):
+        super().__init__(uri)
+        self.misses = misses
+
+    def exists(self, key: str, name: str = "meta.json") -> bool:
+        if name == "meta.json" and self.misses > 0:
+            self.misses -= 1
+            return False
+        return super().exists(key, name)
+
+
+def test_a_trial_whose_store_still_shows_the_key_missing_is_told_it_is_published(
+        leases, tmp_path, mnist_available):
+    split = make_split("same_dataset_mnist", 3, CFG.data)
+    key = stage1_key(split.setting, 3, CFG)
+    store = ArtifactStore(str(tmp_path))
+    first = SharedStage1(store, leases, owner="t/first").ensure(split, CFG, torch.device("cpu"))
+    assert ray.get(leases.acquire.remote(key, "t/anyone", node_id())) == PUBLISHED
+    stale = StoreWithStaleMisses(str(tmp_path), misses=4)
+    late = SharedStage1(stale, leases, owner="t/late", poll_seconds=0.05).ensure(
+        split, CFG, torch.device("cpu"))
+    assert stale.misses == 0  # it looked past the stale answers, and then loaded
+    assert first.trained and not late.trained
+    assert [r["owner"] for r in store.trainings(key)] == ["t/first"]  # trained exactly once
+
+
+def test_the_lease_service_outlives_the_driver_that_started_it(leases, tmp_path):
+    """One service per store, detached: another driver on the cluster starts it, publishes a key
+    and exits; this driver then finds the same service, which still knows the key."""
+    uri = str(tmp_path / "stage1")
+    other_driver = textwrap.dedent(f"""
+        import ray
+        from tune.shared_stage1 import NAMESPACE, create_leases
+        ray.init(address={ray.get_runtime_context().gcs_address!r}, namespace=NAMESPACE,
+                 log_to_driver=False)
+        service = create_leases({uri!r})
+        ray.get(service.publish.remote("p1-key"))
+        print(service._actor_id.hex())
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", other_driver], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    started_by_other = proc.stdout.split()[-1]
+    service = get_leases(uri)
+    assert service._actor_id.hex() == started_by_other
+    assert ray.get(service.acquire.remote("p1-key", "t/here", node_id())) == PUBLISHED
+    assert create_leases(uri)._actor_id.hex() == started_by_other  # get_if_exists: no second one
+    with pytest.raises(ValueError):  # another store has its own service (none started yet)
+        get_leases(str(tmp_path / "another-store"))

@@ -126,7 +126,7 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
              log_to_driver=False, configure_logging=False)
     try:
         interrupts = Interrupts()  # after ray.init, which sets its own SIGTERM handler
-        leases = create_leases()  # the actor lives as long as this handle
+        leases = create_leases(ctx.store_uri)  # the store's lease service (detached, shared)
         ray.get(leases.__ray_ready__.remote())
         # the new seeds' stage-1 models, all in parallel first: otherwise the trials of one seed
         # take turns training them (a lease per model) and cores wait. Only seeds whose points

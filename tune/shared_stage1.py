@@ -1,94 +1,240 @@
 """Train-once-per-key stage 1: get a stage-1 artifact from the store, training it if missing.
 
-Exactly one trial trains a given key at a time: a lease from the `Stage1Leases` actor (one per
-sweep, pinned to the driver's node) decides who trains; the others wait for the artifact. A lease
-is free again when its holder's node is gone (a lost spot worker) or it stops renewing it; the
-next trial, or the holder's own retry, takes over and resumes from the per-epoch checkpoints under
-``KEY/partial/`` on the shared store (``partial/owner.json`` names who trains it, and the
-artifact's ``meta.json`` records the epochs a resumed training started from).
+Exactly one trial trains a given key at a time, across every sweep and driver on the cluster: a
+lease from the store's lease service (`Stage1Leases`, one detached actor per stage-1 store on the
+head node, named after the store, so it outlives any one driver) decides who trains; the others
+wait. The service knows which keys are published (the holder calls `publish(key)` once the
+artifact is written), so a waiter whose file system still shows "meta.json missing" (an NFS
+negative-lookup cache) is told "published" instead of training the key again. A lease is free
+again when its holder's node is gone (a lost spot worker) or when it was not renewed for
+`LEASE_SECONDS`: the holder renews every `RENEW_SECONDS` from a background thread while it
+trains, so a holder killed on a live node frees its key within `LEASE_SECONDS` (15 s; a holder
+that hangs but lives keeps it). The next trial, or the holder's own retry, takes over and resumes
+from the per-epoch checkpoints under ``KEY/partial/`` on the shared store (``partial/owner.json``
+names who trains it, and the artifact's ``meta.json`` records the epochs a resumed training
+started from).
 
-    shared = SharedStage1(store, leases, owner=trial_id, backbone=None)
+    shared = SharedStage1(store, get_leases(store.uri), owner=trial_id, backbone=None)
     models = shared.ensure(split, cfg, device)
     models.classifier, models.cvae, models.features, models.trained
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import ray
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cmg.backbone import BackboneSpec
 from cmg.checkpoint import load_checkpoint
 from cmg.config import RunConfig
 from cmg.data import Split
+from cmg.results import is_uri
 from cmg.stage1 import load_stage1_model, train_stage1
 from cmg.stage2 import FrozenFeatures, freeze_features
 from tune.artifacts import ArtifactStore, features_name, stage1_key
 
-LEASE_SECONDS = 900.0  # a holder renews at every epoch; longer silence means it hangs
+LEASE_SECONDS = 15.0  # a lease not renewed for this long is free: its holder's process died
+RENEW_SECONDS = LEASE_SECONDS / 3  # a training holder renews this often (a background thread)
+VISIBLE_SECONDS = 300.0  # how long a published key may stay invisible in the store (NFS caches)
 CACHE = Path(os.environ.get("CMG_CACHE", Path.home() / ".cache" / "cmg-sweep"))
 
+# what `acquire` answers
+GRANTED, HELD, PUBLISHED = "granted", "held", "published"
 
-@ray.remote(num_cpus=0)
-class Stage1Leases:
-    """Who is training which stage-1 key right now (lives as long as the sweep's driver)."""
 
-    def __init__(self):
-        self.leases: dict[str, tuple[str, str, float]] = {}  # key -> (owner, node id, renewed)
+class Lease(NamedTuple):
+    owner: str
+    node_id: str
+    renewed: float  # the service's clock
 
-    def acquire(self, key: str, owner: str, node_id: str) -> bool:
+
+class RayAliveNodes:
+    """The ids of the cluster's live nodes, asked of Ray at most once per `ttl` seconds (every
+    waiter's poll would otherwise ask the GCS for the whole node table)."""
+
+    def __init__(self, ttl: float = 1.0):
+        self.ttl, self.asked, self.nodes = ttl, -float("inf"), set()
+
+    def __call__(self) -> set[str]:
+        if time.monotonic() - self.asked > self.ttl:
+            self.nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+            self.asked = time.monotonic()
+        return self.nodes
+
+
+class LeaseTable:
+    """Who trains which stage-1 key of one store, and which keys are published: the lease
+    service's logic without Ray (`Stage1Leases` runs it as an actor). One clock, the service's.
+
+        table = LeaseTable(clock=time.monotonic, alive_nodes=lambda: {"node-1"})
+        table.acquire("key", "sweep/t1", "node-1")  # "granted"; another owner now gets "held"
+        table.publish("key")                        # and now everyone gets "published"
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 alive_nodes: Callable[[], set[str]] | None = None,
+                 lease_seconds: float = LEASE_SECONDS):
+        self._clock, self._lease_seconds = clock, lease_seconds
+        self._alive_nodes = alive_nodes if alive_nodes is not None else RayAliveNodes()
+        self.leases: dict[str, Lease] = {}
+        self.published: set[str] = set()
+
+    def acquire(self, key: str, owner: str, node_id: str) -> str:
+        """PUBLISHED, GRANTED (to `owner`, now the holder) or HELD (by another owner)."""
+        if key in self.published:
+            return PUBLISHED
         holder = self.leases.get(key)
-        now = time.time()
-        if (holder is None or holder[0] == owner or now - holder[2] > LEASE_SECONDS
-                or holder[1] not in self._alive_nodes()):
-            self.leases[key] = (owner, node_id, now)
-            return True
-        return False
+        now = self._clock()
+        if (holder is None or holder.owner == owner or now - holder.renewed > self._lease_seconds
+                or holder.node_id not in self._alive_nodes()):
+            self.leases[key] = Lease(owner, node_id, now)
+            return GRANTED
+        return HELD
 
-    def renew(self, key: str, owner: str) -> None:
-        holder = self.leases.get(key)
-        if holder is not None and holder[0] == owner:
-            self.leases[key] = (owner, holder[1], time.time())
+    def renew(self, key: str, owner: str, node_id: str) -> bool:
+        """Hold on to the lease (taking it back if the service restarted empty); False once
+        another owner took it over or the key is published."""
+        return self.acquire(key, owner, node_id) == GRANTED
 
     def release(self, key: str, owner: str) -> None:
-        if self.leases.get(key, (None,))[0] == owner:
+        if key in self.leases and self.leases[key].owner == owner:
             del self.leases[key]
 
-    @staticmethod
-    def _alive_nodes() -> set[str]:
-        return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    def publish(self, key: str) -> None:
+        """The key's artifact is written: every later `acquire` answers PUBLISHED."""
+        self.published.add(key)
+        self.leases.pop(key, None)
 
 
-LEASES_NAME = "cmg_stage1_leases"
-NAMESPACE = "cmg-sweep"  # the driver's Ray namespace, where the lease actor is found
+Stage1Leases = ray.remote(num_cpus=0)(LeaseTable)  # the lease service: LeaseTable as an actor
+NAMESPACE = "cmg-sweep"  # the drivers' Ray namespace, where the lease services are found
+HEAD_NODE = "node:__internal_head__"  # a resource only the head node has
 
 
-def get_leases():
-    """The sweep's lease actor (created by the driver with `create_leases`)."""
-    return ray.get_actor(LEASES_NAME, namespace=NAMESPACE)
+def leases_name(store_uri: str) -> str:
+    """The lease service's actor name for a stage-1 store: the same from every driver and node."""
+    where = store_uri if is_uri(store_uri) else str(Path(store_uri).expanduser().resolve())
+    return "cmg_stage1_leases_" + hashlib.sha256(where.rstrip("/").encode()).hexdigest()[:16]
 
 
-def create_leases():
-    """Start the lease actor on the driver's own node (the head on a cluster), so that losing a
-    worker node never loses the leases."""
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return Stage1Leases.options(name=LEASES_NAME, namespace=NAMESPACE, get_if_exists=True,
-                                scheduling_strategy=here).remote()
+def create_leases(store_uri: str):
+    """The store's lease service, started if no driver did yet: detached (it outlives the driver
+    that started it, until the cluster stops) and on the head node, so that losing a worker
+    node never loses the leases. Restarted if its process dies; it then starts empty, and the
+    holders' next renewals take their leases back."""
+    return Stage1Leases.options(name=leases_name(store_uri), namespace=NAMESPACE,
+                                get_if_exists=True, lifetime="detached", max_restarts=-1,
+                                resources={HEAD_NODE: 0.001}).remote()
+
+
+def get_leases(store_uri: str):
+    """The store's lease service (a driver started it with `create_leases`)."""
+    return ray.get_actor(leases_name(store_uri), namespace=NAMESPACE)
 
 
 def node_id() -> str:
     """This process's Ray node id ("local" outside Ray)."""
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
+class LeaseLost(RuntimeError):
+    """Another owner took over this holder's lease: its renewals stopped reaching the service."""
+
+
+class Heartbeat:
+    """Renews a held lease every `every` seconds from a background thread while its holder
+    trains; `check()` (after each epoch) raises LeaseLost once a renewal was refused.
+
+        with Heartbeat(leases, key, owner) as heartbeat:
+            train(heartbeat.check)
+    """
+
+    def __init__(self, leases, key: str, owner: str, every: float = RENEW_SECONDS):
+        self.leases, self.key, self.owner, self.every = leases, key, owner, every
+        self.stop, self.lost = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"lease-{key}", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                held = ray.get(self.leases.renew.remote(self.key, self.owner, node_id()),
+                               timeout=self.every)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                continue  # a slow or restarting service: the next renewal may come in time
+            if not held:
+                self.lost.set()
+                return
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise LeaseLost(f"another owner took over stage-1 key {self.key} from {self.owner}")
+
+
+def train_once(leases, key: str, owner: str, published: Callable[[], bool],
+               train: Callable[[Callable[[], None]], None], poll_seconds: float = 1.0,
+               renew_seconds: float = RENEW_SECONDS) -> bool:
+    """Run `train(check)` for `key` unless it is published, with one trainer at a time under
+    `leases` (None: no other trainer): wait while another owner holds the key, take over once
+    that holder is gone, return once the key is published. `train` writes the artifact and calls
+    `check()` after each epoch (it raises LeaseLost if another owner took over, and this call
+    goes back to waiting). `published()` looks in the store. True if this call trained the key.
+
+        trained = train_once(leases, key, "sweep/t1", lambda: store.exists(key), train)
+    """
+    if leases is None:
+        if published():
+            return False
+        train(lambda: None)
+        return True
+    while not published():
+        answer = ray.get(leases.acquire.remote(key, owner, node_id()))
+        if answer == PUBLISHED:  # written, if not yet visible here
+            _await_visible(key, published, poll_seconds)
+            return False
+        if answer == GRANTED:
+            try:
+                with Heartbeat(leases, key, owner, renew_seconds) as heartbeat:
+                    fresh = not published()  # else published before the service knew it
+                    if fresh:
+                        train(heartbeat.check)
+            except LeaseLost:
+                continue
+            except BaseException:
+                ray.get(leases.release.remote(key, owner))
+                raise
+            ray.get(leases.publish.remote(key))
+            return fresh
+        time.sleep(poll_seconds)
+    return False
+
+
+def _await_visible(key: str, published: Callable[[], bool], poll_seconds: float) -> None:
+    deadline = time.monotonic() + VISIBLE_SECONDS
+    while not published():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"stage-1 key {key} is published but not in the store after "
+                               f"{VISIBLE_SECONDS:.0f} s: was it deleted? Restart the Ray cluster "
+                               "to forget it")
+        time.sleep(poll_seconds)
 
 
 @dataclass
@@ -170,37 +316,32 @@ class SharedStage1:
     """
 
     store: ArtifactStore
-    leases: Any = None  # a Stage1Leases actor handle
+    leases: Any = None  # the store's Stage1Leases actor handle (`get_leases`)
     owner: str = "local"
     backbone: BackboneSpec | None = None
     compile_model: bool = False
-    poll_seconds: float = 1.0  # how often a waiting trial looks for the artifact
+    poll_seconds: float = 1.0  # how often a waiting trial asks for the lease
+    renew_seconds: float = RENEW_SECONDS  # how often a training trial renews it
 
     def ensure(self, split: Split, cfg: RunConfig, device: torch.device,
                report: EpochReport | None = None) -> Stage1Models:
         """Load the stage-1 artifact of (split, cfg), training it first if no one has;
         `report(kind, epoch, metrics)` after each training epoch."""
         key = stage1_key(split.setting, split.partition, cfg, self.backbone)
-        leases, trained, seconds = self.leases, False, 0.0
-        while not self.store.exists(key):
-            if leases is None or ray.get(leases.acquire.remote(key, self.owner, node_id())):
-                renew = (lambda: leases.renew.remote(key, self.owner)) if leases is not None else (
-                    lambda: None)
-                try:
-                    if not self.store.exists(key):  # else published while this one waited
-                        seconds = self._train_and_publish(key, split, cfg, device, renew, report)
-                        trained = True
-                finally:
-                    if leases is not None:
-                        ray.get(leases.release.remote(key, self.owner))
-                break
-            time.sleep(self.poll_seconds)
+        seconds = 0.0
+
+        def train(check: Callable[[], None]) -> None:
+            nonlocal seconds
+            seconds = self._train_and_publish(key, split, cfg, device, check, report)
+
+        trained = train_once(self.leases, key, self.owner, lambda: self.store.exists(key), train,
+                             self.poll_seconds, self.renew_seconds)
         models = _load(self.store, key, split, cfg, device, trained, self.backbone)
         models.train_seconds = seconds
         return models
 
     def _train_and_publish(self, key: str, split: Split, cfg: RunConfig, device: torch.device,
-                           renew: Callable[[], None], report: EpochReport | None) -> float:
+                           check: Callable[[], None], report: EpochReport | None) -> float:
         """Train both models (resuming from KEY/partial/), publish the artifact; return seconds.
         With a backbone only the CVAE trains, and the backbone file is published in the
         artifact (so any node can load it)."""
@@ -220,7 +361,7 @@ class SharedStage1:
             def on_epoch(kind):
                 def callback(epoch, metrics):
                     store.put_file(key, f"partial/{kind}.pt", local[kind])  # any node resumes
-                    renew()
+                    check()  # stop here if another owner took the lease over
                     if report is not None:
                         report(kind, epoch, metrics)
                 return callback
