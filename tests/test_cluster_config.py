@@ -127,3 +127,14 @@ def test_every_ray_start_raises_the_open_files_limit(name):
     for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         if "ray start" in command:
             assert re.match(r"ulimit -n \d+; ray start", command), command
+
+
+def test_the_aws_launch_command_leaves_placement_to_the_node_types():
+    """The documented command runs on a cold cluster: no --gpus-per-trial (its default is read
+    from these node types: a whole GPU) and no --max-concurrent (as many as they hold)."""
+    from tune.sweep import build_parser
+
+    args = build_parser().parse_args(_launch_command("cluster.yaml"))
+    assert args.address == "auto" and args.gpus_per_trial is None and args.max_concurrent is None
+    types = load("cluster.yaml")["available_node_types"]
+    assert all(t["min_workers"] == 0 for t in types.values() if t["resources"].get("GPU"))

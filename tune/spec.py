@@ -43,7 +43,7 @@ class SweepOptions:
     space: str | None  # the --space file
     study_storage: str | None
     scheduler: str
-    gpus_per_trial: float | None  # None: 0.25 when the cluster has GPUs, else 0
+    gpus_per_trial: float | None  # None: resolved by tune.placement (a whole GPU, or 0)
     cpus_per_trial: float
     max_concurrent: int | None
     max_failures: int

@@ -69,13 +69,16 @@ def build_parser() -> OneLineParser:
     p.add_argument("--scheduler", default="asha", choices=["asha", "none"],
                    help="early stopping over partitions")
     p.add_argument("--gpus-per-trial", type=float, default=None,
-                   help="GPUs per trial, fractions pack trials on a GPU (default: 0.25 when "
-                        "GPUs exist, else 0)")
+                   help="GPUs per trial, fractions pack trials on a GPU (default: a whole GPU "
+                        "when the cluster or its autoscaler's node types have GPUs, 1/k of one "
+                        "when --max-concurrent asks for k trials per GPU; else 0)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial")
     p.add_argument("--max-concurrent", type=int, default=None,
-                   help="trials at once (default: as many as resources allow)")
-    p.add_argument("--max-failures", type=int, default=2,
-                   help="retries of a failed trial, from its last checkpoint")
+                   help="trials at once (default: as many as the cluster's nodes, or the node "
+                        "types its autoscaler can add, run at once)")
+    p.add_argument("--max-failures", type=int, default=5,
+                   help="retries of a failed trial, each from its last finished partition: a "
+                        "lost (spot) node costs one; a diverged configuration fails at once")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join, e.g. auto or HOST:6379 (default: a local Ray)")
     p.add_argument("--logger", dest="loggers", action="append", default=[], choices=list(LOGGERS),
