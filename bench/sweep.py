@@ -21,14 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from analysis.trials import trial_rows  # noqa: E402
 from tune.sweep import main as sweep_main  # noqa: E402
 
 
 def read_rows(folder: Path) -> list[dict]:
-    rows = []
-    for result in folder.glob("stage2_trainable_*/result.json"):
-        rows += [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-    return rows
+    return [row for trial in folder.glob("stage2_trainable_*") for row in trial_rows(trial)]
 
 
 def main() -> None:

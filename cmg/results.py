@@ -5,7 +5,8 @@ storage is opened), so `analysis` reads results without torch or Ray.
     EXPERIMENT/                                   (a folder, or a pyarrow URI: s3://..., gs://...)
         manifest.json  summary.json  optuna.journal  sweep-context.pkl  report/
         stage2_trainable_<trial id>_<number>_<params>_<date>/     (one per configuration)
-            result.json, params.json                             (Tune's)
+            result.json, params.json                             (Tune's: TUNE_KEYS only)
+            partitions.jsonl                                     every partition's full row
             trial.json                                           the trial's resolved config
             scores/partition-N.parquet                           every evaluated image's scores
             checkpoint_XXXXXX/partitions.json, head-partition-N.pt
@@ -35,6 +36,15 @@ ALL_METRICS = CMG_METRICS + [f"{b}_{m}" for b in BASELINES for m in CMG_METRICS]
 OOD_SET_METRIC = re.compile(rf"^(?:(?:{'|'.join(BASELINES)})_)?(?:val|test)_(?P<set>.+?)_"
                             r"(?P<metric>auroc|aupr_in|aupr_out|fpr95)$")
 OBJECTIVE = "val_auroc_mean"  # what the sweep maximises: mean validation AUROC over partitions
+# What a trial reports to Ray Tune after each partition: the objective and what the searcher,
+# the scheduler, the progress lines, the summary and a logger's dashboard read. The partition's
+# full row (every metric of CMG and the baselines, their running means and sds, timings) goes to
+# the trial's ROWS_FILE only: Tune keeps running statistics of every reported key of every trial
+# in the driver and in each experiment snapshot, so ~135 keys per trial made that state grow
+# ~160 KB per trial (bench/README.md, "Thousands of trials").
+TUNE_KEYS = (OBJECTIVE, "val_auroc_std", "test_auroc_mean", "test_auroc_std", "val_auroc",
+             "test_auroc", "partition", "partitions_done", "partitions_total", "stage1_key",
+             "stage1_trained", "node_id", "restored_partitions")
 
 # The experiment's files
 TRIAL_PREFIX = "stage2_trainable"  # Tune names a trial folder after its function (tune.trainables)
@@ -46,6 +56,9 @@ SUMMARY = "summary.json"  # the sweep's end: counts, best configuration, baselin
 STUDY_JOURNAL = "optuna.journal"  # the study, when the sweep had no --study-storage
 CONTEXT_FILE = "sweep-context.pkl"  # what tune.replicate re-runs a configuration with
 TRIAL_FILE = "trial.json"
+# A trial's full rows, one JSON line per partition done (rewritten whole after each partition);
+# experiments written before it have them in Tune's result.json instead
+ROWS_FILE = "partitions.jsonl"
 
 
 def scores_file(partition: int) -> str:

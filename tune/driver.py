@@ -7,7 +7,6 @@ experiment folder.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -20,14 +19,15 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
+from analysis.trials import trial_rows
 from cmg.config import with_seed
 from cmg.errors import fail
 from cmg.progress import Progress
 from cmg.results import OBJECTIVE
 from tune.artifacts import ArtifactStore, stage1_key
 from tune.loggers import logger_callbacks
-from tune.search import SweepSearch, SweepSearcher, fail_orphans
-from tune.space import suggest
+from tune.placement import plan_placement
+from tune.search import SweepSearch, fail_orphans, prune_stopped, sweep_searcher
 from tune.spec import SweepSpec
 from tune.shared_stage1 import NAMESPACE, create_leases
 from tune.trainables import SweepContext, stage1_trainable, stage2_trainable, write_context
@@ -120,7 +120,8 @@ class SweepProgress(tune.Callback):
 
 def quiet_tune() -> None:
     """Ray Tune prints only what this project prints (call before the first Tuner)."""
-    # the experiment state is saved after every partition on purpose: not a bottleneck here
+    # tune.replicate keeps one checkpoint per trial, which forces a snapshot per partition:
+    # cheap for its few trials (the sweep keeps every checkpoint instead: see _search)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Ray's old console output with verbose=0 prints nothing; the new one still prints a
     # "Configuration for experiment" box and a TensorBoard hint into its session folder
@@ -184,17 +185,6 @@ def _study_progress(spec: SweepSpec) -> tuple[int, float]:
     return sum(t.state.is_finished() for t in trials), max(values, default=float("nan"))
 
 
-def _check_gpus(gpus: float) -> None:
-    """A trial asking for more GPUs than any node has would wait forever: fail now instead."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    most = max((n.get("GPU", 0) for n in nodes), default=0)
-    if gpus > most:
-        total = sum(n.get("GPU", 0) for n in nodes)
-        fail(f"--gpus-per-trial {gpus:g} cannot be placed: the cluster has {total:g} GPUs "
-             f"(at most {most:g} on one of its {len(nodes)} nodes; an autoscaling cluster is "
-             "judged by the nodes it has now); lower --gpus-per-trial or add GPU nodes")
-
-
 def _summary(results, name: str, experiment: str, trained: int,
              partitions: int) -> dict[str, Any]:
     trials = {"total": 0, "complete": 0, "pruned": 0, "failed": 0}
@@ -217,11 +207,12 @@ def _summary(results, name: str, experiment: str, trained: int,
     summary: dict[str, Any] = {
         "name": name, "experiment": experiment, "trials": trials,
         "stage1_trained": trained, "stage1_reused": reused, "best": None}
-    if best is not None:
-        keep = ["partitions_done"] + [k for k in best.metrics if k.endswith(("_mean", "_std"))]
+    if best is not None:  # its full last row: Tune got only cmg.results.TUNE_KEYS
+        row = trial_rows(best.path, best.filesystem)[-1]
+        keep = ["partitions_done"] + [k for k in row if k.endswith(("_mean", "_std"))]
         summary["best"] = {"trial_id": best.metrics.get("trial_id"), "params": best.config,
                            # JSON has no NaN: the sd of one partition is written as null
-                           "metrics": {k: _finite_or_none(best.metrics[k]) for k in keep}}
+                           "metrics": {k: _finite_or_none(row[k]) for k in keep}}
     return summary
 
 
@@ -240,9 +231,13 @@ def trial_context(spec: SweepSpec, gpus: float) -> SweepContext:
                         compile_model=spec.options.compile, setting_modules=spec.modules)
 
 
-def run_sweep(spec: SweepSpec, restore: bool = False) -> dict[str, Any]:
+def run_sweep(spec: SweepSpec, restore: bool = False,
+              trial_fn: Callable[[SweepContext], Callable[[dict], None]] | None = None
+              ) -> dict[str, Any]:
     """Run (or, with `restore`, continue from Tune's saved state) the sweep; return its summary.
-    Raises SweepInterrupted after SIGINT/SIGTERM (Tune's state saved, the study untouched)."""
+    Raises SweepInterrupted after SIGINT/SIGTERM (Tune's state saved, the study untouched).
+    `trial_fn(ctx)`: the function each trial runs (default: stage 2 with the sweep's context;
+    bench/sim passes a stand-in of fixed duration)."""
     started = time.monotonic()  # --time-budget counts from here, the stage-1 prewarm included
     quiet_tune()
     if spec.options.quiet:
@@ -250,59 +245,70 @@ def run_sweep(spec: SweepSpec, restore: bool = False) -> dict[str, Any]:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        ray.init(address=spec.options.address or "local", namespace=NAMESPACE,
-                 include_dashboard=False, log_to_driver=False, configure_logging=False)
-        interrupts = Interrupts()  # after ray.init, which sets its own SIGTERM handler
-        summary = _search(spec, restore, interrupts, started)
-    except KeyboardInterrupt:  # outside Tune's loop, or a second signal: stop at once
+        try:
+            ray.init(address=spec.options.address or "local", namespace=NAMESPACE,
+                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+            interrupts = Interrupts()  # after ray.init, which sets its own SIGTERM handler
+            summary = _search(spec, restore, interrupts, started, trial_fn)
+        finally:
+            ray.shutdown()
+    # outside Tune's loop (ray.shutdown included: a signal there once escaped as a traceback),
+    # or a second signal: stop at once
+    except KeyboardInterrupt:
         raise SweepInterrupted(_study_progress(spec)[0]) from None
-    finally:
-        ray.shutdown()
     return summary
 
 
-def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts,
-            started: float) -> dict[str, Any]:
+def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts, started: float,
+            trial_fn: Callable[[SweepContext], Callable[[dict], None]] | None) -> dict[str, Any]:
     options, experiment, name = spec.options, spec.experiment, spec.options.name
-    gpus = options.gpus_per_trial
-    if gpus is None:
-        gpus = 0.25 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    _check_gpus(gpus)
+    # judged by the node types an autoscaling cluster can add, not only the nodes up now
+    placement = plan_placement(options.cpus_per_trial, options.gpus_per_trial,
+                               options.max_concurrent, options.num_samples)
+    if not options.quiet and (options.address or placement.gpus):
+        for line in placement.lines:
+            print(f"[sweep] {line}", flush=True)
+    gpus = placement.gpus
     resources = {"cpu": options.cpus_per_trial, "gpu": gpus}
     ctx = trial_context(spec, gpus)
-    leases = create_leases()  # the actor lives as long as this handle
+    leases = create_leases(ctx.store_uri)  # the store's lease service (detached, shared)
     ray.get(leases.__ray_ready__.remote())
     write_context(experiment, ctx, resources, options.max_failures)  # for tune.replicate
     if options.prewarm:
         prewarm(ctx, experiment, resources, options.quiet, interrupts.fit)
         if interrupts.count:
             raise SweepInterrupted(_study_progress(spec)[0])
-    trainable = tune.with_resources(tune.with_parameters(stage2_trainable, ctx=ctx), resources)
+    run_trial = trial_fn(ctx) if trial_fn else tune.with_parameters(stage2_trainable, ctx=ctx)
+    trainable = tune.with_resources(run_trial, resources)
     finished, best = _study_progress(spec) if restore else (0, float("nan"))
     callbacks = [SweepProgress(options.num_samples, options.quiet,
                                partitions=len(spec.partitions), finished=finished, best=best),
                  *logger_callbacks(list(options.loggers), experiment, name)]
     if "tensorboard" in options.loggers and not options.quiet:
         print(f"[sweep] TensorBoard: tensorboard --logdir {experiment}", flush=True)
+    # The experiment state (every trial's status and results, what a resume reads) is
+    # snapshotted once a minute. Keeping N checkpoints would force a snapshot, and a wait on the
+    # previous one, after every N checkpoints of a trial: O(trials) per report, during which
+    # tune.report blocks. So every checkpoint is kept (one per partition; the last holds all of
+    # the trial's heads), and a driver lost between snapshots redoes at most a minute of work.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "60")
     run_config = tune.RunConfig(
         name=name, storage_path=options.storage, verbose=0, callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=options.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None))
     if restore:
         SweepSearch.grow_to = options.num_samples  # --num-samples may grow on resume
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
-        searcher = SweepSearcher(
-            space=functools.partial(suggest, space=spec.space, modes=spec.modes),
-            metric=OBJECTIVE, mode="max", points_to_evaluate=[spec.first], seed=options.seed,
-            study_name=name, storage=spec.study_storage())
+        searcher = sweep_searcher(spec)
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(spec.partitions),
                                    grace_period=1, reduction_factor=2)
                      if options.scheduler == "asha" else None)
         tuner = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
-            search_alg=SweepSearch(ConcurrencyLimiter(searcher, options.max_concurrent)
-                                   if options.max_concurrent else searcher),
+            # without the limiter Tune keeps one trial pending: the autoscaler would see the
+            # demand of one trial at a time and add one node per boot
+            search_alg=SweepSearch(ConcurrencyLimiter(searcher, placement.max_concurrent)),
             scheduler=scheduler, num_samples=options.num_samples, metric=OBJECTIVE,
             mode="max", reuse_actors=True,  # keep warm processes: imports, data, caches
             time_budget_s=(max(1.0, options.time_budget - (time.monotonic() - started))
@@ -312,5 +318,10 @@ def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts,
         raise SweepInterrupted(_study_progress(spec)[0])
     summary = _summary(results, name, experiment, _trained_by(ctx.store_uri, name),
                        len(spec.partitions))
-    summary["study"] = {"name": name, "orphans_failed": fail_orphans(spec.study_storage(), name)}
+    storage = spec.study_storage()
+    summary["study"] = {
+        "name": name,
+        "stopped_pruned": prune_stopped(storage, name, [r.metrics for r in results
+                                                        if r.error is None and r.metrics]),
+        "orphans_failed": fail_orphans(storage, name)}
     return summary

@@ -63,10 +63,10 @@ def logger_callbacks(names: list[str], experiment: str, name: str) -> list:
             callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name,
                                                   tags={"sweep": name}))
         elif chosen == "wandb":
-            from ray.air.integrations.wandb import WandbLoggerCallback
+            from tune.wandb_logger import FinishedWandbLoggerCallback  # see there: why
 
-            callbacks.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", name),
-                                                 group=name, log_config=True))
+            callbacks.append(FinishedWandbLoggerCallback(
+                project=os.environ.get("WANDB_PROJECT", name), group=name, log_config=True))
     return callbacks
 
 

@@ -1,7 +1,8 @@
 """The sweep's search algorithm: Optuna's TPE through Ray Tune, one study trial per Ray trial,
 across any number of interruptions and resumes (driver-only: imports Ray and Optuna).
 
-    searcher = SweepSearcher(space=..., metric="val_auroc_mean", mode="max", storage=..., ...)
+    searcher = SweepSearcher(space=..., metric="val_auroc_mean", mode="max", storage=...,
+                             seed=0, ...)           # TPE as `sweep_sampler(seed)` builds it
     search_alg = SweepSearch(searcher)          # or SweepSearch(ConcurrencyLimiter(searcher, 2))
     tune.TuneConfig(search_alg=search_alg, num_samples=16, ...)
     # resume with more configurations: before Tuner.restore(...).fit()
@@ -16,11 +17,16 @@ What it guarantees, by construction rather than by catching errors:
   with a `fail_reason` (`fail_orphans`);
 - a trial that ASHA stopped before its last partition is told PRUNED (Optuna then records its
   last reported running mean as its value), a Ray error is told FAIL with a `fail_reason`, and only
-  a configuration that finished every partition is COMPLETE.
+  a configuration that finished every partition is COMPLETE;
+- a trial that Tune itself stopped (`--time-budget`), which Tune hands to no searcher callback, is
+  told PRUNED like an ASHA stop when the sweep ends (`prune_stopped`; each study trial records
+  its Ray trial's id).
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any
 
 import optuna
@@ -28,12 +34,32 @@ from optuna.trial import TrialState
 from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from cmg.results import OBJECTIVE
+from tune.space import suggest
+
+RAY_TRIAL_ATTR = "ray_trial_id"  # a study trial's system attribute: the Ray trial it maps to
 ORPHAN_REASON = ("orphan: asked by a sweep driver that stopped before Ray Tune saved the trial, "
                  "and no later Ray trial adopted it")
 
 
+def sweep_sampler(seed: int | None) -> optuna.samplers.TPESampler:
+    """The sweep's TPE, its options chosen here rather than left to the installed Optuna's
+    defaults: constant liar (trials still RUNNING count as bad, so 64 trials at once spread out
+    instead of piling on one point), multivariate (the knobs interact) and grouped (the space is
+    conditional: mixing and energy knobs exist only in some modes, and each group of parameters
+    that appear together is modelled jointly)."""
+    with warnings.catch_warnings():  # `group` (and, before Optuna 5, the others) are "experimental"
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True,
+                                          group=True)
+
+
 class SweepSearcher(OptunaSearch):
-    """OptunaSearch whose study trials map one-to-one to Ray trials (see the module doc)."""
+    """OptunaSearch whose study trials map one-to-one to Ray trials (see the module doc), with
+    `sweep_sampler(seed)` as its sampler."""
+
+    def __init__(self, *args, seed: int | None = None, **kwargs):
+        super().__init__(*args, sampler=sweep_sampler(seed), **kwargs)
 
     def _frozen(self, trial_id: str) -> optuna.trial.FrozenTrial:
         ot_trial = self._ot_trials[trial_id]
@@ -50,7 +76,11 @@ class SweepSearcher(OptunaSearch):
             orphans = self._orphans()
             if orphans:  # its parameters were drawn already: the define-by-run space reuses them
                 self._ot_trials[trial_id] = optuna.Trial(self._ot_study, orphans[0])
-        return super().suggest(trial_id)
+        params = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_study._storage.set_trial_system_attr(self._ot_trials[trial_id]._trial_id,
+                                                          RAY_TRIAL_ATTR, trial_id)
+        return params
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if not self._frozen(trial_id).state.is_finished():
@@ -80,6 +110,15 @@ class SweepSearcher(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
+def sweep_searcher(spec) -> SweepSearcher:
+    """The searcher of a sweep (a tune.spec.SweepSpec): its define-by-run space, the reference
+    defaults as the first point, maximising the objective in the sweep's study."""
+    return SweepSearcher(space=functools.partial(suggest, space=spec.space, modes=spec.modes),
+                         metric=OBJECTIVE, mode="max", points_to_evaluate=[spec.first],
+                         seed=spec.options.seed, study_name=spec.options.name,
+                         storage=spec.study_storage())
+
+
 class SweepSearch(SearchGenerator):
     """Ray Tune's SearchGenerator whose number of samples can grow when the sweep is resumed:
     set the class attribute `grow_to` before `Tuner.restore(...).fit()` (the saved count wins
@@ -92,6 +131,26 @@ class SweepSearch(SearchGenerator):
         if SweepSearch.grow_to > self._total_samples:
             self._total_samples = SweepSearch.grow_to
             self._finished = False
+
+
+def prune_stopped(storage: optuna.storages.BaseStorage, study_name: str,
+                  last_results: list[dict[str, Any]]) -> int:
+    """Tell PRUNED, valued at its last running mean, each study trial still RUNNING whose Ray
+    trial reported (its last result in `last_results`) and was then stopped by Tune itself (the
+    time budget: Tune calls no searcher method for it); return how many."""
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    last = {r["trial_id"]: r for r in last_results if r.get(OBJECTIVE) is not None}
+    told = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        result = last.get(t.system_attrs.get(RAY_TRIAL_ATTR))
+        if result is None:
+            continue
+        step = result.get("training_iteration", len(t.intermediate_values) + 1)
+        if step not in t.intermediate_values:
+            storage.set_trial_intermediate_value(t._trial_id, step, result[OBJECTIVE])
+        study.tell(t.number, state=TrialState.PRUNED)
+        told += 1
+    return told
 
 
 def fail_orphans(storage: optuna.storages.BaseStorage, study_name: str) -> int:

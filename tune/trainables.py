@@ -1,8 +1,10 @@
 """Ray Tune trainables: stage 1 for one partition, stage 2 for one configuration over all five.
 
-The stage-2 trainable runs the partitions in a fixed order and reports after each one: that
-partition's metrics (CMG and every baseline, val and test), and the running mean and standard
-deviation of every metric over the partitions done so far. `val_auroc_mean` is the objective;
+The stage-2 trainable runs the partitions in a fixed order and, after each one, writes that
+partition's full row to the trial's `partitions.jsonl` (cmg.results.ROWS_FILE: its metrics, CMG
+and every baseline, val and test, and the running mean and standard deviation of every metric
+over the partitions done so far) and reports a few of its keys to Tune (cmg.results.TUNE_KEYS,
+so the driver's state stays small with thousands of trials). `val_auroc_mean` is the objective;
 ASHA can stop a configuration after one or two partitions. A checkpoint after every partition
 holds the finished partitions, so a retried trial (a crash, a lost node) continues with the next
 partition; every report names the Ray node it ran on (`node_id`) and how many partitions the
@@ -27,19 +29,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pyarrow.fs import FileType
 from ray import tune
 
 from cmg.backbone import BackboneSpec
 from cmg.config import DataConfig, RunConfig, apply_overrides, with_seed
 from cmg.data import get_setting, import_setting_modules, make_split
 from cmg.pipeline import flat_metrics, result_dict
-from cmg.results import CONTEXT_FILE, TRIAL_FILE, head_file, partition_mean_std, scores_file
+from cmg.results import (CONTEXT_FILE, ROWS_FILE, TRIAL_FILE, TUNE_KEYS, head_file,
+                         partition_mean_std, scores_file)
 from cmg.scores import score_table, to_parquet_bytes
+from cmg.stage1 import TrainingDiverged
 from cmg.stage2 import run_stage2
 from tune.artifacts import ArtifactStore, put_bytes
 from tune.space import Param, to_overrides
 from tune.shared_stage1 import SharedStage1, get_leases, node_id
 
+DIVERGED_FILE = "diverged.txt"  # in a trial folder: why its configuration diverged
 
 
 @dataclass(frozen=True)
@@ -109,8 +115,8 @@ def shared_stage1(ctx: SweepContext) -> SharedStage1:
     """The sweep's stage-1 store, this trial training what is missing (its lease holder, and
     `trained_by: NAME/TRIAL_ID` in the models' meta.json)."""
     owner = f"{ctx.name}/{tune.get_context().get_trial_id() or 'driver'}"
-    return SharedStage1(ArtifactStore(ctx.store_uri), get_leases(), owner, ctx.backbone,
-                        ctx.compile_model)
+    return SharedStage1(ArtifactStore(ctx.store_uri), get_leases(ctx.store_uri), owner,
+                        ctx.backbone, ctx.compile_model)
 
 
 def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
@@ -169,14 +175,22 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     trial_fs, trial_path = storage.storage_filesystem, storage.trial_fs_path
     put_bytes(trial_fs, f"{trial_path}/{TRIAL_FILE}",
               json.dumps(trial_record(ctx, cfg, device)).encode())
+    diverged = f"{trial_path}/{DIVERGED_FILE}"  # a diverged configuration diverges again:
+    if trial_fs.get_file_info(diverged).type != FileType.NotFound:  # Tune's retry fails at once
+        with trial_fs.open_input_stream(diverged) as reason:
+            raise TrainingDiverged(reason.readall().decode())
     shared = shared_stage1(ctx)
     for partition in ctx.partitions[len(done):]:
         started = time.perf_counter()
         split = split_for(ctx, partition, device)
-        models = shared.ensure(split, cfg, device)
-        stage1_s = time.perf_counter() - started
-        result = run_stage2(models.classifier, models.cvae, split, cfg.stage2, device,
-                            cfg.classifier.amp, quiet=True, features=models.features)
+        try:
+            models = shared.ensure(split, cfg, device)
+            stage1_s = time.perf_counter() - started
+            result = run_stage2(models.classifier, models.cvae, split, cfg.stage2, device,
+                                cfg.classifier.amp, quiet=True, features=models.features)
+        except TrainingDiverged as err:
+            put_bytes(trial_fs, diverged, str(err).encode())
+            raise
         seconds = {"stage1": stage1_s, "stage1_train": models.train_seconds,
                    "stage2": time.perf_counter() - started - stage1_s}
         scores_started = time.perf_counter()
@@ -190,19 +204,26 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
                   "metrics": flat_metrics(result_dict(split, cfg, result, seconds)),
                   "seconds": seconds}
         done.append(record)
+        record["row"] = {  # the full row: in ROWS_FILE, and in the checkpoint for a retry
+            "trial_id": tune.get_context().get_trial_id(),
+            "partitions_done": len(done), "partitions_total": len(ctx.partitions),
+            "partition": partition,
+            **record["metrics"], **running_aggregate([r["metrics"] for r in done]),
+            "stage1_key": models.key, "stage1_trained": record["stage1_trained"],
+            "stage1_trained_total": sum(r["stage1_trained"] for r in done),
+            "selected_epoch": result.selected_epoch,
+            "stage1_s": seconds["stage1"], "stage1_train_s": seconds["stage1_train"],
+            "stage2_s": seconds["stage2"], "scores_s": seconds["scores"],
+            "node_id": node_id(),
+            "restored_partitions": restored,
+        }
+        # (a partition restored from a checkpoint written before ROWS_FILE existed has no row
+        # here: its full row is in result.json, where analysis.trials finds it)
+        put_bytes(trial_fs, f"{trial_path}/{ROWS_FILE}",
+                  "".join(json.dumps(r["row"]) + "\n" for r in done if "row" in r).encode())
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "partitions.json").write_text(json.dumps(done))
             for p, head in heads.items():
                 torch.save(head, Path(folder) / head_file(p))
-            tune.report({
-                "partitions_done": len(done), "partitions_total": len(ctx.partitions),
-                "partition": partition,
-                **record["metrics"], **running_aggregate([r["metrics"] for r in done]),
-                "stage1_key": models.key, "stage1_trained": record["stage1_trained"],
-                "stage1_trained_total": sum(r["stage1_trained"] for r in done),
-                "selected_epoch": result.selected_epoch,
-                "stage1_s": seconds["stage1"], "stage1_train_s": seconds["stage1_train"],
-                "stage2_s": seconds["stage2"], "scores_s": seconds["scores"],
-                "node_id": node_id(),
-                "restored_partitions": restored,
-            }, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report({k: record["row"][k] for k in TUNE_KEYS},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
