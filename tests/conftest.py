@@ -29,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Every Ray these tests start without an address is a new local one, never a cluster that another
 # test (running at the same time under pytest-xdist) started on this machine
 os.environ.setdefault("RAY_ADDRESS", "local")
+# Two test files run at once on two cores: one thread for each (torch would start a thread per
+# core in both, and oversubscribed OpenMP threads spin); the commands the tests start inherit it
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 SWEEP_SMOKE = ["--budget", "smoke", "--set", "data.train_limit=192", "--set", "data.eval_limit=64",
                "--quiet"]
 
@@ -139,3 +142,26 @@ def second_sweep(tmp_path_factory, smoke_sweep):
 
     built = built_once(tmp_path_factory, "second_sweep", build)
     return {**built, "experiment": Path(built["experiment"])}
+
+
+# Files that take longest (from `pytest --durations`), started first, one per worker in turn, so
+# that the two workers end together instead of one finishing a long file alone at the end. With
+# `--dist loadfile --no-loadscope-reorder` (pyproject.toml) xdist hands out files in this order.
+# test_sweep.py builds the shared smoke sweeps first, so that the files that read them later never
+# wait; the independent long files keep the other worker busy meanwhile.
+LONG_FILES_FIRST = ("test_sweep.py", "test_different_dataset.py", "test_replicate.py",
+                    "test_resume.py", "test_analysis.py", "test_loggers.py", "test_export.py",
+                    "test_pipeline.py", "test_cluster.py", "test_backbone.py",
+                    "test_cold_cluster.py", "test_cli.py", "test_stage1.py", "test_sim_cluster.py")
+# fixtures that run real sweeps or clusters: a test that uses one is `slow` (pytest -m "not slow"
+# skips it)
+SWEEP_FIXTURES = {"smoke_sweep", "second_sweep", "interrupted", "logged_sweep", "cluster",
+                  "cold_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SWEEP_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept

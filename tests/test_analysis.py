@@ -1,6 +1,5 @@
 """analysis/ over the real smoke sweep shared with the sweep tests."""
 
-import json
 import math
 import shutil
 import statistics
@@ -12,7 +11,8 @@ import pytest
 from scipy import stats
 
 from analysis import NotAnExperiment, aggregate, importance, leaderboard, load_trials
-from conftest import ROOT
+from analysis.trials import trial_rows
+from conftest import ROOT, run_main
 
 REPORT_FILES = ["report.md", "summary.csv", "trials.parquet", "history.png", "params.png",
                 "partitions.png", "importance.png", "roc.png", "scores.png"]
@@ -31,7 +31,7 @@ def test_aggregate_matches_numbers_computed_by_hand_from_the_trial_files(smoke_s
     table = aggregate(load_trials(smoke_sweep["experiment"]))
     folder = next(p for p in smoke_sweep["experiment"].glob("stage2_trainable_*")
                   if len((p / "result.json").read_text().splitlines()) == 5)
-    rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+    rows = trial_rows(folder)
     row = table[table["trial_id"] == rows[0]["trial_id"]].iloc[0]
     values = [r["test_auroc"] for r in rows]
     mean, sd = statistics.mean(values), statistics.stdev(values)
@@ -86,6 +86,16 @@ def test_the_contract_modules_import_only_the_standard_library():
     outside = {m for m in loaded if m.split(".")[0] not in sys.stdlib_module_names
                and m not in ("cmg", *CONTRACT) and not m.startswith("_")}
     assert not outside, outside
+
+
+def test_the_method_library_imports_neither_ray_nor_optuna_nor_the_upper_layers():
+    """`cmg/` runs on the GPU machines, which have neither Ray nor Optuna: every module of it."""
+    modules = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts)
+                     for p in (ROOT / "cmg").rglob("*.py") if p.name != "__init__.py")
+    assert len(modules) > 20 and "cmg.stage2" in modules
+    loaded = loaded_modules(*modules)
+    assert "torch" in loaded  # the check sees third-party imports
+    assert not loaded & {"ray", "optuna", "tune", "analysis"}, loaded & {"ray", "optuna"}
 
 
 def test_trial_folders_are_named_after_the_contracts_prefixes():
@@ -147,6 +157,24 @@ def test_report_command_writes_every_file(smoke_sweep, tmp_path):
     assert f"Trial `{best}`" in report and "![history](history.png)" in report
     for trial_id in table.loc[table["n_partitions"] < 5, "trial_id"]:  # listed, not ranked
         assert report.split("## Trials not on the leaderboard")[1].count(trial_id) == 1
+
+
+def test_fpr95_ranks_lowest_first_in_the_leaderboard_and_the_report(second_sweep, tmp_path):
+    table = aggregate(load_trials(second_sweep["experiment"]))
+    ids = list(table["trial_id"])
+    assert len(ids) == 2
+    for fprs in ([0.2, 0.1], [0.1, 0.2]):  # lower is better, whichever trial has it
+        ranked = leaderboard(table.assign(val_fpr95_mean=fprs), by="val_fpr95")
+        assert list(ranked["trial_id"]) == [ids[fprs.index(0.1)], ids[fprs.index(0.2)]]
+    assert list(leaderboard(table.assign(val_auroc_mean=[0.7, 0.9]))["trial_id"]) == ids[::-1]
+    proc = run_main("analysis.report", str(second_sweep["experiment"]), "--by", "val_fpr95",
+                    "--out", str(tmp_path / "report"), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    best = table.loc[table["val_fpr95_mean"].idxmin()]
+    report = (tmp_path / "report" / "report.md").read_text()
+    chosen = report.split("Trial `")[1].split("`")[0]
+    assert chosen in ids and "selected on mean val_fpr95" in report
+    assert table.set_index("trial_id").loc[chosen, "val_fpr95_mean"] == best["val_fpr95_mean"]
 
 
 @pytest.mark.parametrize("target", ["missing", "empty"])

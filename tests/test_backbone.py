@@ -100,6 +100,7 @@ def test_a_renamed_key_is_a_one_line_error_naming_it(csi_checkpoint, data_root, 
     assert_usage_error(proc, "layer2.0.bn1.wieght", "--backbone-format")
 
 
+@pytest.mark.slow
 def test_stage2_leaves_the_backbone_bitwise_frozen(csi_checkpoint, data_root):
     cfg = budget_config("smoke", "cifar", ["cvae.batch_size=100", "stage2.epochs=2",
                                            "data.train_limit=100", "data.eval_limit=32"])
@@ -118,6 +119,7 @@ def test_stage2_leaves_the_backbone_bitwise_frozen(csi_checkpoint, data_root):
     assert 0 <= result.test["auroc"] <= 1
 
 
+@pytest.mark.slow
 def test_run_with_a_csi_backbone_trains_only_the_cvae(csi_checkpoint, data_root, tmp_path):
     proc = cli("cmg.run", "--setting", "different_dataset", "--backbone", str(csi_checkpoint),
                "--backbone-format", "csi", "--data-root", str(data_root), "--out", str(tmp_path),

@@ -69,6 +69,7 @@ def test_eval_missing_and_corrupt_checkpoints(tmp_path):
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["corrupt.pt"]
 
 
+@pytest.mark.slow
 def test_reference_commands_train_then_eval(mnist_available, tmp_path):
     clf, cvae, out = tmp_path / "main_model_p2.pt", tmp_path / "cvae_p2.pt", tmp_path / "m.json"
     base = ["--task", "same_dataset_mnist", "--partition", "partition2", *SMOKE]
@@ -85,6 +86,7 @@ def test_reference_commands_train_then_eval(mnist_available, tmp_path):
     assert_usage_error(swapped, "holds a cvae")
 
 
+@pytest.mark.slow
 def test_run_writes_metrics_json(mnist_available, tmp_path):
     proc = cli("cmg.run", "--setting", "same_dataset_mnist", "--partition", "partition4",
                "--mode", "CMG-energy", "--out", str(tmp_path), "--set", "stage2.sigma=2.5", *SMOKE)

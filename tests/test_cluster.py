@@ -15,7 +15,6 @@ import pytest
 from optuna.trial import TrialState
 from ray.cluster_utils import Cluster
 
-from cmg.checkpoint import load_checkpoint
 from conftest import ROOT, SWEEP_SMOKE, result_rows
 from tune.artifacts import ArtifactStore
 
@@ -41,53 +40,84 @@ def trial_rows(experiment: Path) -> dict[str, list[dict]]:
 
 
 TRIALS = 3  # two run at once (one per worker); the third runs after the kill
-CVAE_EPOCHS = 16  # stage 1 long enough to be killed in the middle
-KILL_BY_EPOCH = 4  # kill only with 12 or more CVAE epochs left, far longer than the kill takes
+CVAE_EPOCHS = 4
+
+# The pause seam: a user's setting module (imported by every trial) with two MNIST partitions,
+# that makes the first stage-1 training of partition 2 stop after its first CVAE epoch (on the
+# store, with its owner record) and wait there until the test removes its node: the kill always
+# lands in the middle of a training, on any hardware, with no race.
+PAUSE_MODULE = '''
+import time
+from pathlib import Path
+
+import tune.shared_stage1 as shared
+from cmg.data import Setting, get_setting, register_setting
+
+mnist = get_setting("same_dataset_mnist")
+register_setting(Setting("mnist_two", family="mnist", source=mnist.source,
+                         partitions={p: mnist.partitions[p] for p in (1, 2)}))
+PAUSED = Path(__file__).with_name("paused")
+_train_stage1 = shared.train_stage1
 
 
-def _wait_for_partial_stage1(storage: Path, experiment: Path, deadline: float) -> dict:
-    """The owner record of a stage-1 model of partition P >= 2 being trained by a trial that
-    has reported partitions 1..P-1, once its CVAE has finished 1 to KILL_BY_EPOCH epochs on the
-    shared store (and so has at least CVAE_EPOCHS - KILL_BY_EPOCH to go)."""
+def _pause_once(split, cfg, device, backbone, checkpoint, on_epoch, **kwargs):
+    def pausing(kind):
+        callback = on_epoch(kind)
+
+        def after_epoch(epoch, metrics):
+            callback(epoch, metrics)  # the checkpoint is on the store and the lease renewed
+            if kind == "cvae" and split.partition == 2 and epoch == 1:
+                try:
+                    PAUSED.open("x").close()  # the first training to get here, only
+                except FileExistsError:
+                    return
+                time.sleep(3600)  # until its node is removed
+        return after_epoch
+    return _train_stage1(split, cfg, device, backbone, checkpoint, pausing, **kwargs)
+
+
+shared.train_stage1 = _pause_once
+'''
+
+
+def _wait_for_pause(storage: Path, experiment: Path, deadline: float) -> dict:
+    """The owner record of the paused stage-1 training (partition 2, one CVAE epoch done), with
+    the trial that trains it, once that trial has reported partition 1."""
     while time.time() < deadline:
-        reported = {r[0]["trial_id"]: len(r) for r in trial_rows(experiment).values() if r}
-        for owner_file in storage.glob("stage1/*-p[2-5]-*/partial/owner.json"):
-            partial = owner_file.parent
-            if (partial / "cvae.pt").exists() and not (partial.parent / "meta.json").exists():
-                owner = json.loads(owner_file.read_text())
-                trial = owner["owner"].rsplit("/", 1)[-1]  # "EXPERIMENT/TRIAL_ID"
-                partition = int(partial.parent.name.rsplit("-p", 1)[1].split("-")[0])
-                epoch = load_checkpoint(partial / "cvae.pt", "cvae")["epoch"]
-                if reported.get(trial) == partition - 1 and epoch <= KILL_BY_EPOCH:
-                    return {**owner, "trial": trial, "key": partial.parent.name,
-                            "partition": partition}
-        time.sleep(0.1)
-    raise AssertionError("no stage-1 training to interrupt appeared in time")
+        if (storage / "paused").exists():
+            (owner_file,) = storage.glob("stage1/*-p2-*/partial/owner.json")
+            owner = json.loads(owner_file.read_text())
+            trial = owner["owner"].rsplit("/", 1)[-1]  # "EXPERIMENT/TRIAL_ID"
+            reported = {r[0]["trial_id"]: len(r) for r in trial_rows(experiment).values() if r}
+            if reported.get(trial) == 1:  # the driver has written its partition-1 row
+                return {**owner, "trial": trial, "key": owner_file.parent.parent.name}
+        time.sleep(0.2)
+    raise AssertionError("no stage-1 training paused in time")
 
 
 def test_a_sweep_spreads_over_the_workers_and_a_lost_worker_loses_nothing(cluster, tmp_path):
-    """Trials run on both worker nodes, never on the head. Kill the worker node that is training
-    a stage-1 model inside a trial that has finished a partition: the trial is retried from its
+    """Trials run on both worker nodes, never on the head. Remove the worker node whose trial
+    is training a stage-1 model after finishing a partition: the trial is retried from its
     checkpoint (not from scratch), the stage-1 training resumes from its last epoch, and the
-    sweep completes every trial exactly once. No prewarm: the trials train stage 1 themselves,
-    so they last long enough for both workers' processes to start and for the kill."""
+    sweep completes every trial exactly once. No prewarm: the trials train stage 1 themselves."""
     c, workers = cluster
+    (tmp_path / "pause_seam.py").write_text(PAUSE_MODULE)
     space = tmp_path / "space.yaml"
     space.write_text("latent_dim: 32\nlr: 1.0e-4\nepochs: 1\nood_per_batch: 64\n")
-    args = ["--address", c.address, "--num-samples", str(TRIALS), "--storage", str(tmp_path),
-            "--name", "lost", "--space", str(space), "--scheduler", "none", "--no-prewarm",
-            "--max-failures", "3", "--no-report", *SWEEP_SMOKE,
-            "--set", f"cvae.epochs={CVAE_EPOCHS}", "--set", "data.train_limit=512"]
+    args = ["--address", c.address, "--setting", "pause_seam:mnist_two", "--num-samples",
+            str(TRIALS), "--storage", str(tmp_path), "--name", "lost", "--space", str(space),
+            "--scheduler", "none", "--no-prewarm", "--max-failures", "3", "--no-report",
+            *SWEEP_SMOKE, "--set", f"cvae.epochs={CVAE_EPOCHS}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = time.time()
-    sweep = subprocess.Popen([sys.executable, "-m", "tune.sweep", *args], cwd=ROOT, env=env,
+    sweep = subprocess.Popen([sys.executable, "-m", "tune.sweep", *args], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:  # both waits together stay under pytest's 600 s
-        victim = _wait_for_partial_stage1(tmp_path, tmp_path / "lost", time.time() + 200)
+        victim = _wait_for_pause(tmp_path, tmp_path / "lost", time.time() + 240)
         node = next(w for w in workers if w.node_id == victim["node_id"])
         c.remove_node(node, allow_graceful=False)  # a spot worker disappears
         replacement = c.add_node(num_cpus=1)  # and the autoscaler replaces it
-        output, _ = sweep.communicate(timeout=330)
+        output, _ = sweep.communicate(timeout=300)
     finally:
         sweep.kill()
     assert sweep.returncode == 0, output
@@ -99,18 +129,15 @@ def test_a_sweep_spreads_over_the_workers_and_a_lost_worker_loses_nothing(cluste
     assert {w.node_id for w in workers} <= seen <= {w.node_id for w in workers} | {
         replacement.node_id}
     for trial in rows.values():  # every partition exactly once, in order: nothing lost or redone
-        assert [r["partition"] for r in trial] == [1, 2, 3, 4, 5]
+        assert [r["partition"] for r in trial] == [1, 2]
     retried = [t for t in rows.values() if t[0]["trial_id"] == victim["trial"]][0]
-    before, after = retried[:victim["partition"] - 1], retried[victim["partition"] - 1:]
-    # partitions 1..P-1 ran on the lost node; P..5 elsewhere, restored from its checkpoint
-    assert all(r["node_id"] == victim["node_id"] and r["restored_partitions"] == 0
-               for r in before)
-    assert [r["restored_partitions"] for r in after] == [len(before)] * len(after)
-    assert all(r["node_id"] != victim["node_id"] for r in after)
+    before, after = retried[:1], retried[1:]
+    # partition 1 ran on the lost node; partition 2 elsewhere, restored from its checkpoint
+    assert before[0]["node_id"] == victim["node_id"] and before[0]["restored_partitions"] == 0
+    assert after[0]["restored_partitions"] == 1 and after[0]["node_id"] != victim["node_id"]
 
     meta = json.loads((tmp_path / "stage1" / victim["key"] / "meta.json").read_text())
-    assert meta["resumed_from"]["classifier"] == 1  # finished before the loss: not retrained
-    assert 1 <= meta["resumed_from"]["cvae"] < CVAE_EPOCHS  # from its last epoch on the store
+    assert meta["resumed_from"] == {"classifier": 1, "cvae": 1}  # from the store, not retrained
     assert meta["node_id"] != victim["node_id"] and meta["trained_by"].startswith("lost/")
     assert [h["epoch"] for h in meta["cvae_history"]] == list(range(1, CVAE_EPOCHS + 1))
     # the store's training log: started on the lost node, then resumed once elsewhere

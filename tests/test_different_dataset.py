@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from analysis.artifacts import load_scores
 from analysis.figures import roc_figure
 from analysis.report import write_report
+from analysis.trials import trial_rows
 from cmg.config import budget_config
 from cmg.data import make_split
 from cmg.data.ood import load_image_folder
@@ -85,6 +86,7 @@ def test_eval_with_an_absent_or_unknown_set_named_is_a_one_line_error(data_root,
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_run_reports_every_present_ood_set_and_their_mean(data_root, tmp_path):
     proc = cli("cmg.run", "--setting", "different_dataset", "--ood-dataset", "all",
                "--data-root", str(data_root), "--out", str(tmp_path), *SMOKE,
@@ -104,6 +106,7 @@ def test_run_reports_every_present_ood_set_and_their_mean(data_root, tmp_path):
     assert "test AUROC per OOD set" in proc.stdout and "tinyImageNet" in proc.stdout
 
 
+@pytest.mark.slow
 def test_sweep_with_a_backbone_optimises_the_mean_over_the_present_ood_sets(data_root, tmp_path):
     """One Setting-2 sweep on a CSI backbone (its stage 1 trains only the CVAE; the CIFAR
     classifier's training is covered by the run and stage-1 tests above and below)."""
@@ -124,8 +127,7 @@ def test_sweep_with_a_backbone_optimises_the_mean_over_the_present_ood_sets(data
     assert meta["backbone"] == {"format": "csi", "sha256": file_sha256(backbone)}
     assert meta["classifier_history"] == []  # the backbone is not trained
     assert (keys[0] / "backbone.pt").exists() and not (keys[0] / "classifier.pt").exists()
-    rows = [json.loads(line) for f in sorted((tmp_path / "d").glob("stage2_trainable_*"))
-            for line in (f / "result.json").read_text().splitlines()]
+    rows = [r for f in sorted((tmp_path / "d").glob("stage2_trainable_*")) for r in trial_rows(f)]
     assert len(rows) == 2 and all(r["partitions_total"] == 1 for r in rows)
     for r in rows:
         assert r["val_auroc_mean"] == pytest.approx(
@@ -169,6 +171,7 @@ def test_svhn_reads_torchvisions_test_file(tmp_path):
     assert torch.equal(load_svhn(tmp_path), torch.from_numpy(images))
 
 
+@pytest.mark.slow
 def test_another_choice_of_ood_sets_reuses_the_stage1_models(data_root, tmp_path):
     """The OOD sets evaluated are not part of stage 1: a sweep on other OOD data finds the
     models trained for the first and only computes their features for the new sets."""

@@ -1,6 +1,7 @@
 """Per-image scores, ROC/histogram figures, the exported detector, `cmg.score`, and the report's
 reproduce command: on the shared smoke sweep (real MNIST, real Ray), checked with scikit-learn."""
 
+import gzip
 import json
 import os
 import shlex
@@ -17,22 +18,18 @@ from sklearn.metrics import roc_auc_score
 
 from analysis.artifacts import load_scores, load_trial_record, reproduce_command, score_columns
 from analysis.figures import roc_figure, scores_figure
-from analysis.trials import aggregate, leaderboard, load_trials
+from analysis.trials import aggregate, leaderboard, load_trials, trial_rows
 from cmg.checkpoint import load_checkpoint
 from cmg.cli import setup_run
 from cmg.config import DataConfig, budget_config
 from cmg.data import make_split
+from cmg.data.sources import MNIST_FILES, _find_mnist_dir, _idx_path, load_mnist, resolve_data_root
 from cmg.detector import Detector
 from cmg.metrics import SCORES
 from cmg.run import build_parser as run_parser
 from cmg.score import main as score_main
 from cmg.scores import ind_threshold
 from conftest import ROOT
-
-
-def result_rows(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "result.json").read_text().splitlines()
-            if line.strip()]
 
 
 def best_trial(experiment: Path) -> str:
@@ -68,7 +65,7 @@ def test_ind_threshold_accepts_95_percent_of_ind():
 def test_scores_files_recompute_every_auroc_of_the_trial(smoke_sweep):
     checked = 0
     for folder in smoke_sweep["experiment"].glob("stage2_trainable_*"):
-        for row in result_rows(folder):
+        for row in trial_rows(folder):
             table = pd.read_parquet(folder / "scores" / f"partition-{row['partition']}.parquet")
             assert list(table.columns) == ["split", "kind", "label", "cmg", *SCORES]
             assert ((table["label"] == -1) == (table["kind"] != "ind")).all()
@@ -107,12 +104,12 @@ def test_report_reproduce_command_gives_the_trials_val_auroc(smoke_sweep, tmp_pa
     threads, python, *args = shlex.split(command)  # "1", "python", "-m", "cmg.run", ...
     assert python == "python" and args[:2] == ["-m", "cmg.run"]
     proc = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "run"), "--quiet"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=540,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads})
     assert proc.returncode == 0, proc.stderr
     rerun = json.loads((tmp_path / "run" / "metrics.json").read_text())
     folder = next(smoke_sweep["experiment"].glob(f"stage2_trainable_{best}_*"))
-    trial_row = next(r for r in result_rows(folder) if r["partition"] == 1)
+    trial_row = next(r for r in trial_rows(folder) if r["partition"] == 1)
     assert rerun["val"]["auroc"] == pytest.approx(trial_row["val_auroc"], abs=1e-6)
     assert rerun["test"]["auroc"] == pytest.approx(trial_row["test_auroc"], abs=1e-6)
 
@@ -203,6 +200,27 @@ def test_score_command_reads_npy_and_image_folders_alike(exported, partition2, t
     assert by_path["input"].iloc[0] == "group0/deeper/img0.png"
     for other in (tables["x3.npy"], by_path.reset_index(drop=True)):
         np.testing.assert_allclose(other["cmg"], tables["x.npy"]["cmg"], rtol=1e-5, atol=1e-6)
+
+
+def test_score_command_reads_a_torchvision_data_set_by_name_up_to_the_limit(
+        exported, tmp_path, capsys, mnist_available):
+    """`cmg.score DETECTOR MNIST --data-root ROOT --limit 5`: torchvision's own MNIST reader over
+    unpacked idx files (nothing downloaded) gives the scores of the first 5 test images."""
+    raw = tmp_path / "root" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    source = _find_mnist_dir(resolve_data_root())
+    for name in MNIST_FILES:
+        path = _idx_path(source, name)
+        raw.joinpath(name).write_bytes(gzip.decompress(path.read_bytes()) if path.suffix == ".gz"
+                                       else path.read_bytes())
+    detector = exported / "partition-2"
+    table = score_main([str(detector), "MNIST", "--data-root", str(tmp_path / "root"), "--limit",
+                        "5", "--out", str(tmp_path / "mnist.csv"), "--quiet"])
+    assert "5 images" in capsys.readouterr().out
+    assert list(pd.read_csv(tmp_path / "mnist.csv")["input"]) == [0, 1, 2, 3, 4]
+    test_x = load_mnist(resolve_data_root())[2][:5]  # the project's own reader of the files
+    expected = Detector.load(detector).score(test_x.numpy())
+    np.testing.assert_allclose(table["cmg"], expected["cmg"], rtol=1e-5, atol=1e-6)
 
 
 def _one_line_error(argv, capsys) -> str:

@@ -17,6 +17,7 @@ from cmg.backbone import BackboneSpec, load_backbone
 from cmg.config import ClassifierConfig, DataConfig, budget_config
 from cmg.data.split import Split, _split_ood_sets
 from cmg.errors import UsageError
+from cmg.results import ROWS_FILE
 from cmg.stage1 import ind_smoothed_cross_entropy, load_stage1_model, train_classifier
 from tune.artifacts import stage1_key
 
@@ -139,3 +140,98 @@ def test_ranking_on_test_metrics_must_be_asked_for(tmp_path):
     board = leaderboard(table, by="test_auroc", allow_test=True)
     assert board["trial_id"].tolist() == ["abc12_00000"]
     assert board["test_auroc_mean"].tolist() == [pytest.approx(0.6)]
+
+
+def test_analysis_leaves_out_a_report_still_being_written(tmp_path):
+    # Tune appends one JSON line per report: a reader polling the sweep can see a half line
+    _fake_experiment(tmp_path, [{"partition": 1, "val_auroc": 0.5}])
+    result = next(tmp_path.glob("stage2_trainable_*")) / "result.json"
+    complete = result.read_text() + "\n"
+    result.write_text(complete + '{"trial_id": "abc12_00000", "partition": 2, "val_au')
+    df = load_trials(tmp_path)
+    assert list(df["partition"]) == [1] and list(df["val_auroc"]) == [0.5]
+    assert (df["status"] == "incomplete").all()
+    result.write_text(complete + "{broken\n")  # a whole line that is not JSON: a broken file
+    with pytest.raises(json.JSONDecodeError):
+        load_trials(tmp_path)
+
+
+def test_analysis_reads_full_rows_from_the_trial_file_and_old_experiments_from_result_json(
+        tmp_path):
+    # an old experiment: full rows in result.json only
+    old = [{"partition": 1, "val_auroc": 0.5, "test_auroc": 0.4},
+           {"partition": 2, "val_auroc": 0.7, "test_auroc": 0.6}]
+    _fake_experiment(tmp_path / "old", old)
+    df = load_trials(tmp_path / "old")
+    assert list(df["test_auroc"]) == [0.4, 0.6] and (df["status"] == "complete").all()
+    # this version: Tune's result.json holds a few keys, the trial's ROWS_FILE the full rows;
+    # partition 1 was restored from a checkpoint written before ROWS_FILE existed
+    _fake_experiment(tmp_path / "new", [old[0], {"partition": 2, "val_auroc_mean": 0.6}])
+    folder = next((tmp_path / "new").glob("stage2_trainable_*"))
+    (folder / ROWS_FILE).write_text(json.dumps(
+        {"trial_id": "abc12_00000", "partitions_total": 2, **old[1], "test_auroc": 0.9}) + "\n")
+    df = load_trials(tmp_path / "new")
+    assert list(df["partition"]) == [1, 2] and list(df["test_auroc"]) == [0.4, 0.9]
+    assert (df["status"] == "complete").all()
+
+
+def _cluster_yaml_capacity(**changes):
+    import yaml
+
+    from conftest import ROOT
+    from tune.placement import capacity_from_config
+
+    return capacity_from_config({**yaml.safe_load((ROOT / "cluster.yaml").read_text()),
+                                 **changes})
+
+
+def test_an_autoscaling_cluster_is_judged_by_its_node_types():
+    """cluster.yaml: 8 gpu_1x (4 CPU, 1 GPU) + 4 gpu_4x (48 CPU, 4 GPU), 12 workers at most, a
+    head with 0 CPUs: 8 + 16 = 24 GPUs, whatever is running now."""
+    from tune.placement import gpu_share
+
+    aws = _cluster_yaml_capacity()
+    assert aws.total_gpus() == 24 and aws.most("gpus") == 4 and aws.most("cpus") == 48
+    assert aws.slots(cpus=1, gpus=1) == 8 * 1 + 4 * 4
+    assert aws.slots(cpus=1, gpus=0.25) == 8 * 4 + 4 * 16  # gpu_1x: 4 CPUs bound it
+    assert aws.slots(cpus=2, gpus=0) == 8 * 2 + 4 * 24
+    # 6 workers at most: the 4 nodes of 4 GPUs first, then 2 of 1
+    assert _cluster_yaml_capacity(max_workers=6).slots(cpus=1, gpus=1) == 4 * 4 + 2 * 1
+    # a whole GPU each, unless --max-concurrent asks for k >= 2 trials on every GPU
+    assert [gpu_share(24, c) for c in (None, 24, 47, 48, 71, 96, 100)] == [
+        1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+
+
+@pytest.mark.parametrize("cpus, gpus, words", [
+    (1, 8, "--gpus-per-trial 8 cannot be placed: the cluster has 24 GPUs, at most 4 on one node "
+           "(the autoscaler's node types: gpu_1x 8 x (4 CPU, 1 GPU), gpu_4x 4 x (48 CPU, 4 GPU))"),
+    (64, 1, "--cpus-per-trial 64 cannot be placed: the largest node has 48 CPUs"),
+])
+def test_a_trial_no_node_type_can_hold_is_refused(cpus, gpus, words):
+    from tune.placement import check_fits
+
+    check_fits(_cluster_yaml_capacity(), cpus=48, gpus=4)  # the largest node type holds it
+    with pytest.raises(UsageError) as refused:
+        check_fits(_cluster_yaml_capacity(), cpus=cpus, gpus=gpus)
+    assert str(refused.value).startswith(words)
+
+
+def test_cpus_and_gpus_on_different_nodes_are_refused():
+    from tune.placement import Capacity, NodeShape, check_fits
+
+    split = Capacity((NodeShape("cpu", 64, 0, 2), NodeShape("gpu", 4, 1, 2)), autoscaling=False)
+    assert split.slots(cpus=4, gpus=1) == 2 and split.slots(cpus=8, gpus=0) == 16
+    with pytest.raises(UsageError, match="--cpus-per-trial 8 with --gpus-per-trial 1 cannot be "
+                                         "placed: no node has both"):
+        check_fits(split, cpus=8, gpus=1)
+
+
+def test_more_cpus_than_any_node_fail_at_once_on_a_real_local_ray(tmp_path, monkeypatch):
+    """It waited forever before: now one line, exit 2, nothing written (in-process, real Ray)."""
+    from conftest import assert_refused
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # else a new local Ray prints a notice
+    assert_refused(tmp_path / "store", "--setting", "synthetic_cifar10", "--cpus-per-trial",
+                   "1000", words=["--cpus-per-trial 1000 cannot be placed: the largest node has",
+                                  "CPUs (the nodes alive now: node 1 x (",
+                                  "lower --cpus-per-trial"])

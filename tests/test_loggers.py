@@ -1,7 +1,7 @@
 """One small real sweep (local Ray, 2 trials) over a user's own setting, defined in a module
 that only the sweep's working directory holds, with all three trackers on: TensorBoard event
-files, an MLflow store with one run per trial, W&B offline run folders. A second, near-free
-sweep in the same storage checks --time-budget."""
+files, an MLflow store with one run per trial, W&B offline run folders. A second sweep
+in the same storage checks a --time-budget that expires in a trial."""
 
 import json
 import os
@@ -10,17 +10,37 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 
-from conftest import ROOT, SWEEP_SMOKE
+from cmg.results import TRIAL_FILE
+from conftest import ROOT, SWEEP_SMOKE, result_rows
 
 SETTING_MODULE = '''
 """A user's own data: generated 1x28x28 images, two partitions."""
+import os
+import time
+
+import ray
+
 from cmg.data import Setting, register_setting
 from cmg.data.synthetic import synthetic_images
 
+_loads_in_this_trial_process = 0
+
 
 def load_bands(root, download=False):
+    """With $SLOW_SECOND_LOAD set (the time-budget test), every load after the first in a
+    trial (a Ray actor) takes five minutes: the trial reports partition 1, then waits in 2."""
+    global _loads_in_this_trial_process
+    in_trial = ray.is_initialized() and ray.get_runtime_context().get_actor_id()
+    if os.environ.get("SLOW_SECOND_LOAD") and in_trial:
+        _loads_in_this_trial_process += 1
+        if _loads_in_this_trial_process > 1:
+            time.sleep(300)
     train_x, train_y = synthetic_images(600, seed=1, channels=1, size=28)
     test_x, test_y = synthetic_images(200, seed=2, channels=1, size=28)
     return train_x, train_y, test_x, test_y
@@ -35,7 +55,7 @@ def sweep(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Complete
     """`python -m tune.sweep` run from `cwd` (where the user's module is), this repo importable."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "tune.sweep", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=540)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +66,8 @@ def logged_sweep(tmp_path_factory):
     storage = work / "sweeps"
     proc = sweep(work, "--setting", "my_cmg_settings:my_bands", "--num-samples", "2",
                  "--storage", str(storage), "--name", "logged", "--space", "space.yaml",
-                 "--scheduler", "none", "--max-failures", "0", "--no-prewarm", "--logger", "tensorboard",
+                 "--scheduler", "none", "--max-failures", "0", "--no-prewarm", "--mode", "both",
+                 "--logger", "tensorboard",
                  "--logger", "mlflow", "--logger", "wandb", "--time-budget", "1h", *SWEEP_SMOKE,
                  env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -67,6 +88,16 @@ def test_own_setting_from_a_module_runs_in_every_trial(logged_sweep):
     assert (logged_sweep["experiment"] / "report" / "report.md").exists()
     assert "Configuration for experiment" not in logged_sweep["proc"].stdout
     assert "tensorboard --logdir" not in logged_sweep["proc"].stdout  # --quiet: no hint either
+
+
+def test_mode_both_searches_the_loss_and_each_trial_trains_with_the_mode_it_drew(logged_sweep):
+    modes = {}
+    for trial in logged_sweep["trials"]:
+        params = json.loads((trial / "params.json").read_text())
+        record = json.loads((trial / TRIAL_FILE).read_text())
+        assert record["config"]["stage2"]["mode"] == params["mode"]
+        modes[trial.name] = params["mode"]
+    assert sorted(modes.values()) == ["CMG-energy", "CMG-softmax"], modes
 
 
 def _scalars(event_file: Path) -> dict[str, float]:
@@ -107,23 +138,68 @@ def test_mlflow_store_has_one_run_per_trial_with_params_and_metrics(logged_sweep
         assert {"lr", "sigma", "latent_dim"} <= set(run.data.params)
 
 
-def test_wandb_offline_writes_a_run_folder_per_trial(logged_sweep):
-    for trial in logged_sweep["trials"]:
+def _wandb_history(run_file: Path) -> list[dict]:
+    """The history rows an offline W&B run logged: its .wandb file is a LevelDB-style log (a
+    7-byte file header, 32 KiB blocks, records of crc32/length/type + data, split across
+    blocks as FIRST/MIDDLE/LAST) of `wandb_internal_pb2.Record` messages."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, pending, rows = run_file.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                             for i in record.history.item})
+    return rows
+
+
+def test_wandb_offline_run_of_each_trial_logs_the_objective_of_every_report(logged_sweep):
+    for trial, last in logged_sweep["last"].items():
         runs = list((trial / "wandb").glob("offline-run-*"))
         assert len(runs) == 1, list(trial.iterdir())
-        assert list(runs[0].glob("*.wandb"))
+        (run_file,) = runs[0].glob("*.wandb")
+        history = [row for row in _wandb_history(run_file) if "val_auroc_mean" in row]
+        assert len(history) == last["partitions_done"] == 2  # one row per partition report
+        assert history[-1]["val_auroc_mean"] == pytest.approx(last["val_auroc_mean"])
 
 
-def test_time_budget_stops_the_sweep_and_still_reports(logged_sweep):
-    """The budget is spent before the search starts: no trial may finish, yet the sweep ends
-    cleanly with its summary (stage 1 is reused from the logged sweep: near-free)."""
+def test_time_budget_expiring_in_a_trial_keeps_its_partitions_and_still_reports(logged_sweep):
+    """The budget runs out while the only trial waits in partition 2 (its data loads for five
+    minutes; stage 1 is the logged sweep's): the trial stops with partition 1 reported, no other
+    starts, and the sweep ends cleanly with its summary, its report and no study trial left
+    running."""
+    experiment = logged_sweep["storage"] / "budget"
     proc = sweep(logged_sweep["work"], "--setting-module", "my_cmg_settings", "--setting",
                  "my_bands", "--num-samples", "4", "--storage", str(logged_sweep["storage"]),
                  "--name", "budget", "--space", "space.yaml", "--scheduler", "none",
-                 "--no-prewarm", "--time-budget", "0.001s", *SWEEP_SMOKE)
+                 "--no-prewarm", "--max-concurrent", "1", "--time-budget", "30s",
+                 "--logger", "wandb", *SWEEP_SMOKE,
+                 env={"SLOW_SECOND_LOAD": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    summary = json.loads((logged_sweep["storage"] / "budget" / "summary.json").read_text())
-    assert summary["trials"]["complete"] == 0 and summary["trials"]["total"] < 4
+    summary = json.loads((experiment / "summary.json").read_text())
+    assert summary["trials"] == {"total": 1, "complete": 0, "pruned": 1, "failed": 0}
+    (trial,) = experiment.glob("stage2_trainable_*")
+    rows = result_rows(trial)
+    assert [r["partition"] for r in rows] == [1]  # what it finished is kept
+    report = (experiment / "report" / "report.md").read_text()
+    assert rows[0]["trial_id"] in report.split("## Trials not on the leaderboard")[1]
+    storage = JournalStorage(JournalFileBackend(str(experiment / "optuna.journal")))
+    (study_trial,) = optuna.load_study(study_name="budget", storage=storage).trials
+    assert study_trial.state == TrialState.PRUNED and summary["study"]["stopped_pruned"] == 1
+    assert study_trial.value == pytest.approx(rows[0]["val_auroc_mean"])
+    # its W&B run holds what it reported (Tune stops such a trial without ending its run)
+    (run_file,) = trial.glob("wandb/offline-run-*/*.wandb")
+    history = [row for row in _wandb_history(run_file) if "val_auroc_mean" in row]
+    assert [row["val_auroc_mean"] for row in history] == pytest.approx([rows[0]["val_auroc_mean"]])
 
 
 @pytest.mark.parametrize("text, seconds", [("90m", 5400), ("2h", 7200), ("1.5h", 5400),

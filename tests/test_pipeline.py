@@ -21,6 +21,7 @@ def check_metrics(m):
         assert all(0 <= v <= 1 for v in m[part].values())
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_on_real_mnist(mnist_available, tmp_path):
     cfg = budget_config("smoke")
     m = run_partition(load_partition("same_dataset_mnist", 1, cfg, "cpu"), cfg,
@@ -30,6 +31,7 @@ def test_smoke_pipeline_on_real_mnist(mnist_available, tmp_path):
     assert (tmp_path / "classifier.pt").is_file() and (tmp_path / "cvae.pt").is_file()
 
 
+@pytest.mark.slow
 def test_short_real_training_beats_chance(mnist_available):
     cfg = budget_config("smoke", overrides=[
         "classifier.epochs=2", "classifier.lr=3e-3", "classifier.schedule=onecycle",
@@ -39,6 +41,7 @@ def test_short_real_training_beats_chance(mnist_available):
     assert m["test"]["auroc"] > 0.75 and m["baselines"]["msp"]["test"]["auroc"] > 0.75
 
 
+@pytest.mark.slow
 def test_cifar_path_on_synthetic_images_in_both_modes(tmp_path):
     """ResNet-18 stage 1 trained once, then stage 2 in each mode on it (the workdir's finished
     checkpoints are reused, not rewritten): every metric of both modes, margins in energy only."""

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,8 +21,8 @@ from scipy import stats
 
 from analysis.replicates import load_replicates, replicate_table
 from analysis.trials import load_trials
-from cmg.results import ALL_METRICS, BASELINES
-from tests.conftest import ROOT
+from cmg.results import ALL_METRICS, BASELINES, REPLICATES_FILE
+from tests.conftest import ROOT, run_main
 
 
 def _rows() -> pd.DataFrame:
@@ -54,7 +56,7 @@ def test_replicate_table_statistics_by_hand():
 def _replicate(experiment, *args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "tune.replicate", str(experiment), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
 
 
 def _interrupt_once_training(experiment) -> tuple[int, str]:
@@ -74,8 +76,10 @@ def _interrupt_once_training(experiment) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep):
-    experiment = smoke_sweep["experiment"]
+def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep, tmp_path):
+    # a copy of the shared experiment: its replicates must not change what other tests read
+    # (the stage-1 store stays the shared one, which trains the new seeds' models once)
+    experiment = Path(shutil.copytree(smoke_sweep["experiment"], tmp_path / "smoke"))
     summary = json.loads((experiment / "summary.json").read_text())
     code, err = _interrupt_once_training(experiment)
     assert code == 130, err
@@ -110,6 +114,11 @@ def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "0 runs added" in again.stdout
     assert sorted((experiment / "replicate").glob("*/replicate_trainable_*")) == folders
+
+    report = run_main("analysis.report", str(experiment), "--out", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+    table = pd.read_csv(tmp_path / "report" / REPLICATES_FILE, dtype={"source_trial": str})
+    assert len(table) == 5 and set(table["source_trial"]) == {best}
 
 
 def _fake_run(experiment, run: str, trial: str, seed: int, aurocs: list[float],

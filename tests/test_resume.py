@@ -1,8 +1,9 @@
 """Interrupting a real sweep (Ctrl-C, SIGTERM, SIGKILL) and continuing it with --resume; the
 experiment's manifest.json; the study states; start failures that leave nothing behind.
 
-One small sweep (2 configurations, no early stopping, one at a time) is interrupted three ways
-in a row and resumed until done; every wait is on real progress (lines in result.json)."""
+One small sweep (2 configurations, no early stopping, one at a time) is interrupted four times
+in a row (a double Ctrl-C in the stage-1 prewarm, Ctrl-C, SIGTERM and SIGKILL in the search) and
+resumed until done; every wait is on real progress (files on the store, lines in result.json)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from conftest import ROOT, SWEEP_SMOKE, assert_refused, run_sweep
+from conftest import ROOT, SWEEP_SMOKE, assert_refused, result_rows, run_sweep
 from tune.manifest import space_from_manifest, with_manifest_defaults
 from tune.spec import SweepOptions
 from tune.driver import _study_progress
@@ -33,13 +34,11 @@ LINE = re.compile(r"^interrupted after (\d+) of 2 configurations; continue with:
 
 
 def partitions(experiment: Path) -> dict[str, list[int]]:
-    """Trial folder -> the partitions its result.json reports, in order."""
-    out = {}
-    for folder in sorted(experiment.glob("stage2_trainable_*")):
-        if (folder / "result.json").exists():
-            out[folder.name] = [json.loads(line)["partition"] for line in
-                                (folder / "result.json").read_text().splitlines() if line.strip()]
-    return out
+    """Trial folder -> the partitions its result.json reports, in order (polled while the
+    sweep writes: a line still being written is left out)."""
+    return {folder.name: [row["partition"] for row in result_rows(folder)]
+            for folder in sorted(experiment.glob("stage2_trainable_*"))
+            if (folder / "result.json").exists()}
 
 
 def reported(experiment: Path) -> int:
@@ -69,9 +68,24 @@ def interrupt_when(proc: subprocess.Popen, ready, sig: int, group: bool) -> tupl
     return proc.communicate(timeout=300)
 
 
+def interrupt_twice_when(proc: subprocess.Popen, ready) -> tuple[str, str]:
+    """Ctrl-C pressed twice, 0.2 s apart (an impatient user), once `ready()` holds."""
+    deadline = time.time() + 300
+    while not ready():
+        assert proc.poll() is None, f"the sweep ended before the signal: {proc.communicate()}"
+        assert time.time() < deadline, "the sweep made no progress"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.2)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+    return proc.communicate(timeout=300)
+
+
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, mnist_available):
-    """The sweep stopped by Ctrl-C while its first trial is between partitions 1 and 5."""
+    """The sweep stopped twice: by a double Ctrl-C while the prewarm trains stage 1, then, resumed,
+    by Ctrl-C while its first trial is between partitions 1 and 5."""
     storage = tmp_path_factory.mktemp("resume")
     (storage / "space.yaml").write_text("latent_dim: 32\nepochs: 1\nood_per_batch: 64\n")
     args = ["--num-samples", str(SAMPLES), "--storage", str(storage), "--name", "k", "--space",
@@ -79,9 +93,23 @@ def interrupted(tmp_path_factory, mnist_available):
             *SWEEP_SMOKE]
     experiment = storage / "k"
     proc = start(*args)
+    _, prewarm_err = interrupt_twice_when(
+        proc, lambda: any(storage.glob("stage1/*/partial/owner.json")))
+    prewarm = {"rc": proc.returncode, "stderr": prewarm_err,
+               "published": sorted(p.parent.name for p in storage.glob("stage1/*/meta.json"))}
+    proc = start("--storage", str(storage), "--name", "k", "--resume")
     out, err = interrupt_when(proc, lambda: 0 < reported(experiment) < 5, signal.SIGINT, True)
     return {"storage": storage, "experiment": experiment, "args": args, "rc": proc.returncode,
-            "stderr": err, "partitions": partitions(experiment)}
+            "stderr": err, "partitions": partitions(experiment), "prewarm": prewarm}
+
+
+def test_a_double_ctrl_c_during_the_prewarm_stops_at_once_with_the_resume_line(interrupted):
+    prewarm = interrupted["prewarm"]
+    assert prewarm["rc"] == 130, prewarm["stderr"]
+    assert "Traceback" not in prewarm["stderr"]
+    match = LINE.match(prewarm["stderr"].strip().splitlines()[-1])
+    assert match and int(match[1]) == 0, prewarm["stderr"]
+    assert len(prewarm["published"]) < 5  # stopped in the middle of stage 1
 
 
 def test_ctrl_c_prints_the_resume_command_exits_130_and_writes_no_summary(interrupted):
@@ -157,8 +185,7 @@ def test_resume_after_sigint_sigterm_and_sigkill_finishes_every_partition_once(i
     finals = [json.loads(line) for line in (experiment / "optuna.journal").read_text().splitlines()]
     finals = [op["trial_id"] for op in finals if op["op_code"] == 6 and op["state"] != 0]
     assert sorted(finals) == sorted({t._trial_id for t in study.trials})  # each told once
-    means = sorted(json.loads((experiment / f / "result.json").read_text().splitlines()[-1])
-                   ["val_auroc_mean"] for f in found)
+    means = sorted(result_rows(experiment / f)[-1]["val_auroc_mean"] for f in found)
     assert sorted(t.value for t in study.trials) == pytest.approx(means)
     # what a resumed run's progress line starts from: the study's finished trials and best value
     assert _study_progress(build_spec(resume)[0]) == (SAMPLES, pytest.approx(max(means)))
@@ -166,7 +193,7 @@ def test_resume_after_sigint_sigterm_and_sigkill_finishes_every_partition_once(i
     assert summary["trials"] == {"total": 2, "complete": 2, "pruned": 0, "failed": 0}
     assert summary["study"]["orphans_failed"] == 0
     manifest = json.loads((experiment / "manifest.json").read_text())
-    assert len(manifest["resumed"]) == 3
+    assert len(manifest["resumed"]) == 4
     print(f"SIGINT rc {interrupted['rc']}: {interrupted['stderr'].strip().splitlines()[-1]}\n"
           f"SIGTERM rc 130: {err.strip().splitlines()[-1]}\nSIGKILL rc {proc.returncode}\n"
           f"resume rc {done.returncode}: {done.stdout.strip().splitlines()[0]}\n"
@@ -198,6 +225,7 @@ def test_a_failed_start_exits_2_with_one_line_and_leaves_nothing(tmp_path, args,
     assert not Path("/proc/nope").exists()
 
 
+@pytest.mark.slow
 def test_gpus_that_no_node_has_fail_at_once_and_leave_nothing(tmp_path, mnist_available):
     storage = tmp_path / "store" / "deeper"
     proc = run_sweep("--storage", str(storage), "--gpus-per-trial", "2", *SWEEP_SMOKE,

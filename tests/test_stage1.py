@@ -77,6 +77,7 @@ def test_divergence_raises_a_clear_error(split):
         train_classifier(split, ClassifierConfig(epochs=2, batch_size=48, lr=1e30), quiet=True)
 
 
+@pytest.mark.slow
 def test_compiled_cvae_training_computes_what_eager_training_computes(split):
     """`--compile` changes how fast stage 1 trains, not what: with the same random numbers as
     eager mode (inductor's fallback_random), the losses and weights agree."""

@@ -9,7 +9,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from conftest import assert_refused, result_rows, run_sweep
+from analysis.trials import trial_rows
+from conftest import assert_refused, run_sweep
 from tune.artifacts import ArtifactStore
 
 
@@ -18,7 +19,7 @@ def trials(experiment: Path) -> list[dict]:
     for folder in sorted(experiment.glob("stage2_trainable_*")):
         if not (folder / "params.json").exists():  # a trial folder being created
             continue
-        out.append({"folder": folder, "rows": result_rows(folder),
+        out.append({"folder": folder, "rows": trial_rows(folder),  # the full rows
                     "params": json.loads((folder / "params.json").read_text()),
                     "error": (folder / "error.txt").read_text()
                     if (folder / "error.txt").exists() else None})
