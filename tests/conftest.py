@@ -72,6 +72,17 @@ def result_rows(trial_folder: Path) -> list[dict]:
             if line.endswith("\n") and line.strip()]
 
 
+def live_rows(trial_folder: Path) -> list[dict]:
+    """A trial's partition rows while the sweep runs: its `partitions.jsonl`, which the trial
+    itself writes to the storage after each partition (Tune's result.json reaches the storage
+    only with the experiment snapshot, once a minute)."""
+    from analysis.trials import json_lines
+    from cmg.results import ROWS_FILE
+
+    rows = trial_folder / ROWS_FILE
+    return json_lines(rows.read_text()) if rows.exists() else []
+
+
 def assert_refused(storage: Path, *args: str, words: list[str]) -> None:
     """`python -m tune.sweep --storage STORAGE --budget smoke ARGS` exits 2 with one error line
     holding every one of `words`, no traceback, and leaves STORAGE uncreated."""
@@ -163,5 +174,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SWEEP_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    if not config.getoption("numprocesses", None):  # serial (-n 0): the order given is kept
+        return
     rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept

@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 from ray.cluster_utils import Cluster
 
-from conftest import ROOT, SWEEP_SMOKE, result_rows
+from conftest import ROOT, SWEEP_SMOKE, live_rows, result_rows
 from tune.artifacts import ArtifactStore
 
 # detect a lost node in seconds, not Ray's default half a minute
@@ -88,7 +88,8 @@ def _wait_for_pause(storage: Path, experiment: Path, deadline: float) -> dict:
             (owner_file,) = storage.glob("stage1/*-p2-*/partial/owner.json")
             owner = json.loads(owner_file.read_text())
             trial = owner["owner"].rsplit("/", 1)[-1]  # "EXPERIMENT/TRIAL_ID"
-            reported = {r[0]["trial_id"]: len(r) for r in trial_rows(experiment).values() if r}
+            reported = {r[0]["trial_id"]: len(r) for r in map(
+                live_rows, experiment.glob("stage2_trainable_*")) if r}
             if reported.get(trial) == 1:  # the driver has written its partition-1 row
                 return {**owner, "trial": trial, "key": owner_file.parent.parent.name}
         time.sleep(0.2)

@@ -22,7 +22,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from conftest import ROOT, SWEEP_SMOKE, assert_refused, result_rows, run_sweep
+from conftest import ROOT, SWEEP_SMOKE, assert_refused, live_rows, result_rows, run_sweep
 from tune.manifest import space_from_manifest, with_manifest_defaults
 from tune.spec import SweepOptions
 from tune.driver import _study_progress
@@ -34,15 +34,16 @@ LINE = re.compile(r"^interrupted after (\d+) of 2 configurations; continue with:
 
 
 def partitions(experiment: Path) -> dict[str, list[int]]:
-    """Trial folder -> the partitions its result.json reports, in order (polled while the
-    sweep writes: a line still being written is left out)."""
+    """Trial folder -> the partitions its result.json reports to Tune, in order (a line still
+    being written is left out): what Tune recorded, at its last snapshot."""
     return {folder.name: [row["partition"] for row in result_rows(folder)]
             for folder in sorted(experiment.glob("stage2_trainable_*"))
             if (folder / "result.json").exists()}
 
 
 def reported(experiment: Path) -> int:
-    return sum(len(p) for p in partitions(experiment).values())
+    """Partitions finished so far by all trials (their live rows)."""
+    return sum(len(live_rows(folder)) for folder in experiment.glob("stage2_trainable_*"))
 
 
 def load_study(experiment: Path, name: str) -> optuna.Study:
