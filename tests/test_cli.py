@@ -73,23 +73,24 @@ def test_eval_missing_and_corrupt_checkpoints(tmp_path):
 def test_reference_commands_train_then_eval(mnist_available, tmp_path):
     clf, cvae, out = tmp_path / "main_model_p2.pt", tmp_path / "cvae_p2.pt", tmp_path / "m.json"
     base = ["--task", "same_dataset_mnist", "--partition", "partition2", *SMOKE]
-    assert cli("cmg.train", *base, "--command", "train_classifier",
-               "--params-dict-name", str(clf)).returncode == 0
-    assert cli("cmg.train", *base, "--command", "train_cvae",
-               "--params-dict-name", str(cvae)).returncode == 0
-    proc = cli("cmg.eval", *base, "--mode", "CMG-softmax", "--params-dict-name", str(clf),
-               "--params-dict-name2", str(cvae), "--out", str(out))
+    assert run_main("cmg.train", *base, "--command", "train_classifier",
+                    "--params-dict-name", str(clf)).returncode == 0
+    assert run_main("cmg.train", *base, "--command", "train_cvae",
+                    "--params-dict-name", str(cvae)).returncode == 0
+    proc = run_main("cmg.eval", *base, "--mode", "CMG-softmax", "--params-dict-name", str(clf),
+                    "--params-dict-name2", str(cvae), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "max-softmax" in proc.stdout and json.loads(out.read_text())["mode"] == "CMG-softmax"
-    swapped = cli("cmg.eval", *base, "--params-dict-name", str(cvae),
-                  "--params-dict-name2", str(clf))
+    swapped = run_main("cmg.eval", *base, "--params-dict-name", str(cvae),
+                       "--params-dict-name2", str(clf))
     assert_usage_error(swapped, "holds a cvae")
 
 
 @pytest.mark.slow
 def test_run_writes_metrics_json(mnist_available, tmp_path):
-    proc = cli("cmg.run", "--setting", "same_dataset_mnist", "--partition", "partition4",
-               "--mode", "CMG-energy", "--out", str(tmp_path), "--set", "stage2.sigma=2.5", *SMOKE)
+    proc = run_main("cmg.run", "--setting", "same_dataset_mnist", "--partition", "partition4",
+                    "--mode", "CMG-energy", "--out", str(tmp_path), "--set", "stage2.sigma=2.5",
+                    *SMOKE)
     assert proc.returncode == 0, proc.stderr
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert set(m) >= {"setting", "partition", "mode", "budget", "config", "val", "test",
