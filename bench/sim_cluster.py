@@ -6,6 +6,7 @@ training of fixed duration where the real one would not fit this machine.
     python bench/sim_cluster.py leases --waiters 64 --keys 15 --out leases.json
     python bench/sim_cluster.py tpe --trials 1000 --running 64 --out tpe.json
     python bench/sim_cluster.py placement --out placement.json
+    python bench/sim_cluster.py stage1 --out stage1.json
 
 Each scenario lives in `bench/sim/<scenario>.py` (`add_arguments(parser)`, `run(args) -> dict`,
 `verdict(result) -> str`); this file writes the JSON and prints the verdict line last. The loopback
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cmg.errors import exit_on_usage_error  # noqa: E402  (bad input: one line, exit 2)
 
-SCENARIOS = ("scale", "leases", "tpe", "placement")
+SCENARIOS = ("scale", "leases", "tpe", "placement", "stage1")
 
 
 @exit_on_usage_error

@@ -190,6 +190,18 @@ def train_cvae(split: Split, cfg: CVAEConfig = CVAEConfig(), device: str | torch
     return model, history
 
 
+def train_model(kind: str, split: Split, cfg: RunConfig, device: str | torch.device = "cpu",
+                checkpoint: str | os.PathLike | None = None,
+                callback: EpochCallback | None = None, quiet: bool = False,
+                compile_model: bool = False) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+    """Train (or resume) one stage-1 model, "classifier" or "cvae", with its section of `cfg`.
+
+        cvae, history = train_model("cvae", split, cfg, "cuda", checkpoint="ckpt/cvae.pt")"""
+    train = {"classifier": train_classifier, "cvae": train_cvae}[kind]
+    return train(split, getattr(cfg, kind), device, checkpoint, callback, quiet=quiet,
+                 compile_model=compile_model)
+
+
 @dataclasses.dataclass
 class Stage1Result:
     """A partition's stage-1 models, their per-epoch histories and training seconds (no
@@ -213,21 +225,13 @@ def train_stage1(split: Split, cfg: RunConfig, device: str | torch.device = "cpu
 
         result = train_stage1(split, cfg, "cuda", checkpoint=lambda kind: f"ckpt/{kind}.pt")
         result.classifier, result.cvae, result.seconds["cvae"]"""
-    histories, seconds = {}, {}
-    started = time.perf_counter()
-    if backbone is None:
-        classifier, histories["classifier"] = train_classifier(
-            split, cfg.classifier, device, checkpoint("classifier"), callback("classifier"),
-            quiet=quiet, compile_model=compile_model)
-        seconds["classifier"] = time.perf_counter() - started
-    else:
-        classifier = backbone
-    started = time.perf_counter()
-    cvae, histories["cvae"] = train_cvae(split, cfg.cvae, device, checkpoint("cvae"),
-                                         callback("cvae"), quiet=quiet,
-                                         compile_model=compile_model)
-    seconds["cvae"] = time.perf_counter() - started
-    return Stage1Result(classifier, cvae, histories, seconds)
+    histories, seconds, models = {}, {}, {"classifier": backbone}
+    for kind in ("classifier", "cvae") if backbone is None else ("cvae",):
+        started = time.perf_counter()
+        models[kind], histories[kind] = train_model(kind, split, cfg, device, checkpoint(kind),
+                                                    callback(kind), quiet, compile_model)
+        seconds[kind] = time.perf_counter() - started
+    return Stage1Result(models["classifier"], models["cvae"], histories, seconds)
 
 
 def check_trained_for(state: dict[str, Any], path: str | os.PathLike, setting: str,

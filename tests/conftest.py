@@ -114,15 +114,18 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], dict]) -> di
 def smoke_sweep(tmp_path_factory, mnist_available):
     """One real smoke sweep shared by the sweep, analysis, export and replicate tests (built
     once for all workers): 5 trials on real MNIST, two latent sizes (so several stage-1 keys),
-    and a learning rate of 1e30 that diverges in some. One trial at a time, so that the seeded
-    sampler and ASHA see the same history every run: the trials end the same way each time (1
-    complete, 1 pruned by ASHA at its first partition, 3 failed). `stage1_keys`: the store's
+    a learning rate of 1e30 that diverges in some, and one of 3e-2 that moves the head (at 1e-4
+    the smoke budget's one epoch barely does: equal values, and ASHA, which stops only what is
+    below its cutoff, would stop nothing). One trial at a time, so that the seeded sampler and
+    ASHA see the same history every run: the trials end the same way each time (1 complete, 2
+    pruned by ASHA, 2 failed). `stage1_keys`: the store's
     models right after the sweep (later tests add their own to the same store)."""
     from tune.artifacts import ArtifactStore
 
     def build(storage: Path) -> dict:
         space = storage / "space.yaml"
-        space.write_text("latent_dim: {choices: [16, 32]}\nlr: {choices: [1.0e-4, 1.0e+30]}\n"
+        space.write_text("latent_dim: {choices: [16, 32]}\n"
+                         "lr: {choices: [1.0e-4, 3.0e-2, 1.0e+30]}\n"
                          "sigma: {low: 2.0, high: 4.0}\nepochs: 1\n")
         proc = run_sweep("--setting", "same_dataset_mnist", "--num-samples", "5", "--storage",
                          str(storage), "--name", "smoke", "--space", str(space),

@@ -161,12 +161,13 @@ def test_a_cmg_classifier_checkpoint_is_a_backbone(mnist_available, tmp_path):
         load_backbone(tmp_path / "c.pt", "cmg", num_classes=10, family="mnist")
 
 
-def test_stage1_key_includes_the_backbone_files_hash(csi_checkpoint, tmp_path):
-    from tune.artifacts import stage1_key
+def test_the_classifier_key_includes_the_backbone_files_hash(csi_checkpoint, tmp_path):
+    from tune.artifacts import classifier_key, cvae_key
 
     other = tmp_path / "other.model"
     torch.save(csi_state_dict(seed=1), other)
     cfg = budget_config("smoke", "cifar")
-    keys = {stage1_key("different_dataset", 1, cfg, backbone=BackboneSpec.from_args(p, "csi"))
+    keys = {classifier_key("different_dataset", 1, cfg, BackboneSpec.from_args(p, "csi"))
             for p in (csi_checkpoint, other)}
-    assert len(keys | {stage1_key("different_dataset", 1, cfg)}) == 3
+    assert len(keys | {classifier_key("different_dataset", 1, cfg)}) == 3
+    assert cvae_key("different_dataset", 1, cfg) not in keys  # the CVAE's key has no backbone

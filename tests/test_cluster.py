@@ -57,26 +57,22 @@ mnist = get_setting("same_dataset_mnist")
 register_setting(Setting("mnist_two", family="mnist", source=mnist.source,
                          partitions={p: mnist.partitions[p] for p in (1, 2)}))
 PAUSED = Path(__file__).with_name("paused")
-_train_stage1 = shared.train_stage1
+_train_model = shared.train_model
 
 
-def _pause_once(split, cfg, device, backbone, checkpoint, on_epoch, **kwargs):
-    def pausing(kind):
-        callback = on_epoch(kind)
-
-        def after_epoch(epoch, metrics):
-            callback(epoch, metrics)  # the checkpoint is on the store and the lease renewed
-            if kind == "cvae" and split.partition == 2 and epoch == 1:
-                try:
-                    PAUSED.open("x").close()  # the first training to get here, only
-                except FileExistsError:
-                    return
-                time.sleep(3600)  # until its node is removed
-        return after_epoch
-    return _train_stage1(split, cfg, device, backbone, checkpoint, pausing, **kwargs)
+def _pause_once(kind, split, cfg, device, checkpoint, callback, **kwargs):
+    def after_epoch(epoch, metrics):
+        callback(epoch, metrics)  # the checkpoint is on the store and the lease renewed
+        if kind == "cvae" and split.partition == 2 and epoch == 1:
+            try:
+                PAUSED.open("x").close()  # the first training to get here, only
+            except FileExistsError:
+                return
+            time.sleep(3600)  # until its node is removed
+    return _train_model(kind, split, cfg, device, checkpoint, after_epoch, **kwargs)
 
 
-shared.train_stage1 = _pause_once
+shared.train_model = _pause_once
 '''
 
 
@@ -85,7 +81,7 @@ def _wait_for_pause(storage: Path, experiment: Path, deadline: float) -> dict:
     the trial that trains it, once that trial has reported partition 1."""
     while time.time() < deadline:
         if (storage / "paused").exists():
-            (owner_file,) = storage.glob("stage1/*-p2-*/partial/owner.json")
+            (owner_file,) = storage.glob("stage1/*-p2-cvae-*/partial/owner.json")
             owner = json.loads(owner_file.read_text())
             trial = owner["owner"].rsplit("/", 1)[-1]  # "EXPERIMENT/TRIAL_ID"
             reported = {r[0]["trial_id"]: len(r) for r in map(
@@ -138,9 +134,9 @@ def test_a_sweep_spreads_over_the_workers_and_a_lost_worker_loses_nothing(cluste
     assert after[0]["restored_partitions"] == 1 and after[0]["node_id"] != victim["node_id"]
 
     meta = json.loads((tmp_path / "stage1" / victim["key"] / "meta.json").read_text())
-    assert meta["resumed_from"] == {"classifier": 1, "cvae": 1}  # from the store, not retrained
+    assert meta["resumed_from"] == {"cvae": 1}  # from the store, not retrained
     assert meta["node_id"] != victim["node_id"] and meta["trained_by"].startswith("lost/")
-    assert [h["epoch"] for h in meta["cvae_history"]] == list(range(1, CVAE_EPOCHS + 1))
+    assert [h["epoch"] for h in meta["history"]] == list(range(1, CVAE_EPOCHS + 1))
     # the store's training log: started on the lost node, then resumed once elsewhere
     log = ArtifactStore(str(tmp_path / "stage1")).trainings(victim["key"])
     assert [t["node_id"] == victim["node_id"] for t in log] == [True, False]
@@ -158,6 +154,5 @@ def test_a_sweep_spreads_over_the_workers_and_a_lost_worker_loses_nothing(cluste
     print(f"\nlost-worker sweep: {TRIALS} trials complete on nodes {nodes}; killed node "
           f"{victim['node_id'][:8]} while it trained {victim['key']} for trial {victim['trial']}; "
           f"retried from their checkpoints: {retried_ids} (on "
-          f"{sorted({r['node_id'][:8] for r in retried[1:]})}); stage 1 resumed at classifier "
-          f"epoch {meta['resumed_from']['classifier']}, cvae epoch {meta['resumed_from']['cvae']} "
-          f"on node {meta['node_id'][:8]}; wall {wall:.1f} s")
+          f"{sorted({r['node_id'][:8] for r in retried[1:]})}); the CVAE resumed at epoch "
+          f"{meta['resumed_from']['cvae']} on node {meta['node_id'][:8]}; wall {wall:.1f} s")

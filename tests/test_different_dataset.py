@@ -121,19 +121,22 @@ def test_sweep_with_a_backbone_optimises_the_mean_over_the_present_ood_sets(data
                      "--set", "data.train_limit=100", "--set", "data.eval_limit=32")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "skipped: SVHN, LSUN-FIX, ImageNet-FIX" in proc.stderr
-    keys = sorted((tmp_path / "stage1").iterdir())
-    assert len(keys) == 1  # one CVAE for the backbone, reused by both trials
-    meta = json.loads((keys[0] / "meta.json").read_text())
+    classifier, cvae = (sorted((tmp_path / "stage1").glob(f"*-{kind}-*"))
+                        for kind in ("classifier", "cvae"))
+    assert len(classifier) == len(cvae) == 1  # the backbone and one CVAE, reused by both trials
+    meta = json.loads((classifier[0] / "meta.json").read_text())
     assert meta["backbone"] == {"format": "csi", "sha256": file_sha256(backbone)}
-    assert meta["classifier_history"] == []  # the backbone is not trained
-    assert (keys[0] / "backbone.pt").exists() and not (keys[0] / "classifier.pt").exists()
+    assert meta["history"] == []  # the backbone is not trained
+    assert (classifier[0] / "backbone.pt").exists()
+    assert not (classifier[0] / "classifier.pt").exists()
+    assert (cvae[0] / "cvae.pt").exists()
     rows = [r for f in sorted((tmp_path / "d").glob("stage2_trainable_*")) for r in trial_rows(f)]
     assert len(rows) == 2 and all(r["partitions_total"] == 1 for r in rows)
     for r in rows:
         assert r["val_auroc_mean"] == pytest.approx(
             np.mean([r[f"val_{s}_auroc"] for s in PRESENT]))
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
-    assert summary["trials"]["complete"] == 2 and summary["stage1_trained"] == 1
+    assert summary["trials"]["complete"] == 2 and summary["stage1_trained"] == 2
     assert summary["best"]["metrics"]["val_auroc_std"] is None  # one partition: no spread
     assert "one partition: no spread" in proc.stdout
     # the report shows the selected configuration on every OOD set, beside the baselines
@@ -186,10 +189,10 @@ def test_another_choice_of_ood_sets_reuses_the_stage1_models(data_root, tmp_path
     split = make_split("different_dataset", 1, cfg.data, data_root,
                        ood_datasets="LSUN,CIFAR100")
     second = SharedStage1(store).ensure(split, cfg, torch.device("cpu"))
-    assert first.trained and not second.trained and first.key == second.key
-    assert store.keys() == [first.key]
+    assert first.trained == 2 and second.trained == 0 and first.keys == second.keys
+    assert store.keys() == sorted(first.keys)
     assert {features_name(first_split.ood_sets), features_name(split.ood_sets)} == {
-        p.name for p in (tmp_path / "stage1" / first.key).glob("features*.pt")}
+        p.name for p in (tmp_path / "stage1" / first.keys.classifier).glob("features*.pt")}
     # the new features are those of the same frozen network on the new OOD images
     assert torch.equal(second.features.train, first.features.train)
     assert len(second.features.evals["test"]["ood"]) == len(split.test_ood_x)

@@ -5,7 +5,6 @@ analysis that counts each (trial, partition) once and ranks on validation only."
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -14,12 +13,12 @@ from torch.nn import functional as F
 from analysis.study import importance
 from analysis.trials import aggregate, leaderboard, load_trials
 from cmg.backbone import BackboneSpec, load_backbone
-from cmg.config import ClassifierConfig, DataConfig, budget_config
+from cmg.config import ClassifierConfig, DataConfig, apply_overrides, budget_config
 from cmg.data.split import Split, _split_ood_sets
 from cmg.errors import UsageError
 from cmg.results import ROWS_FILE
 from cmg.stage1 import ind_smoothed_cross_entropy, load_stage1_model, train_classifier
-from tune.artifacts import stage1_key
+from tune.artifacts import Stage1Keys, stage1_keys
 
 
 def _split(family: str = "mnist", data: DataConfig = DataConfig(), partition: int = 1) -> Split:
@@ -50,12 +49,27 @@ def test_label_smoothing_spreads_over_the_ind_classes_only():
         F.cross_entropy(logits, y).item())
 
 
-def test_stage1_key_of_existing_stores_is_unchanged_without_smoothing():
-    cfg = budget_config("smoke")  # label_smoothing 0: the key computed before these guards
-    assert stage1_key("same_dataset_mnist", 1, cfg) == "same_dataset_mnist-p1-ea5ae1101bbeb27b"
-    smoothed = budget_config("smoke", overrides=["classifier.label_smoothing=0.1"])
-    assert stage1_key("same_dataset_mnist", 1, smoothed) != stage1_key(
-        "same_dataset_mnist", 1, replace(smoothed, classifier=cfg.classifier))
+def test_stage1_keys_are_pinned_and_each_hashes_only_what_its_model_depends_on():
+    cfg = budget_config("smoke")  # a change of these strings orphans every store: bump the format
+    keys = stage1_keys("same_dataset_mnist", 1, cfg)
+    assert keys == ("same_dataset_mnist-p1-classifier-5088132e3954dc98",
+                    "same_dataset_mnist-p1-cvae-a080f1894b090ecc")
+    assert Stage1Keys.parse(str(keys)) == keys
+    changed = {knob: stage1_keys("same_dataset_mnist", 1, apply_overrides(cfg, {knob: value}))
+               for knob, value in [("classifier.lr", 0.5), ("classifier.label_smoothing", 0.1),
+                                   ("cvae.latent_dim", 7), ("cvae.kl_weight", 0.5),
+                                   ("stage2.sigma", 9.0), ("data.eval_limit", 7),
+                                   ("data.augment", False), ("data.train_limit", 7),
+                                   ("data.split_seed", 7)]}
+    same = {knob: (k.classifier == keys.classifier, k.cvae == keys.cvae)
+            for knob, k in changed.items()}
+    assert same == {"classifier.lr": (False, True), "classifier.label_smoothing": (False, True),
+                    "cvae.latent_dim": (True, False), "cvae.kl_weight": (True, False),
+                    "stage2.sigma": (True, True),  # stage 2 never retrains stage 1
+                    # the features cover the evaluation images; the CVAE sees training images only
+                    "data.eval_limit": (False, True), "data.augment": (False, True),
+                    "data.train_limit": (False, False), "data.split_seed": (False, False)}
+    assert stage1_keys("same_dataset_mnist", 2, cfg).cvae != keys.cvae
 
 
 def test_data_augment_is_honoured(monkeypatch):
@@ -226,11 +240,11 @@ def test_cpus_and_gpus_on_different_nodes_are_refused():
         check_fits(split, cpus=8, gpus=1)
 
 
-def test_more_cpus_than_any_node_fail_at_once_on_a_real_local_ray(tmp_path, monkeypatch):
-    """It waited forever before: now one line, exit 2, nothing written (in-process, real Ray)."""
+def test_more_cpus_than_any_node_fail_at_once_on_a_real_local_ray(tmp_path):
+    """It waited forever before: now one line, exit 2, nothing written (in-process, real Ray,
+    which prints no notice of its own)."""
     from conftest import assert_refused
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # else a new local Ray prints a notice
     assert_refused(tmp_path / "store", "--setting", "synthetic_cifar10", "--cpus-per-trial",
                    "1000", words=["--cpus-per-trial 1000 cannot be placed: the largest node has",
                                   "CPUs (the nodes alive now: node 1 x (",

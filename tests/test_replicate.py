@@ -59,17 +59,18 @@ def _replicate(experiment, *args):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
 
 
-def _interrupt_once_training(experiment) -> tuple[int, str]:
-    """tune.replicate, sent Ctrl-C (SIGINT to its process group) once its stage-1 trials run:
-    (its exit code, its stderr)."""
+def _interrupt_once_training(experiment, store: Path) -> tuple[int, str]:
+    """tune.replicate, sent Ctrl-C (SIGINT to its process group) once its stage-1 tasks train
+    (a new owner record in the STORE): (its exit code, its stderr)."""
+    before = set(store.glob("*/partial/owner.json"))
     proc = subprocess.Popen([sys.executable, "-m", "tune.replicate", str(experiment), "--top",
                              "1", "--seeds", "1", "--quiet"], cwd=ROOT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while not list((experiment / "replicate").glob("stage1-*/stage1_trainable_*")):
+    while not set(store.glob("*/partial/owner.json")) - before:
         assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "tune.replicate started no stage-1 trial"
+        assert time.time() < deadline, "tune.replicate started no stage-1 training"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=300)
@@ -81,7 +82,7 @@ def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep, tmp
     # (the stage-1 store stays the shared one, which trains the new seeds' models once)
     experiment = Path(shutil.copytree(smoke_sweep["experiment"], tmp_path / "smoke"))
     summary = json.loads((experiment / "summary.json").read_text())
-    code, err = _interrupt_once_training(experiment)
+    code, err = _interrupt_once_training(experiment, smoke_sweep["storage"] / "stage1")
     assert code == 130, err
     last = err.strip().splitlines()[-1]
     assert re.fullmatch(r"interrupted with 0 of 1 runs added; add the rest with: python -m "
@@ -97,13 +98,14 @@ def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep, tmp
     assert sorted(set(df["seed"])) == [4]  # the sweep's seed was 3
     assert len(df) == 5 and set(df["partition"]) == {1, 2, 3, 4, 5}
     assert all(df[f"param_{k}"].eq(v).all() for k, v in summary["best"]["params"].items())
-    # new seeds -> new stage-1 models: one per (seed, partition), trained once by this experiment
+    # a new seed -> new stage-1 models: a classifier and the best's CVAE per partition, each
+    # trained once, by the replicate's prewarm tasks
     meta = [json.loads(p.read_text())
             for p in (smoke_sweep["storage"] / "stage1").glob("*/meta.json")]
-    seeded = [m for m in meta if m["config"]["classifier"]["seed"] == 4]
-    assert sorted((m["config"]["cvae"]["seed"], m["partition"]) for m in seeded) == [
-        (4, p) for p in range(1, 6)]
-    assert all(m["trained_by"].startswith("smoke/") for m in seeded)
+    seeded = [m for m in meta if m["config"][m["kind"]]["seed"] == 4]
+    assert sorted((m["kind"], m["partition"]) for m in seeded) == [
+        (kind, p) for kind in ("classifier", "cvae") for p in range(1, 6)]
+    assert all(m["trained_by"].startswith("smoke/prewarm-") for m in seeded)
     # a different seed gives a different test AUROC than the sweep's own run on some partition
     swept = load_trials(experiment).query("trial_id == @best").set_index("partition")
     assert any(swept.loc[p, "test_auroc"] != a for p, a in zip(df["partition"], df["test_auroc"]))
@@ -138,22 +140,6 @@ def test_load_replicates_keeps_the_latest_complete_run_of_each_seed(tmp_path):
     df = load_replicates(tmp_path)
     assert list(df["test_auroc"]) == [0.7, 0.8] and set(df["seed"]) == {1}
     assert load_replicates(tmp_path / "nothing").empty
-
-
-def test_the_prewarm_takes_only_points_that_keep_the_sweeps_stage1_models():
-    from cmg.config import budget_config
-    from tune.replicate import _base_stage1
-    from tune.space import default_space
-    from tune.trainables import SweepContext
-
-    base = budget_config("smoke")
-    ctx = SweepContext(setting="same_dataset_mnist", budget="smoke", base=base,
-                       space=default_space(base), partitions=(1, 2), store_uri="", data_root="",
-                       use_gpu=False, threads=1)
-    point = {"source_trial": "t1", "seed": 4, "mode": "CMG-energy", "sigma": 2.0,
-             "mask_prob": None, "latent_dim": base.cvae.latent_dim}
-    assert _base_stage1(point, ctx)  # stage-2 knobs only: the seeded base models serve it
-    assert not _base_stage1({**point, "latent_dim": 2 * base.cvae.latent_dim}, ctx)
 
 
 def _fake_trial(experiment, trial: str, number: int, val_aurocs: list[float], params: dict,

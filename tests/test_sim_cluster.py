@@ -45,3 +45,13 @@ def test_tpe_scenario_measures_ask_and_tell_at_each_study_size():
     assert result["ask_p95_s"] == result["by_trials"][-1]["ask_p95_s"] > 0
     assert result["journal_bytes"] > 0
     assert tpe.verdict(result).startswith(("tpe PASS", "tpe FAIL"))
+
+
+def test_idle_slot_seconds_integrates_the_free_slots_over_the_window():
+    from bench.sim.stage1 import idle_slot_seconds
+
+    # 2 slots over [0, 10]: one busy on [0, 10], the other on [2, 5] and [4, 8] (overlapping:
+    # at most 2 count), so the second slot is free on [0, 2] and [8, 10]
+    assert idle_slot_seconds([(0, 10), (2, 5), (4, 8)], 2, 0, 10) == 4
+    assert idle_slot_seconds([(-5, 3)], 1, 0, 10) == 7  # clipped to the window
+    assert idle_slot_seconds([], 3, 1, 2) == 3

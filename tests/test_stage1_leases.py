@@ -17,7 +17,9 @@ import torch
 from cmg.config import budget_config
 from cmg.data import make_split
 from conftest import ROOT
-from tune.artifacts import ArtifactStore, stage1_key
+from cmg.config import apply_overrides
+from cmg.errors import UsageError
+from tune.artifacts import ArtifactStore, stage1_keys
 from tune.shared_stage1 import (PUBLISHED, SharedStage1, Stage1Leases, create_leases, get_leases,
                                 node_id)
 
@@ -53,7 +55,7 @@ class StoreThatPausesAfterAMiss(ArtifactStore):
 def test_a_trial_that_saw_the_key_missing_does_not_retrain_what_another_published(
         leases, tmp_path, mnist_available):
     split = make_split("same_dataset_mnist", 1, CFG.data)
-    key = stage1_key(split.setting, 1, CFG)
+    keys = stage1_keys(split.setting, 1, CFG)
     store = ArtifactStore(str(tmp_path))
     late = StoreThatPausesAfterAMiss(str(tmp_path))
     results = {}
@@ -71,9 +73,10 @@ def test_a_trial_that_saw_the_key_missing_does_not_retrain_what_another_publishe
         late.resume.set()
         waiting.join(300)
     assert not waiting.is_alive()
-    assert [r["owner"] for r in store.trainings(key)] == ["t/first"]  # trained exactly once
-    assert results["first"].trained and not results["late"].trained
-    assert store.read_json(key)["trained_by"] == "t/first"
+    for key in keys:  # each model trained exactly once
+        assert [r["owner"] for r in store.trainings(key)] == ["t/first"]
+        assert store.read_json(key)["trained_by"] == "t/first"
+    assert results["first"].trained == 2 and results["late"].trained == 0
     for a, b in zip(results["first"].cvae.state_dict().values(),
                     results["late"].cvae.state_dict().values()):
         assert torch.equal(a, b)  # the late trial loaded the published models
@@ -95,9 +98,10 @@ def test_two_trials_started_together_train_once(leases, tmp_path, mnist_availabl
     for t in threads:
         t.join(300)
     assert sorted(results) == ["a", "b"]
-    trainings = store.trainings(stage1_key(split.setting, 2, CFG))
-    assert len(trainings) == 1 and sum(r.trained for r in results.values()) == 1
-    assert {r.key for r in results.values()} == set(store.keys())
+    keys = stage1_keys(split.setting, 2, CFG)
+    assert [len(store.trainings(key)) for key in keys] == [1, 1]
+    assert sum(r.trained for r in results.values()) == 2  # the two models, once each
+    assert {r.keys for r in results.values()} == {keys} and set(store.keys()) == set(keys)
 
 
 class StoreWithStaleMisses(ArtifactStore):
@@ -118,7 +122,7 @@ class StoreWithStaleMisses(ArtifactStore):
 def test_a_trial_whose_store_still_shows_the_key_missing_is_told_it_is_published(
         leases, tmp_path, mnist_available):
     split = make_split("same_dataset_mnist", 3, CFG.data)
-    key = stage1_key(split.setting, 3, CFG)
+    key = stage1_keys(split.setting, 3, CFG).classifier
     store = ArtifactStore(str(tmp_path))
     first = SharedStage1(store, leases, owner="t/first").ensure(split, CFG, torch.device("cpu"))
     assert ray.get(leases.acquire.remote(key, "t/anyone", node_id())) == PUBLISHED
@@ -126,8 +130,34 @@ def test_a_trial_whose_store_still_shows_the_key_missing_is_told_it_is_published
     late = SharedStage1(stale, leases, owner="t/late", poll_seconds=0.05).ensure(
         split, CFG, torch.device("cpu"))
     assert stale.misses == 0  # it looked past the stale answers, and then loaded
-    assert first.trained and not late.trained
+    assert first.trained == 2 and late.trained == 0
     assert [r["owner"] for r in store.trainings(key)] == ["t/first"]  # trained exactly once
+
+
+def test_a_new_latent_size_trains_only_a_cvae(leases, tmp_path, mnist_available):
+    """The classifier's key leaves out the CVAE's knobs: a second latent size reuses the
+    partition's classifier and its features, and trains only its own CVAE."""
+    split = make_split("same_dataset_mnist", 4, CFG.data)
+    store = ArtifactStore(str(tmp_path))
+    wider = apply_overrides(CFG, {"cvae.latent_dim": 2 * CFG.cvae.latent_dim})
+    first = SharedStage1(store, leases, owner="t/a").ensure(split, CFG, torch.device("cpu"))
+    second = SharedStage1(store, leases, owner="t/b").ensure(split, wider, torch.device("cpu"))
+    assert first.keys.classifier == second.keys.classifier != first.keys.cvae != second.keys.cvae
+    assert (first.trained, second.trained) == (2, 1)
+    assert second.cvae.latent_dim == 2 * first.cvae.latent_dim
+    assert second.classifier is first.classifier  # the same classifier, loaded once here
+    assert store.read_json(second.keys.cvae)["kind"] == "cvae"
+    assert sorted(store.keys()) == sorted({*first.keys, *second.keys})
+
+
+def test_a_store_of_another_format_is_refused_in_one_line(tmp_path):
+    new = ArtifactStore(str(tmp_path / "new"))
+    new.check_format()  # an empty store is marked with this format, and then accepted
+    new.check_format()
+    old = ArtifactStore(str(tmp_path / "old"))
+    old.write_json("same_dataset_mnist-p1-0123456789abcdef", "meta.json", {"key": "old"})
+    with pytest.raises(UsageError, match="format-1 models.*delete that folder"):
+        old.check_format()
 
 
 def test_the_lease_service_outlives_the_driver_that_started_it(leases, tmp_path):

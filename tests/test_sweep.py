@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from analysis.trials import trial_rows
 from conftest import assert_refused, run_sweep
-from tune.artifacts import ArtifactStore
+from tune.artifacts import ArtifactStore, Stage1Keys
 
 
 def trials(experiment: Path) -> list[dict]:
@@ -53,21 +53,24 @@ def test_every_trial_reports_partitions_in_order_and_the_best_has_five(smoke_swe
     assert "maxlogit_test_auroc_mean" in summary["best"]["metrics"]
 
 
-def test_stage1_is_trained_once_per_distinct_key(smoke_sweep):
+def test_the_prewarm_trains_every_reachable_stage1_model_once_before_the_trials(smoke_sweep):
     summary = json.loads((smoke_sweep["experiment"] / "summary.json").read_text())
     store = ArtifactStore(str(smoke_sweep["storage"] / "stage1"))
     keys = smoke_sweep["stage1_keys"]  # the store's models right after the sweep
     rows = [r for t in trials(smoke_sweep["experiment"]) for r in t["rows"]]
-    assert {r["stage1_key"] for r in rows} <= set(keys)
+    assert {k for r in rows for k in Stage1Keys.parse(r["stage1_key"])} <= set(keys)
+    # one classifier per partition, one CVAE per (latent size, partition): split keys
+    kinds = [store.read_json(k)["kind"] for k in keys]
+    assert (kinds.count("classifier"), kinds.count("cvae")) == (5, 10)
+    assert summary["stage1_trained_by_kind"] == {"classifier": 5, "cvae": 10}
     # the store's own log of trainings: every model in the fresh store was trained exactly once,
-    # by this sweep (a diverging trial may train one before its stage 2 fails: counted too)
+    # by a prewarm task of this sweep, none by a trial (they found every model they needed)
     trainings = {k: [t["owner"] for t in store.trainings(k)] for k in keys}
-    assert all(len(owners) == 1 and owners[0].startswith("smoke/")
+    assert all(len(owners) == 1 and owners[0].startswith("smoke/prewarm-")
                for owners in trainings.values()), trainings
-    assert summary["stage1_trained"] == len(keys) <= 10  # 5 partitions x 2 latent sizes at most
-    # every evaluation that did not train its model reused one
-    assert summary["stage1_reused"] == sum(r["stage1_trained"] == 0 for r in rows)
-    assert sum(r["stage1_trained"] for r in rows) <= len(keys)
+    assert all(r["stage1_trained"] == 0 for r in rows)
+    assert summary["stage1_reused"] == len(rows)
+    assert "15 trained (5 classifiers, 10 CVAEs)" in smoke_sweep["stdout"]
 
 
 def test_a_diverging_config_errors_while_the_others_finish(smoke_sweep):
@@ -93,7 +96,8 @@ def test_study_is_persisted_and_starts_from_the_reference_defaults(smoke_sweep):
 def test_a_second_sweep_in_the_same_storage_trains_no_stage1(second_sweep):
     summary = json.loads((second_sweep["experiment"] / "summary.json").read_text())
     assert summary["stage1_trained"] == 0 and summary["stage1_reused"] == 10
-    assert "0 trained, 10 reused" in second_sweep["stdout"]
+    assert "0 trained (0 classifiers, 0 CVAEs), reused in 10 trial partitions" in second_sweep[
+        "stdout"]
 
 
 def test_asha_stops_are_pruned_in_the_study_with_their_last_mean(smoke_sweep):

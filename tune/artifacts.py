@@ -1,23 +1,24 @@
 """Content-addressed store of stage-1 artifacts, on a local path or any pyarrow filesystem URI.
 
-A stage-1 artifact is everything stage 2 needs from one (setting, partition, stage-1 config):
-the classifier and CVAE checkpoints, the frozen network's features of the train/val/test images
-and the baselines' metrics. Its key hashes those inputs and a format version, so every trial and
-every later sweep that needs the same stage 1 finds it::
+A partition's stage 1 is two artifacts, each under its own key: the classifier's (its checkpoint,
+the frozen network's features of the train/val/test images and the baselines' metrics) and the
+CVAE's. A key hashes what determines its model and a format version, so every trial and every
+later sweep that needs the same model finds it, and a new latent size trains only a CVAE::
 
     store = ArtifactStore("s3://bucket/cmg/stage1")      # or a local folder
-    key = stage1_key("same_dataset_mnist", 1, cfg)
-    store.exists(key)                                    # True once `meta.json` is written
+    keys = stage1_keys("same_dataset_mnist", 1, cfg)     # keys.classifier, keys.cvae
+    store.exists(keys.cvae)                              # True once its `meta.json` is written
 
-Layout: ``ROOT/KEY/{classifier.pt, cvae.pt, features.pt, meta.json}``; `meta.json` is written
-last and marks the artifact complete. In different_dataset the features depend on which OOD
-sets are evaluated, the models do not: they are ``features-<layout hash>.pt`` (`features_name`),
-one per OOD-set layout, computed from the stored models by the first trial that needs them, so
-evaluating on other OOD data never retrains stage 1. ``ROOT/KEY/partial/`` holds the per-epoch
-checkpoints of a training in progress, so a trial that moves to another node continues from its
-last epoch. ``ROOT/KEY/trainings/`` logs every training of the key that started (one file each,
-`ArtifactStore.trainings`): one entry per key unless a training was interrupted and resumed.
-Every file is written to a temporary name and moved into place.
+Layout: ``ROOT/CLASSIFIER_KEY/{classifier.pt or backbone.pt, features.pt, meta.json}`` and
+``ROOT/CVAE_KEY/{cvae.pt, meta.json}``; `meta.json` is written last and marks an artifact
+complete; ``ROOT/format.json`` names the store's format. In different_dataset the features depend
+on which OOD sets are evaluated, the models do not: they are ``features-<layout hash>.pt``
+(`features_name`), one per OOD-set layout, computed from the stored classifier by the first trial
+that needs them, so evaluating on other OOD data never retrains stage 1. ``ROOT/KEY/partial/``
+holds the per-epoch checkpoints of a training in progress, so a trial that moves to another node
+continues from its last epoch. ``ROOT/KEY/trainings/`` logs every training of the key that started
+(one file each, `ArtifactStore.trainings`): one entry per key unless a training was interrupted
+and resumed. Every file is written to a temporary name and moved into place.
 """
 
 from __future__ import annotations
@@ -28,31 +29,69 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 from pyarrow import fs as pafs
 
 from cmg.backbone import BackboneSpec
 from cmg.config import RunConfig
+from cmg.errors import fail
 from cmg.results import open_storage
+from cmg.stage1 import data_identity
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the classifier and the CVAE under separate keys; 1: one key for both
+FORMAT_FILE = "format.json"  # at the store's root: the format its artifacts are written in
+KINDS = ("classifier", "cvae")
 
 
-def stage1_key(setting: str, partition: int, cfg: RunConfig,
-               backbone: BackboneSpec | None = None) -> str:
-    """Hash of what determines the stage-1 models (not the device, not stage 2, not the OOD
-    sets evaluated). With an external backbone, its format and file hash replace the
-    classifier's config."""
-    identity = {"format": FORMAT_VERSION, "setting": setting, "partition": partition,
-                "classifier": cfg.to_dict()["classifier"], "cvae": cfg.to_dict()["cvae"],
-                "data": cfg.to_dict()["data"]}
-    if cfg.classifier.label_smoothing:  # smoothed over the K IND classes only (new keys)
-        identity["classifier"] = {**identity["classifier"], "label_smoothing_over": "ind"}
+class Stage1Keys(NamedTuple):
+    """A partition's two stage-1 artifacts: the classifier's (with its frozen features) and the
+    CVAE's. A trial row records them as one string, "CLASSIFIER_KEY+CVAE_KEY"."""
+
+    classifier: str
+    cvae: str
+
+    def __str__(self) -> str:
+        return f"{self.classifier}+{self.cvae}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Stage1Keys":
+        """The keys of a row's `stage1_key` (format 1's single key names both)."""
+        classifier, _, cvae = text.partition("+")
+        return cls(classifier, cvae or classifier)
+
+
+def _key(setting: str, partition: int, kind: str, identity: dict) -> str:
+    blob = json.dumps({"format": FORMAT_VERSION, "setting": setting, "partition": partition,
+                       "kind": kind, **identity}, sort_keys=True).encode()
+    return f"{setting}-p{partition}-{kind}-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+def classifier_key(setting: str, partition: int, cfg: RunConfig,
+                   backbone: BackboneSpec | None = None) -> str:
+    """Hash of what determines the classifier and its features: its config (with an external
+    backbone: the backbone's format and file hash, and the head width) and the whole data
+    config (the features cover the evaluation images, so `eval_limit` counts)."""
+    model = cfg.to_dict()["classifier"]
     if backbone is not None:
-        identity["classifier"] = {"backbone": backbone.identity(),
-                                  "head_width": cfg.classifier.head_width}
-    blob = json.dumps(identity, sort_keys=True).encode()
-    return f"{setting}-p{partition}-{hashlib.sha256(blob).hexdigest()[:16]}"
+        model = {"backbone": backbone.identity(), "head_width": cfg.classifier.head_width}
+    return _key(setting, partition, "classifier", {"classifier": model,
+                                                   "data": cfg.to_dict()["data"]})
+
+
+def cvae_key(setting: str, partition: int, cfg: RunConfig) -> str:
+    """Hash of what determines the CVAE: its config and the training images (not the classifier:
+    a new latent size trains only a CVAE)."""
+    return _key(setting, partition, "cvae", {"cvae": cfg.to_dict()["cvae"],
+                                             "data": data_identity("cvae", cfg.data)})
+
+
+def stage1_keys(setting: str, partition: int, cfg: RunConfig,
+                backbone: BackboneSpec | None = None) -> Stage1Keys:
+    """The keys of a partition's stage-1 artifacts (not the device, not stage 2, not the OOD
+    sets evaluated)."""
+    return Stage1Keys(classifier_key(setting, partition, cfg, backbone),
+                      cvae_key(setting, partition, cfg))
 
 
 def features_name(ood_sets: tuple[tuple[str, int, int], ...] = ()) -> str:
@@ -127,6 +166,20 @@ class ArtifactStore:
         names = sorted(info.base_name for info in self.fs.get_file_info(selector)
                        if info.base_name.endswith(".json"))
         return [self.read_json(key, f"trainings/{name}") for name in names]
+
+    def check_format(self) -> None:
+        """Mark a new store with this format; refuse, in one line, a store of another format."""
+        if self.exists("", FORMAT_FILE):
+            found = self.read_json("", FORMAT_FILE).get("format")
+        elif self.keys():  # artifacts from before the format file: format 1
+            found = 1
+        else:
+            self.write_json("", FORMAT_FILE, {"format": FORMAT_VERSION})
+            return
+        if found != FORMAT_VERSION:
+            fail(f"stage-1 store {self.uri} holds format-{found} models and this version reads "
+                 f"format {FORMAT_VERSION} (the classifier and the CVAE under separate keys); "
+                 "delete that folder (its models train again) or pass another --storage")
 
     def keys(self) -> list[str]:
         """Keys of the complete artifacts."""

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -20,17 +21,17 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from analysis.trials import trial_rows
-from cmg.config import with_seed
 from cmg.errors import fail
 from cmg.progress import Progress
 from cmg.results import OBJECTIVE
-from tune.artifacts import ArtifactStore, stage1_key
+from tune.artifacts import KINDS, ArtifactStore
 from tune.loggers import logger_callbacks
 from tune.placement import plan_placement
 from tune.search import SweepSearch, fail_orphans, prune_stopped, sweep_searcher
 from tune.spec import SweepSpec
 from tune.shared_stage1 import NAMESPACE, create_leases
-from tune.trainables import SweepContext, stage1_trainable, stage2_trainable, write_context
+from tune.prewarm import Prewarm, reachable_configs
+from tune.trainables import SweepContext, stage2_trainable, write_context
 
 
 class SweepInterrupted(Exception):
@@ -74,8 +75,8 @@ class Interrupts:
 
 
 class SweepProgress(tune.Callback):
-    """A line per trial start, stage-1 epoch, finished partition and finished trial, with the
-    ETA of the whole run; nothing with quiet=True."""
+    """A line per trial start, finished partition and finished trial, with the ETA of the whole
+    run; nothing with quiet=True."""
 
     def __init__(self, total: int, quiet: bool, label: str = "sweep", partitions: int = 5,
                  finished: int = 0, best: float = float("nan")):
@@ -91,10 +92,6 @@ class SweepProgress(tune.Callback):
             print(f"[trial {trial.trial_id}] started: {params}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if not self.quiet and result.get("model") in ("classifier", "cvae"):
-            kind = result["model"]
-            print(f"[stage 1, partition {result['partition']}] {kind} epoch {result['epoch']}: "
-                  f"loss {result[kind + '_loss']:.4f}", flush=True)
         if not self.quiet and "partitions_done" in result:
             print(f"[trial {trial.trial_id}] partition {result['partition']} "
                   f"({result['partitions_done']}/{self.partitions}): "
@@ -118,8 +115,18 @@ class SweepProgress(tune.Callback):
         self._finish(trial)
 
 
+class _DropTokenNotice(logging.Filter):
+    """Ray's notice that a new local Ray has token authentication: it does, nothing to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this")
+
+
 def quiet_tune() -> None:
-    """Ray Tune prints only what this project prints (call before the first Tuner)."""
+    """Ray and Ray Tune print only what this project prints (call before `ray.init`)."""
+    token_setup = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenNotice) for f in token_setup.filters):
+        token_setup.addFilter(_DropTokenNotice())
     # tune.replicate keeps one checkpoint per trial, which forces a snapshot per partition:
     # cheap for its few trials (the sweep keeps every checkpoint instead: see _search)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -130,44 +137,14 @@ def quiet_tune() -> None:
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 
 
-def prewarm(ctx: SweepContext, experiment: str, resources: dict, quiet: bool,
-            fit: Callable[[tune.Tuner], Any], seeds: tuple[int, ...] = (),
-            name: str = "stage1") -> None:
-    """Train the base config's stage-1 models of all partitions in parallel (with `seeds`: the
-    base config under each of those seeds, as tune.replicate runs it), as Tune run NAME in the
-    experiment folder; `fit(tuner)` runs it."""
-    store = ArtifactStore(ctx.store_uri)
-    bases = {s: with_seed(ctx.base, s) for s in seeds} or {None: ctx.base}
-    todo = [(s, p) for s, base in bases.items() for p in ctx.partitions
-            if not store.exists(stage1_key(ctx.setting, p, base, ctx.backbone))]
-    if not todo:
-        return
-    missing = sorted({p for _, p in todo})
-    space: dict[str, Any] = {"partition": tune.grid_search(missing)}
-    if seeds:  # the grid is every (seed, partition): a pair already stored is found at once
-        space["seed"] = tune.grid_search(sorted({s for s, _ in todo}))
-    if not quiet:
-        print(f"[{'replicate' if seeds else 'sweep'}] training stage 1 of partitions {missing}"
-              f"{f' for seeds {sorted(bases)}' if seeds else ''} in parallel", flush=True)
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(stage1_trainable, ctx=ctx), resources),
-        param_space=space,
-        # a process trains several partitions in turn: torch, the data and warm kernels once
-        tune_config=tune.TuneConfig(reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=name, storage_path=experiment, verbose=0,
-            callbacks=[SweepProgress(len(missing) * max(1, len(seeds)), quiet, label="stage 1"),
-                       *logger_callbacks([], experiment, name)],
-            failure_config=tune.FailureConfig(max_failures=2)))
-    fit(tuner)
-
-
-def _trained_by(store_uri: str, name: str) -> int:
-    """Stage-1 models that the experiment NAME trained (in any run of it, by any trial, including
-    trials that failed after training them): their meta.json says `trained_by: NAME/...`."""
+def _trained_by(store_uri: str, name: str) -> dict[str, int]:
+    """Stage-1 models of each kind that the experiment NAME trained (in any run of it, by any
+    task or trial, including trials that failed after training them): their meta.json says
+    `trained_by: NAME/...`."""
     store = ArtifactStore(store_uri)
-    return sum(store.read_json(key).get("trained_by", "").startswith(f"{name}/")
-               for key in store.keys())
+    metas = [store.read_json(key) for key in store.keys()]
+    return {kind: sum(m.get("kind") == kind and m.get("trained_by", "").startswith(f"{name}/")
+                      for m in metas) for kind in KINDS}
 
 
 def _study_progress(spec: SweepSpec) -> tuple[int, float]:
@@ -185,7 +162,7 @@ def _study_progress(spec: SweepSpec) -> tuple[int, float]:
     return sum(t.state.is_finished() for t in trials), max(values, default=float("nan"))
 
 
-def _summary(results, name: str, experiment: str, trained: int,
+def _summary(results, name: str, experiment: str, trained: dict[str, int],
              partitions: int) -> dict[str, Any]:
     trials = {"total": 0, "complete": 0, "pruned": 0, "failed": 0}
     reused = 0
@@ -206,7 +183,8 @@ def _summary(results, name: str, experiment: str, trained: int,
             trials["pruned"] += 1
     summary: dict[str, Any] = {
         "name": name, "experiment": experiment, "trials": trials,
-        "stage1_trained": trained, "stage1_reused": reused, "best": None}
+        "stage1_trained": sum(trained.values()), "stage1_trained_by_kind": trained,
+        "stage1_reused": reused, "best": None}
     if best is not None:  # its full last row: Tune got only cmg.results.TUNE_KEYS
         row = trial_rows(best.path, best.filesystem)[-1]
         keep = ["partitions_done"] + [k for k in row if k.endswith(("_mean", "_std"))]
@@ -232,12 +210,13 @@ def trial_context(spec: SweepSpec, gpus: float) -> SweepContext:
 
 
 def run_sweep(spec: SweepSpec, restore: bool = False,
-              trial_fn: Callable[[SweepContext], Callable[[dict], None]] | None = None
-              ) -> dict[str, Any]:
+              trial_fn: Callable[[SweepContext], Callable[[dict], None]] | None = None,
+              stage1_fn: Callable[..., dict] | None = None) -> dict[str, Any]:
     """Run (or, with `restore`, continue from Tune's saved state) the sweep; return its summary.
     Raises SweepInterrupted after SIGINT/SIGTERM (Tune's state saved, the study untouched).
     `trial_fn(ctx)`: the function each trial runs (default: stage 2 with the sweep's context;
-    bench/sim passes a stand-in of fixed duration)."""
+    bench/sim passes a stand-in of fixed duration); `stage1_fn`: the function each prewarm task
+    runs (default: tune.trainables.stage1_task)."""
     started = time.monotonic()  # --time-budget counts from here, the stage-1 prewarm included
     quiet_tune()
     if spec.options.quiet:
@@ -249,7 +228,7 @@ def run_sweep(spec: SweepSpec, restore: bool = False,
             ray.init(address=spec.options.address or "local", namespace=NAMESPACE,
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
             interrupts = Interrupts()  # after ray.init, which sets its own SIGTERM handler
-            summary = _search(spec, restore, interrupts, started, trial_fn)
+            summary = _search(spec, restore, interrupts, started, trial_fn, stage1_fn)
         finally:
             ray.shutdown()
     # outside Tune's loop (ray.shutdown included: a signal there once escaped as a traceback),
@@ -260,7 +239,8 @@ def run_sweep(spec: SweepSpec, restore: bool = False,
 
 
 def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts, started: float,
-            trial_fn: Callable[[SweepContext], Callable[[dict], None]] | None) -> dict[str, Any]:
+            trial_fn: Callable[[SweepContext], Callable[[dict], None]] | None,
+            stage1_fn: Callable[..., dict] | None) -> dict[str, Any]:
     options, experiment, name = spec.options, spec.experiment, spec.options.name
     # judged by the node types an autoscaling cluster can add, not only the nodes up now
     placement = plan_placement(options.cpus_per_trial, options.gpus_per_trial,
@@ -271,13 +251,15 @@ def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts, started: flo
     gpus = placement.gpus
     resources = {"cpu": options.cpus_per_trial, "gpu": gpus}
     ctx = trial_context(spec, gpus)
+    ArtifactStore(ctx.store_uri).check_format()
     leases = create_leases(ctx.store_uri)  # the store's lease service (detached, shared)
     ray.get(leases.__ray_ready__.remote())
     write_context(experiment, ctx, resources, options.max_failures)  # for tune.replicate
-    if options.prewarm:
-        prewarm(ctx, experiment, resources, options.quiet, interrupts.fit)
-        if interrupts.count:
-            raise SweepInterrupted(_study_progress(spec)[0])
+    prewarm = Prewarm(ctx, reachable_configs(ctx.base, ctx.space), options.cpus_per_trial, gpus,
+                      stage1_fn)
+    if options.prewarm:  # the search starts once a stage-1 task's slot would idle
+        prewarm.submit(options.quiet)
+        prewarm.wait_for_slots(placement.stage1_slots)
     run_trial = trial_fn(ctx) if trial_fn else tune.with_parameters(stage2_trainable, ctx=ctx)
     trainable = tune.with_resources(run_trial, resources)
     finished, best = _study_progress(spec) if restore else (0, float("nan"))
@@ -316,6 +298,8 @@ def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts, started: flo
     results = interrupts.fit(tuner)
     if interrupts.count:
         raise SweepInterrupted(_study_progress(spec)[0])
+    for line in prewarm.finish():  # models no trial needed may still train
+        print(f"[sweep] {line}", file=sys.stderr, flush=True)
     summary = _summary(results, name, experiment, _trained_by(ctx.store_uri, name),
                        len(spec.partitions))
     storage = spec.study_storage()

@@ -32,7 +32,7 @@ from cmg.errors import (OneLineParser, command_parser, ensure_writable_dir, exit
                         fail)
 from cmg.results import TRIAL_FILE, head_file, scores_file
 from cmg.scores import ind_threshold
-from tune.artifacts import ArtifactStore
+from tune.artifacts import ArtifactStore, Stage1Keys
 
 STAGE1_KEEP = ("format", "version", "kind", "setting", "partition", "family", "num_classes",
                "config", "model", "epoch")  # what loading a classifier needs (no optimizer)
@@ -109,8 +109,9 @@ def export(experiment: str, out: str | Path, trial_id: str | None = None) -> lis
                           weights_only=True)
         classifier = None
         if trial["backbone"] is None:
-            state = torch.load(io.BytesIO(store.read_bytes(record["stage1_key"],
-                                                           "classifier.pt")), weights_only=True)
+            key = Stage1Keys.parse(record["stage1_key"]).classifier
+            state = torch.load(io.BytesIO(store.read_bytes(key, "classifier.pt")),
+                               weights_only=True)
             classifier = {k: state[k] for k in STAGE1_KEEP}
         meta = detector_meta(trial, record, scores, {"experiment": experiment,
                                                      "trial_id": trial_id})

@@ -159,6 +159,7 @@ class Placement:
     gpus: float
     max_concurrent: int
     lines: tuple[str, ...]
+    stage1_slots: int = 1  # stage-1 prewarm tasks at once: a trial's CPUs, a whole GPU if any
 
 
 def gpu_share(total_gpus: float, trials_at_once: int | None) -> float:
@@ -208,7 +209,18 @@ def plan_placement(cpus: float, gpus: float | None, max_concurrent: int | None,
         lines.append(f"waiting for the autoscaler: the nodes up now run {now} of the "
                      f"{max_concurrent} trials; it starts more for the pending ones "
                      "(minutes per node; `ray status` shows them)")
-    return Placement(cpus, gpus, max_concurrent, tuple(lines))
+    return Placement(cpus, gpus, max_concurrent, tuple(lines), _stage1_slots(capacity, cpus, gpus))
+
+
+def _stage1_slots(capacity: Capacity, cpus: float, gpus: float) -> int:
+    return max(1, capacity.slots(cpus, 1.0 if gpus > 0 else 0.0))
+
+
+def stage1_slots(cpus: float, gpus: float) -> int:
+    """Stage-1 prewarm tasks the cluster runs at once (a trial's CPUs; a whole GPU if the trial
+    has a GPU share). Driver-only: call after `ray.init`."""
+    capacity = autoscaler_capacity(ray.get_runtime_context().gcs_address) or alive_capacity()
+    return _stage1_slots(capacity, cpus, gpus)
 
 
 

@@ -35,7 +35,6 @@ from analysis.trials import NotAnExperiment, aggregate, leaderboard, load_trials
 from cmg.config import apply_overrides, with_seed
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
 from cmg.results import REPLICATE_DIR, TRIAL_PREFIX, is_uri
-from tune.artifacts import stage1_key
 from tune.space import to_overrides
 from tune.trainables import SweepContext, read_context
 
@@ -70,13 +69,10 @@ def _drawn(point: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in point.items() if k not in ("source_trial", "seed") and v is not None}
 
 
-def _base_stage1(point: dict[str, Any], ctx: SweepContext) -> bool:
-    """Whether the point's stage-1 models are the seeded base config's (its drawn parameters
-    change only stage 2)."""
-    base = with_seed(ctx.base, point["seed"])
-    cfg = apply_overrides(base, to_overrides(_drawn(point), ctx.space))
-    return all(stage1_key(ctx.setting, p, cfg, ctx.backbone) ==
-               stage1_key(ctx.setting, p, base, ctx.backbone) for p in ctx.partitions)
+def point_config(point: dict[str, Any], ctx: SweepContext):
+    """The RunConfig a replicate point runs: the sweep's base, seeded, with its parameters."""
+    return apply_overrides(with_seed(ctx.base, point["seed"]),
+                           to_overrides(_drawn(point), ctx.space))
 
 
 def _read_params(experiment: str, trial_id: str) -> dict[str, Any]:
@@ -116,7 +112,9 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from tune.driver import Interrupts, SweepProgress, prewarm, quiet_tune
+    from tune.driver import Interrupts, SweepProgress, quiet_tune
+    from tune.placement import stage1_slots
+    from tune.prewarm import Prewarm
     from tune.loggers import logger_callbacks
     from tune.shared_stage1 import NAMESPACE, create_leases
 
@@ -128,15 +126,13 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
         interrupts = Interrupts()  # after ray.init, which sets its own SIGTERM handler
         leases = create_leases(ctx.store_uri)  # the store's lease service (detached, shared)
         ray.get(leases.__ray_ready__.remote())
-        # the new seeds' stage-1 models, all in parallel first: otherwise the trials of one seed
-        # take turns training them (a lease per model) and cores wait. Only seeds whose points
-        # keep the sweep's stage-1 knobs: a point that changes one trains its own in its trial.
-        seeds = tuple(sorted({p["seed"] for p in points if _base_stage1(p, ctx)}))
-        if seeds:
-            prewarm(ctx, f"{experiment}/{REPLICATE_DIR}", saved["resources"], quiet,
-                    interrupts.fit, seeds, name=time.strftime("stage1-%Y%m%d-%H%M%S"))
-            if interrupts.count:
-                raise KeyboardInterrupt
+        # the points' stage-1 models (new seeds: new models), each once, as tasks first:
+        # otherwise the trials of one seed take turns training them (a lease per model)
+        resources = saved["resources"]
+        prewarm = Prewarm(ctx, [point_config(p, ctx) for p in points], resources["cpu"],
+                          resources["gpu"], label="replicate")
+        prewarm.submit(quiet)
+        prewarm.wait_for_slots(stage1_slots(resources["cpu"], resources["gpu"]))
         trainable = tune.with_resources(tune.with_parameters(replicate_trainable, ctx=ctx),
                                         saved["resources"])
         # every key a point sets must exist in the space; a parameter that a configuration did
@@ -158,6 +154,8 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
         interrupts.fit(tuner)
         if interrupts.count:
             raise KeyboardInterrupt
+        for line in prewarm.finish():
+            print(f"[replicate] {line}", file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
 

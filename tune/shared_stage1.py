@@ -15,7 +15,7 @@ names who trains it, and the artifact's ``meta.json`` records the epochs a resum
 started from).
 
     shared = SharedStage1(store, get_leases(store.uri), owner=trial_id, backbone=None)
-    models = shared.ensure(split, cfg, device)
+    models = shared.ensure(split, cfg, device)  # the classifier's key, then the CVAE's
     models.classifier, models.cvae, models.features, models.trained
 """
 
@@ -40,9 +40,9 @@ from cmg.checkpoint import load_checkpoint
 from cmg.config import RunConfig
 from cmg.data import Split
 from cmg.results import is_uri
-from cmg.stage1 import load_stage1_model, train_stage1
+from cmg.stage1 import load_stage1_model, train_model
 from cmg.stage2 import FrozenFeatures, freeze_features
-from tune.artifacts import ArtifactStore, features_name, stage1_key
+from tune.artifacts import KINDS, ArtifactStore, Stage1Keys, features_name, stage1_keys
 
 LEASE_SECONDS = 15.0  # a lease not renewed for this long is free: its holder's process died
 RENEW_SECONDS = LEASE_SECONDS / 3  # a training holder renews this often (a background thread)
@@ -239,21 +239,30 @@ def _await_visible(key: str, published: Callable[[], bool], poll_seconds: float)
 
 @dataclass
 class Stage1Models:
-    key: str
+    keys: Stage1Keys
     classifier: torch.nn.Module
     cvae: torch.nn.Module
     features: FrozenFeatures
-    trained: bool  # True if this call trained it, False if it was reused
-    train_seconds: float = 0.0  # time spent training and publishing it here (0 if reused)
+    trained: int = 0  # how many of the two models this call trained (0: both reused)
+    train_seconds: float = 0.0  # time spent training and publishing them here
 
 
 EpochReport = Callable[[str, int, dict], None]  # (model kind, epoch, metrics)
 
 
-# Artifacts loaded in this worker process, most recent last: trial processes are reused, and
-# stage 2 never modifies the frozen models or features, so the next trial skips the reload.
-_LOADED: OrderedDict[tuple[str, str, str, str], tuple] = OrderedDict()  # uri, key, features, device
-_LOADED_MAX = 5  # one per partition
+# Models loaded in this worker process, most recent last: trial processes are reused, and stage 2
+# never modifies the frozen models or features, so the next trial skips the reload.
+_LOADED: OrderedDict[tuple[str, ...], Any] = OrderedDict()  # (uri, key, [features file,] device)
+_LOADED_MAX = 15  # a classifier and two CVAEs per partition
+
+
+def _cached(slot: tuple[str, ...], load: Callable[[], Any]) -> Any:
+    if slot not in _LOADED:
+        _LOADED[slot] = load()
+        while len(_LOADED) > _LOADED_MAX:
+            _LOADED.popitem(last=False)
+    _LOADED.move_to_end(slot)
+    return _LOADED[slot]
 
 
 def _publish_features(store: ArtifactStore, key: str, split: Split, cfg: RunConfig,
@@ -277,32 +286,36 @@ def _backbone(backbone: BackboneSpec, split: Split, cfg: RunConfig, device: torc
                          trained_for=(split.setting, split.partition, split.data))
 
 
-def _load(store: ArtifactStore, key: str, split: Split, cfg: RunConfig, device: torch.device,
-          trained: bool, backbone: BackboneSpec | None) -> Stage1Models:
-    features_file = features_name(split.ood_sets)
-    slot = (store.uri, key, features_file, str(device))
-    if slot not in _LOADED:
-        cache = CACHE / "stage1" / key
-        fetch = lambda name: store.get_file(key, name, cache / name)  # noqa: E731
+def _fetch(store: ArtifactStore, key: str, name: str) -> Path:
+    return store.get_file(key, name, CACHE / "stage1" / key / name)
+
+
+def _load(store: ArtifactStore, keys: Stage1Keys, split: Split, cfg: RunConfig,
+          device: torch.device, backbone: BackboneSpec | None) -> tuple:
+    """(classifier, cvae, features) of the published keys, from this process's cache if loaded."""
+    def classifier_and_features():
         # the key holds the data config: models stored before checkpoints recorded it load
-        classifier = (load_stage1_model(fetch("classifier.pt"), "classifier", split, device,
-                                        require_data=False)
+        classifier = (load_stage1_model(_fetch(store, keys.classifier, "classifier.pt"),
+                                        "classifier", split, device, require_data=False)
                       if backbone is None else
-                      _backbone(backbone, split, cfg, device, fetch("backbone.pt")))
-        models = [classifier, load_stage1_model(fetch("cvae.pt"), "cvae", split, device,
-                                                require_data=False)]
-        if store.exists(key, features_file):
-            raw = torch.load(fetch(features_file), map_location=device, weights_only=True)
+                      _backbone(backbone, split, cfg, device,
+                                _fetch(store, keys.classifier, "backbone.pt")))
+        if store.exists(keys.classifier, features_file):
+            raw = torch.load(_fetch(store, keys.classifier, features_file), map_location=device,
+                             weights_only=True)
             features = FrozenFeatures(train=raw["train"], evals=raw["evals"],
                                       baselines=raw["baselines"],
                                       stage1_logits=raw.get("stage1_logits"))
-        else:  # another set of OOD data than the models were trained beside: no retraining
-            features = _publish_features(store, key, split, cfg, classifier)
-        _LOADED[slot] = (*models, features)
-        while len(_LOADED) > _LOADED_MAX:
-            _LOADED.popitem(last=False)
-    _LOADED.move_to_end(slot)
-    return Stage1Models(key, *_LOADED[slot], trained)
+        else:  # another set of OOD data than the classifier was trained beside: no retraining
+            features = _publish_features(store, keys.classifier, split, cfg, classifier)
+        return classifier, features
+
+    features_file = features_name(split.ood_sets)
+    classifier, features = _cached((store.uri, keys.classifier, features_file, str(device)),
+                                   classifier_and_features)
+    cvae = _cached((store.uri, keys.cvae, str(device)), lambda: load_stage1_model(
+        _fetch(store, keys.cvae, "cvae.pt"), "cvae", split, device, require_data=False))
+    return classifier, cvae, features
 
 
 @dataclass(frozen=True)
@@ -313,6 +326,7 @@ class SharedStage1:
     the training steps; not part of the key: the same models either way).
 
         models = SharedStage1(store, leases, owner="sweep/trial_1").ensure(split, cfg, device)
+        SharedStage1(store, leases, owner="sweep/prewarm").ensure_one("cvae", split, cfg, device)
     """
 
     store: ArtifactStore
@@ -325,63 +339,71 @@ class SharedStage1:
 
     def ensure(self, split: Split, cfg: RunConfig, device: torch.device,
                report: EpochReport | None = None) -> Stage1Models:
-        """Load the stage-1 artifact of (split, cfg), training it first if no one has;
-        `report(kind, epoch, metrics)` after each training epoch."""
-        key = stage1_key(split.setting, split.partition, cfg, self.backbone)
+        """Load the stage-1 models of (split, cfg), training first each that no one has (the
+        classifier, then the CVAE); `report(kind, epoch, metrics)` after each training epoch."""
+        keys = stage1_keys(split.setting, split.partition, cfg, self.backbone)
+        trained, seconds = 0, 0.0
+        for kind in KINDS:
+            fresh, spent = self.ensure_one(kind, split, cfg, device, report)
+            trained, seconds = trained + fresh, seconds + spent
+        return Stage1Models(keys, *_load(self.store, keys, split, cfg, device, self.backbone),
+                            trained, seconds)
+
+    def ensure_one(self, kind: str, split: Split, cfg: RunConfig, device: torch.device,
+                   report: EpochReport | None = None) -> tuple[bool, float]:
+        """Publish the `kind` model of (split, cfg) unless it is: (trained here, seconds spent)."""
+        key = getattr(stage1_keys(split.setting, split.partition, cfg, self.backbone), kind)
         seconds = 0.0
 
         def train(check: Callable[[], None]) -> None:
             nonlocal seconds
-            seconds = self._train_and_publish(key, split, cfg, device, check, report)
+            seconds = self._train_and_publish(kind, key, split, cfg, device, check, report)
 
         trained = train_once(self.leases, key, self.owner, lambda: self.store.exists(key), train,
                              self.poll_seconds, self.renew_seconds)
-        models = _load(self.store, key, split, cfg, device, trained, self.backbone)
-        models.train_seconds = seconds
-        return models
+        return trained, seconds
 
-    def _train_and_publish(self, key: str, split: Split, cfg: RunConfig, device: torch.device,
-                           check: Callable[[], None], report: EpochReport | None) -> float:
-        """Train both models (resuming from KEY/partial/), publish the artifact; return seconds.
-        With a backbone only the CVAE trains, and the backbone file is published in the
-        artifact (so any node can load it)."""
+    def _train_and_publish(self, kind: str, key: str, split: Split, cfg: RunConfig,
+                           device: torch.device, check: Callable[[], None],
+                           report: EpochReport | None) -> float:
+        """Train the model (resuming from KEY/partial/), publish its artifact; return seconds.
+        With a backbone the classifier's artifact is the backbone file (published, so any node
+        can load it) and its features: nothing trains."""
         store, backbone = self.store, self.backbone
         started = time.time()
         with tempfile.TemporaryDirectory(prefix="cmg-stage1-") as tmp:
-            local = {name: Path(tmp) / f"{name}.pt" for name in ("classifier", "cvae")}
+            local = Path(tmp) / f"{kind}.pt"
             resumed_from = {}
-            for name, path in local.items():
-                if store.exists(key, f"partial/{name}.pt"):
-                    path.write_bytes(store.read_bytes(key, f"partial/{name}.pt"))
-                    resumed_from[name] = int(load_checkpoint(path, name)["epoch"])
+            if store.exists(key, f"partial/{kind}.pt"):
+                local.write_bytes(store.read_bytes(key, f"partial/{kind}.pt"))
+                resumed_from[kind] = int(load_checkpoint(local, kind)["epoch"])
             record = {"owner": self.owner, "node_id": node_id(), "resumed_from": resumed_from}
             store.write_json(key, "partial/owner.json", record)
             store.log_training(key, record)
 
-            def on_epoch(kind):
-                def callback(epoch, metrics):
-                    store.put_file(key, f"partial/{kind}.pt", local[kind])  # any node resumes
-                    check()  # stop here if another owner took the lease over
-                    if report is not None:
-                        report(kind, epoch, metrics)
-                return callback
+            def after_epoch(epoch: int, metrics: dict) -> None:
+                store.put_file(key, f"partial/{kind}.pt", local)  # any node resumes from here
+                check()  # stop here if another owner took the lease over
+                if report is not None:
+                    report(kind, epoch, metrics)
 
-            models = train_stage1(split, cfg, device, _backbone(backbone, split, cfg, device)
-                                  if backbone is not None else None, local.get, on_epoch,
-                                  quiet=True, compile_model=self.compile_model)
-            if backbone is not None:
-                local["classifier"] = Path(backbone.file(split.partition))
-            _publish_features(store, key, split, cfg, models.classifier)
-            for name, path in local.items():
-                store.put_file(key, f"{'backbone' if backbone and name == 'classifier' else name}.pt",
-                               path)
+            history = []
+            if kind == "classifier" and backbone is not None:
+                model, name = _backbone(backbone, split, cfg, device), "backbone.pt"
+                local = Path(backbone.file(split.partition))
+            else:
+                model, history = train_model(kind, split, cfg, device, local, after_epoch,
+                                             quiet=True, compile_model=self.compile_model)
+                name = f"{kind}.pt"
+            if kind == "classifier":
+                _publish_features(store, key, split, cfg, model)
+            store.put_file(key, name, local)
             store.write_json(key, "meta.json", {
-                "key": key, "setting": split.setting, "partition": split.partition,
-                "config": {k: v for k, v in cfg.to_dict().items() if k != "stage2"},
-                "classifier_history": models.histories.get("classifier", []),
-                "cvae_history": models.histories["cvae"],
-                "seconds": round(time.time() - started, 3), "device": str(device),
-                "resumed_from": resumed_from, "node_id": node_id(), "trained_by": self.owner,
-                "compiled": self.compile_model,
-                **({"backbone": backbone.identity()} if backbone else {})})
+                "key": key, "kind": kind, "setting": split.setting, "partition": split.partition,
+                "config": {section: cfg.to_dict()[section] for section in (kind, "data")},
+                "history": history, "seconds": round(time.time() - started, 3),
+                "device": str(device), "resumed_from": resumed_from, "node_id": node_id(),
+                "trained_by": self.owner, "compiled": self.compile_model,
+                **({"backbone": backbone.identity()} if backbone and kind == "classifier"
+                   else {})})
         return time.time() - started

@@ -312,7 +312,9 @@ def format_summary(s: dict) -> str:
             lines.append("  (one partition: no spread)")
     else:
         lines.append("no configuration finished all its partitions")
-    lines += [f"stage-1 models: {s['stage1_trained']} trained, {s['stage1_reused']} reused",
+    kinds = s["stage1_trained_by_kind"]
+    lines += [f"stage-1 models: {s['stage1_trained']} trained ({kinds['classifier']} classifiers, "
+              f"{kinds['cvae']} CVAEs), reused in {s['stage1_reused']} trial partitions",
               f"experiment: {s['experiment']}"]
     return "\n".join(lines)
 

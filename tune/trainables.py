@@ -119,22 +119,17 @@ def shared_stage1(ctx: SweepContext) -> SharedStage1:
                         ctx.backbone, ctx.compile_model)
 
 
-def stage1_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
-    """Train (or find) the sweep's base stage-1 models of one partition (under another seed if
-    the config has one: tune.replicate's), reporting every epoch."""
+def stage1_task(ctx: SweepContext, kind: str, partition: int, cfg: RunConfig) -> dict[str, Any]:
+    """A prewarm task (tune.prewarm): train one stage-1 model, "classifier" or "cvae", of `cfg`
+    for a partition, unless the store has it; its lease holder is NAME/prewarm-KIND-pN."""
     device = _device(ctx)
-    partition = config["partition"]
-    base = with_seed(ctx.base, config["seed"]) if "seed" in config else ctx.base
     split = split_for(ctx, partition, device)
-
-    def report(kind: str, epoch: int, metrics: dict) -> None:
-        tune.report({"partition": partition, "model": kind, "epoch": epoch, "node_id": node_id(),
-                     **{f"{kind}_{k}": v for k, v in metrics.items() if k != "epoch"}})
-
-    models = shared_stage1(ctx).ensure(split, base, device, report)
-    tune.report({"partition": partition, "model": "done", "stage1_key": models.key,
-                 "node_id": node_id(),
-                 "stage1_trained": int(models.trained), "stage1_train_s": models.train_seconds})
+    shared = SharedStage1(ArtifactStore(ctx.store_uri), get_leases(ctx.store_uri),
+                          f"{ctx.name}/prewarm-{kind}-p{partition}", ctx.backbone,
+                          ctx.compile_model)
+    trained, seconds = shared.ensure_one(kind, split, cfg, device)
+    return {"kind": kind, "partition": partition, "trained": trained, "seconds": seconds,
+            "node_id": node_id()}
 
 
 def trial_record(ctx: SweepContext, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
@@ -199,8 +194,8 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
         put_bytes(trial_fs, f"{trial_path}/{scores_file(partition)}", to_parquet_bytes(table))
         seconds["scores"] = time.perf_counter() - scores_started
         heads[partition] = result.head
-        record = {"partition": partition, "stage1_key": models.key,
-                  "stage1_trained": int(models.trained), "selected_epoch": result.selected_epoch,
+        record = {"partition": partition, "stage1_key": str(models.keys),
+                  "stage1_trained": models.trained, "selected_epoch": result.selected_epoch,
                   "metrics": flat_metrics(result_dict(split, cfg, result, seconds)),
                   "seconds": seconds}
         done.append(record)
@@ -209,7 +204,7 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
             "partitions_done": len(done), "partitions_total": len(ctx.partitions),
             "partition": partition,
             **record["metrics"], **running_aggregate([r["metrics"] for r in done]),
-            "stage1_key": models.key, "stage1_trained": record["stage1_trained"],
+            "stage1_key": str(models.keys), "stage1_trained": record["stage1_trained"],
             "stage1_trained_total": sum(r["stage1_trained"] for r in done),
             "selected_epoch": result.selected_epoch,
             "stage1_s": seconds["stage1"], "stage1_train_s": seconds["stage1_train"],

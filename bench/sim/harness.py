@@ -111,6 +111,7 @@ class TrialLog:
     end: float
     restored: int  # partitions restored from the trial's checkpoint
     reports: list[tuple[float, float]] = field(default_factory=list)
+    parts: list[tuple[float, float]] = field(default_factory=list)  # each partition's stage 2
 
 
 @dataclass(frozen=True)
@@ -124,18 +125,25 @@ class StandIn:
     head_bytes: int = HEAD_BYTES
     # report the whole row to Tune, as the sweep did before cmg.results.TUNE_KEYS (a baseline)
     full_report: bool = False
+    # stage 1 before each partition, as the real trial does (waits for, or trains, its models);
+    # None: no stage 1 (the trial process then imports neither torch nor the project's tune/)
+    stage1: "Stage1StandIn | None" = None
 
     def make(self, ctx) -> Callable[[dict], None]:
-        """The trial function for the sweep context `ctx` (only its partitions are used)."""
+        """The trial function for the sweep context `ctx` (its partitions; with `stage1`, what
+        the trial's stage-1 keys need: setting, base config, space, store, name)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         standin, partitions = self, tuple(ctx.partitions)
+        where = (Stage1Where(ctx.setting, ctx.base, ctx.space, ctx.store_uri, ctx.name)
+                 if self.stage1 else None)
 
         def stage2_trainable(config: dict) -> None:  # Tune names trial folders after it
-            standin.run_trial(config, partitions)
+            standin.run_trial(config, partitions, where)
 
         return stage2_trainable
 
-    def run_trial(self, config: dict, partitions: tuple[int, ...]) -> None:
+    def run_trial(self, config: dict, partitions: tuple[int, ...],
+                  where: "Stage1Where | None" = None) -> None:
         import ray
         from ray import tune
 
@@ -153,9 +161,14 @@ class StandIn:
              json.dumps({"config": config, "partitions": list(partitions)}).encode())
         node = ray.get_runtime_context().get_node_id()
         quality = random.Random(json.dumps(config, sort_keys=True, default=str)).random()
-        reports = []
+        reports, parts = [], []
         for partition in partitions[len(done):]:
+            if self.stage1 is not None:
+                self.stage1.for_trial(where, config, partition,
+                                      f"{where.name}/{context.get_trial_id()}")
+            parts.append((time.time(), 0.0))
             time.sleep(self.part_s)
+            parts[-1] = (parts[-1][0], time.time())
             _put(trial_fs, f"{trial_path}/{scores_file(partition)}", bytes(self.scores_bytes))
             done.append({"partition": partition,
                          "metrics": {m: quality for m in ALL_METRICS}})
@@ -172,7 +185,7 @@ class StandIn:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
                 reports.append((called, time.time()))
         log = TrialLog(context.get_trial_id(), os.getpid(), node, list(ray.get_gpu_ids()), start,
-                       time.time(), restored, reports)
+                       time.time(), restored, reports, parts)
         name = f"{log.trial_id}-{log.pid}-{int(start * 1e6)}.json"
         (self.log_dir / name).write_text(json.dumps(asdict(log)))
 
@@ -204,8 +217,65 @@ def _row(done: list[dict], total: int, trial_id: str, node: str,
 def trial_logs(log_dir: Path) -> list[TrialLog]:
     """Every stand-in trial run's log, by start time."""
     logs = [json.loads(p.read_text()) for p in Path(log_dir).glob("*.json")]
-    return sorted((TrialLog(**{**d, "reports": [tuple(r) for r in d["reports"]]}) for d in logs),
+    return sorted((TrialLog(**{**d, "reports": [tuple(r) for r in d["reports"]],
+                               "parts": [tuple(r) for r in d.get("parts", [])]}) for d in logs),
                   key=lambda t: t.start)
+
+
+@dataclass(frozen=True)
+class Stage1Where:
+    """What a stand-in trial needs of the sweep context to find its stage-1 keys."""
+
+    setting: str
+    base: Any  # cmg.config.RunConfig
+    space: dict
+    store_uri: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Stage1StandIn:
+    """The stand-in stage-1 training: `train_s` seconds per model, then the artifact's meta.json
+    and training-log entry, under the store's real lease service (`tune.shared_stage1.train_once`:
+    one trainer per key, the others wait). Called as a prewarm task (`run_sweep(...,
+    stage1_fn=...)`) and by `StandIn` trials before each partition. Each training it does is
+    logged to `log_dir/stage1-*.json` (kind, key, owner, start, end)."""
+
+    train_s: float
+    log_dir: Path
+
+    def __call__(self, ctx, kind: str, partition: int, cfg) -> dict:  # a prewarm task
+        owner = f"{ctx.name}/prewarm-{kind}-p{partition}"
+        return {"trained": self.ensure(ctx.setting, ctx.store_uri, kind, partition, cfg, owner)}
+
+    def for_trial(self, where: Stage1Where, config: dict, partition: int, owner: str) -> None:
+        from cmg.config import apply_overrides
+        from tune.space import to_overrides
+
+        cfg = apply_overrides(where.base, to_overrides(config, where.space))
+        for kind in ("classifier", "cvae"):
+            self.ensure(where.setting, where.store_uri, kind, partition, cfg, owner)
+
+    def ensure(self, setting: str, store_uri: str, kind: str, partition: int, cfg,
+               owner: str) -> bool:
+        from tune.artifacts import ArtifactStore, stage1_keys
+        from tune.shared_stage1 import get_leases, train_once
+
+        store = ArtifactStore(store_uri)
+        key = getattr(stage1_keys(setting, partition, cfg), kind)
+
+        def train(check: Callable[[], None]) -> None:
+            start = time.time()
+            store.log_training(key, {"owner": owner})
+            time.sleep(self.train_s)
+            store.write_json(key, "meta.json", {"key": key, "kind": kind, "partition": partition,
+                                                "trained_by": owner})
+            record = {"kind": kind, "key": key, "owner": owner, "start": start, "end": time.time()}
+            (self.log_dir / f"stage1-{key}-{os.getpid()}-{int(start * 1e6)}.json").write_text(
+                json.dumps(record))
+
+        return train_once(get_leases(store_uri), key, owner, lambda: store.exists(key), train,
+                          poll_seconds=0.2)
 
 
 @dataclass(frozen=True)

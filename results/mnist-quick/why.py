@@ -29,7 +29,7 @@ from cmg.metrics import maxlogit_score, ood_metrics
 from cmg.pipeline import load_partition
 from cmg.stage1 import load_stage1_model
 from cmg.stage2 import extract_features, pseudo_ood_features
-from tune.artifacts import ArtifactStore, stage1_key
+from tune.artifacts import ArtifactStore, stage1_keys
 
 PSEUDO_IMAGES = 2000
 
@@ -37,7 +37,7 @@ PSEUDO_IMAGES = 2000
 def _stage1(record: dict, cfg: RunConfig, partition: int, kind: str, split) -> torch.nn.Module:
     """A stage-1 model of the configuration from the sweep's store."""
     store = ArtifactStore(record["stage1_store"])
-    key = stage1_key(record["setting"], partition, cfg)
+    key = getattr(stage1_keys(record["setting"], partition, cfg), kind)
     local = Path(tempfile.gettempdir()) / key / f"{kind}.pt"  # used only for a remote store
     return load_stage1_model(store.get_file(key, f"{kind}.pt", local), kind, split,
                              require_data=False)

@@ -1,0 +1,62 @@
+"""Which stage-1 models the prewarm trains: every one the space can reach, once, partition by
+partition (no Ray: the enumeration and the store's view of what is missing)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from cmg.config import apply_overrides, budget_config
+from tune.artifacts import ArtifactStore, stage1_keys
+from tune.prewarm import missing_jobs, reachable_configs
+from tune.replicate import point_config
+from tune.space import Param, default_space
+from tune.trainables import SweepContext
+
+BASE = budget_config("smoke")
+
+
+def _ctx(store: str, partitions=(1, 2)) -> SweepContext:
+    return SweepContext(setting="same_dataset_mnist", budget="smoke", base=BASE,
+                        space=default_space(BASE), partitions=partitions, store_uri=store,
+                        data_root="", use_gpu=False, threads=1)
+
+
+def test_every_searched_latent_size_is_reachable_and_continuous_knobs_keep_the_base():
+    space = default_space(BASE)
+    configs = reachable_configs(BASE, space)
+    assert configs[0] == BASE  # the base first: its models are ready first
+    assert sorted(c.cvae.latent_dim for c in configs) == [16, 32, 64]
+    assert {c.classifier for c in configs} == {BASE.classifier}  # stage 2's knobs: no new models
+    fixed = {**space, "latent_dim": replace(space["latent_dim"], fixed=16)}
+    assert [c.cvae.latent_dim for c in reachable_configs(BASE, fixed)] == [BASE.cvae.latent_dim, 16]
+    wide = {"kl": Param("cvae.kl_weight", "float", 0.1, 1.0)}  # continuous: not enumerable
+    assert reachable_configs(BASE, wide) == [BASE]
+    few = {"epochs": Param("cvae.epochs", "int", 1, 3)}  # a small integer range: every value
+    assert sorted(c.cvae.epochs for c in reachable_configs(BASE, few)) == sorted(
+        {1, 2, 3, BASE.cvae.epochs})
+
+
+def test_one_job_per_missing_key_partition_by_partition_classifier_first(tmp_path):
+    ctx = _ctx(str(tmp_path))
+    configs = reachable_configs(BASE, ctx.space)
+    jobs = missing_jobs(ctx, configs)
+    assert [(j.partition, j.kind) for j in jobs] == [
+        (p, kind) for p in (1, 2) for kind in ("classifier", "cvae", "cvae", "cvae")]
+    assert len({j.key for j in jobs}) == len(jobs) == 8  # 2 classifiers, 3 x 2 CVAEs
+    store = ArtifactStore(str(tmp_path))
+    done = stage1_keys(ctx.setting, 1, BASE)  # partition 1's base models are in the store
+    for key in done:
+        store.write_json(key, "meta.json", {})
+    left = missing_jobs(ctx, configs)
+    assert {j.key for j in left} == {j.key for j in jobs} - set(done)
+
+
+def test_a_replicate_point_runs_the_seeded_base_with_its_parameters():
+    ctx = _ctx("")
+    point = {"source_trial": "t1", "seed": 4, "mode": "CMG-energy", "sigma": 2.0,
+             "mask_prob": None, "latent_dim": 64}
+    cfg = point_config(point, ctx)
+    assert cfg.cvae.latent_dim == 64 and cfg.stage2.sigma == 2.0
+    assert cfg.classifier.seed == cfg.cvae.seed == cfg.stage2.seed == 4
+    assert cfg == apply_overrides(point_config({**point, "latent_dim": 32}, ctx),
+                                  {"cvae.latent_dim": 64})
