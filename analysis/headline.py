@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.replicates import t_interval
+from analysis.replicates import cmg_rows, t_interval
 from cmg.errors import OneLineParser, atomic_write, command_parser, exit_on_usage_error, fail
 from cmg.results import BASELINES, REPLICATES_FILE
 
@@ -41,7 +41,8 @@ def chosen_trials(summary: pd.DataFrame) -> tuple[str, str]:
 def _columns(replicates: pd.DataFrame, tuned: str, defaults: str) -> dict[str, pd.DataFrame]:
     """{score label: rows (seed, partition, auroc, fpr95)}: tuned CMG, the baselines of its
     classifiers, default CMG; only the (seed, partition) pairs that both configurations ran."""
-    rows = {trial: replicates[replicates["source_trial"] == trial].set_index(["seed", "partition"])
+    cmg = cmg_rows(replicates)
+    rows = {trial: cmg[cmg["source_trial"] == trial].set_index(["seed", "partition"])
             for trial in (tuned, defaults)}
     if any(r.empty for r in rows.values()):
         missing = [t for t, r in rows.items() if r.empty]

@@ -1,18 +1,24 @@
 """Seed replicates (`python -m tune.replicate`) as tables: a configuration's test AUROC over
-seeds x partitions, with its between-seed spread and a seed-level interval.
+independent (seed, partition) cells, beside its baselines and control arms, and the lifts that
+answer "does class mixing add anything?" with Holm-adjusted p-values.
 
     df = load_replicates("experiments/NAME")   # one row per (replicate trial, partition)
     table = replicate_table(df)                # one row per (configuration, score)
     print(replicate_markdown(table))
 
-Per configuration and score (CMG, each baseline of cmg.results.BASELINES, and CMG's lift over
-each baseline, paired within (seed, partition)):
-- `mean`: over every (seed, partition);
+Per configuration, the scores: CMG (arm "mixed"); each baseline of its stage-1 classifiers
+(cmg.results.BASELINES); each control arm's own score (cmg.results.ARMS: the same configuration
+trained against single-class pseudo-OOD, noise, or nothing) and, for head re-training alone,
+the baselines of its re-trained head (`head_*`). Then CMG's lift over each of them, paired
+within (seed, partition): the same stage-1 models. Columns:
+- `mean`: over every (seed, partition) cell;
 - `seed_sd`: the sample sd of the seed-level means (one mean over the partitions per seed);
-- `seed_ci_low/high`: 95% t-interval over those seed-level means: the interval to quote, since
-  seeds are independent draws and partitions that share IND classes are not;
-- `partition_ci_low/high`: 95% t-interval over the partition-level means (each averaged over
-  the seeds), as the sweep's one-seed reports compute it; none for one partition.
+- `seed_ci_low/high`: 95% t-interval over those seed-level means;
+- for lifts, `p`: two-sided one-sample t-test of the seed-level mean lifts against 0, and
+  `p_holm`: Holm's step-down adjustment over the configuration's lifts (the family, fixed in
+  advance: every score in the table); `verdict` reads `p_holm` at 0.05.
+Seeds are the independent units: a seed's cells share nothing, but the partitions share IND
+classes, so no interval over partitions is given.
 """
 
 from __future__ import annotations
@@ -24,14 +30,15 @@ from pyarrow import fs as pafs
 from scipy import stats
 
 from analysis.trials import NotAnExperiment, load_trials, open_experiment
-from cmg.results import BASELINES, REPLICATE_DIR, REPLICATE_PREFIX
+from cmg.results import ARMS, BASELINES, HEAD_BASELINES, REPLICATE_DIR, REPLICATE_PREFIX
 
 
 
 def load_replicates(experiment: str | Path) -> pd.DataFrame:
     """One row per (complete replicate trial, partition), with `source_trial` (the sweep trial
-    whose configuration it re-runs), `seed` and `run` (the call of tune.replicate); for a
-    (configuration, seed) run more than once, the latest complete trial. Empty when none."""
+    whose configuration it re-runs), `seed`, `arm` (cmg.results.ARMS) and `run` (the call of
+    tune.replicate); for a (configuration, seed, arm) run more than once, the latest complete
+    trial. Empty when none."""
     filesystem, root = open_experiment(experiment)
     infos = filesystem.get_file_info(
         pafs.FileSelector(f"{root.rstrip('/')}/{REPLICATE_DIR}", allow_not_found=True))
@@ -41,16 +48,18 @@ def load_replicates(experiment: str | Path) -> pd.DataFrame:
             frames.append(load_trials(run, trainable=REPLICATE_PREFIX).assign(run=run))
         except NotAnExperiment:  # a call that was stopped before its first trial
             continue
-    empty = pd.DataFrame(columns=["trial_id", "source_trial", "seed", "partition", "run"])
+    empty = pd.DataFrame(columns=["trial_id", "source_trial", "seed", "arm", "partition", "run"])
     if not frames:
         return empty
     df = pd.concat(frames, ignore_index=True)
     df = df[df["status"] == "complete"].rename(
-        columns={"param_source_trial": "source_trial", "param_seed": "seed"})
+        columns={"param_source_trial": "source_trial", "param_seed": "seed", "param_arm": "arm"})
     if df.empty:
         return empty
+    # runs from before the control arms were all CMG
+    df["arm"] = df["arm"].fillna("mixed") if "arm" in df else "mixed"
     df = df.sort_values(["run", "trial_number", "partition"])
-    latest = df.drop_duplicates(["source_trial", "seed"], keep="last")[["run", "trial_id"]]
+    latest = df.drop_duplicates(["source_trial", "seed", "arm"], keep="last")[["run", "trial_id"]]
     df = df.merge(latest, on=["run", "trial_id"])
     df["seed"] = df["seed"].astype(int)
     return df.reset_index(drop=True)
@@ -65,23 +74,47 @@ def t_interval(values: pd.Series) -> tuple[float, float]:
     return values.mean() - half, values.mean() + half
 
 
-def _scores() -> dict[str, str]:
-    """{label: column} of CMG, the baselines and the paired lifts, in table order."""
-    scores = {"CMG": "test_auroc"}
-    scores.update({label: f"{b}_test_auroc" for b, label in BASELINES.items()})
-    scores.update({f"lift vs {label}": f"lift_{b}" for b, label in BASELINES.items()})
-    return scores
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the given order: the i-th smallest p times
+    (m - i + 1), made monotone, capped at 1 (NaN stays NaN and does not count in m)."""
+    present = sorted((p, i) for i, p in enumerate(p_values) if p == p)
+    adjusted, running = [float("nan")] * len(p_values), 0.0
+    for rank, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (len(present) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def cmg_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The CMG runs (arm "mixed"; replicates from before the arms were all CMG)."""
+    return df[df["arm"] == "mixed"] if "arm" in df else df
+
+
+def _cells(group: pd.DataFrame) -> pd.DataFrame:
+    """One configuration's scores as columns, one row per (seed, partition) cell: CMG, the
+    baselines, each control arm's score and the re-trained head's baselines (arm "none")."""
+    by_arm = {arm: rows.set_index(["seed", "partition"]) for arm, rows in group.groupby("arm")}
+    if "mixed" not in by_arm:
+        return pd.DataFrame()
+    mixed = by_arm["mixed"]
+    cells = {"CMG": mixed["test_auroc"],
+             **{label: mixed[f"{b}_test_auroc"] for b, label in BASELINES.items()}}
+    for arm in (a for a in ARMS if a != "mixed" and a in by_arm):
+        cells[ARMS[arm]] = by_arm[arm]["test_auroc"]
+        if arm == "none":
+            cells.update({f"{label}, re-trained head": by_arm[arm][f"{h}_test_auroc"]
+                          for h, label in zip(HEAD_BASELINES, BASELINES.values())
+                          if f"{h}_test_auroc" in by_arm[arm]})
+    return pd.DataFrame(cells).dropna()  # cells that every score ran
 
 
 def replicate_table(df: pd.DataFrame, only: list[str] | None = None,
                     seeds: list[int] | None = None) -> pd.DataFrame:
-    """One row per (configuration, score); `only`/`seeds` restrict to those configurations and
-    seeds (default: all replicated)."""
+    """One row per (configuration, score), lifts last; `only`/`seeds` restrict to those
+    configurations and seeds (default: all replicated)."""
     if df.empty:
         return pd.DataFrame()
-    df = df.copy()
-    for b in BASELINES:  # paired within (seed, partition): same stage-1 models
-        df[f"lift_{b}"] = df["test_auroc"] - df[f"{b}_test_auroc"]
+    df = df.assign(arm=df["arm"] if "arm" in df else "mixed")
     if only is not None:
         df = df[df["source_trial"].isin(only)]
     if seeds is not None:
@@ -89,21 +122,35 @@ def replicate_table(df: pd.DataFrame, only: list[str] | None = None,
     rows = []
     order = only if only is not None else list(dict.fromkeys(df["source_trial"]))
     for source in order:
-        group = df[df["source_trial"] == source]
-        if group.empty:
+        cells = _cells(df[df["source_trial"] == source])
+        if cells.empty:
             continue
-        for label, column in _scores().items():
-            values = group[column].astype(float)
-            per_seed = values.groupby(group["seed"]).mean()
-            per_partition = values.groupby(group["partition"]).mean()
-            seed_low, seed_high = t_interval(per_seed)
-            part_low, part_high = t_interval(per_partition)
-            rows.append({"configuration": source, "score": label,
-                         "seeds": len(per_seed), "partitions": len(per_partition),
-                         "mean": values.mean(), "seed_sd": per_seed.std(ddof=1),
-                         "seed_ci_low": seed_low, "seed_ci_high": seed_high,
-                         "partition_ci_low": part_low, "partition_ci_high": part_high})
+        lifts = {f"lift vs {label}": cells["CMG"] - cells[label] for label in cells.columns[1:]}
+        first = len(rows)
+        for label, values in {**dict(cells.items()), **lifts}.items():
+            per_seed = values.groupby(level="seed").mean()
+            low, high = t_interval(per_seed)
+            row = {"configuration": source, "score": label, "seeds": len(per_seed),
+                   "partitions": values.index.get_level_values("partition").nunique(),
+                   "mean": values.mean(), "seed_sd": per_seed.std(ddof=1),
+                   "seed_ci_low": low, "seed_ci_high": high, "p": float("nan")}
+            if label.startswith("lift") and len(per_seed) > 1:
+                row["p"] = float(stats.ttest_1samp(per_seed, 0.0).pvalue)
+            rows.append(row)
+        adjusted = holm([r["p"] for r in rows[first:]])
+        for row, p_holm in zip(rows[first:], adjusted):
+            row["p_holm"] = p_holm
+            row["verdict"] = _verdict(row)
     return pd.DataFrame(rows)
+
+
+def _verdict(row: dict) -> str:
+    if not row["score"].startswith("lift"):
+        return ""
+    versus = row["score"].removeprefix("lift vs ")
+    if row["p_holm"] == row["p_holm"] and row["p_holm"] < 0.05:
+        return f"CMG {'beats' if row['mean'] > 0 else 'is below'} {versus}"
+    return f"CMG does not beat {versus} (not shown at Holm-adjusted 0.05)"
 
 
 def _span(low: float, high: float, sign: bool) -> str:
@@ -115,7 +162,7 @@ def _span(low: float, high: float, sign: bool) -> str:
 def replicate_markdown(table: pd.DataFrame) -> str:
     """One Markdown table per replicated configuration."""
     if table.empty:
-        return "_No seed replicates yet: python -m tune.replicate EXPERIMENT --top 3 --seeds 3._"
+        return "_No seed replicates yet: python -m tune.replicate EXPERIMENT --top 1._"
     parts = []
     for source, group in table.groupby("configuration", sort=False):
         first = group.iloc[0]
@@ -126,10 +173,12 @@ def replicate_markdown(table: pd.DataFrame) -> str:
             "between-seed sd": "n/a" if pd.isna(row.seed_sd) else f"{row.seed_sd:.4f}",
             "95% CI over seeds": _span(row.seed_ci_low, row.seed_ci_high,
                                        row.score.startswith("lift")),
-            "95% CI over partitions (not independent)": _span(
-                row.partition_ci_low, row.partition_ci_high, row.score.startswith("lift")),
+            "p (Holm)": "" if pd.isna(row.p_holm) else f"{row.p:.3g} ({row.p_holm:.3g})",
+            "verdict": row.verdict,
         } for row in group.itertuples(index=False)]
         parts += [f"Configuration of trial `{source}`: {first.seeds} seeds x {first.partitions} "
-                  "partitions (lifts paired within seed and partition).", "",
+                  "partitions, every cell seeded on its own; lifts paired within seed and "
+                  "partition, p-values from the seed-level means, Holm-adjusted over the "
+                  "table's lifts.", "",
                   pd.DataFrame(lines).to_markdown(index=False, disable_numparse=True), ""]
     return "\n".join(parts).rstrip()

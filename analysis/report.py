@@ -179,9 +179,10 @@ def replicates_note(replicates: pd.DataFrame) -> str:
     """tune.replicate's table (`load_replicates`), or how to make it."""
     table = replicate_table(replicates)
     return "\n".join([
-        "The top configurations re-run with new seeds for stage 1 and stage 2 (same split) by "
-        "`python -m tune.replicate`. Quote the interval over seeds: the partitions share IND "
-        "classes, so the interval over partitions treats dependent draws as independent.", "",
+        "The top configurations re-run with new seeds by `python -m tune.replicate`, beside their "
+        "control arms on the same stage-1 models: every (seed, partition) cell seeded on its own "
+        "(stage 1, stage 2 and the train/validation split). Quote the interval over seeds; the "
+        "verdicts read the Holm-adjusted p-values.", "",
         replicate_markdown(table)])
 
 
@@ -191,10 +192,18 @@ VALIDATION_OOD = {
     "setting2": "validation OOD images are a fixed, seeded 20% of each OOD data set; the test "
                 "uses the other 80% of the very same sets",
 }
+BLIND = ("How to read the selection: it was blind to the unseen classes (`--select-on rotated`): "
+         "validation OOD images are the validation IND images, each turned by 90, 180 or 270 "
+         "degrees, so no image of the test's OOD classes was seen before the test. The epoch, the "
+         "searched knobs, ASHA and this leaderboard were tuned on that proxy; the baselines were "
+         "not tuned at all.")
 
 
-def selection_note(df: pd.DataFrame) -> str:
-    """What the selection saw: validation OOD comes from the test's OOD distribution."""
+def selection_note(df: pd.DataFrame, val_ood: str = "unseen") -> str:
+    """What the selection saw (`val_ood`: the trials' `data.val_ood`): by default validation OOD
+    comes from the test's OOD distribution."""
+    if val_ood == "rotated":
+        return BLIND
     setting = "setting2" if ood_sets(df) else "setting1"
     return (f"How to read the selection: {VALIDATION_OOD[setting]}. The epoch, the searched "
             "knobs, ASHA and this leaderboard were all tuned on real OOD data of the evaluated "
@@ -202,6 +211,17 @@ def selection_note(df: pd.DataFrame) -> str:
             "that advantage."
             + (" The leave-one-set-out table below shows how much of it survives an OOD set "
                "that the selection never saw." if setting == "setting2" else ""))
+
+
+def _val_ood(experiment: str, df: pd.DataFrame) -> str:
+    """The sweep's `data.val_ood`, from a trial's record ("unseen" before the option existed)."""
+    for trial_id in df["trial_id"].drop_duplicates():
+        try:
+            return load_trial_record(experiment, trial_id)["config"]["data"].get("val_ood",
+                                                                                  "unseen")
+        except (NotAnExperiment, OSError, KeyError):  # a trial that wrote no record
+            continue
+    return "unseen"
 
 
 def leave_one_out_section(df: pd.DataFrame, table: pd.DataFrame) -> list[str]:
@@ -266,7 +286,7 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
         "come from the same stage-1 classifier as each CMG result; a lift is the mean over "
         "partitions of CMG minus the baseline, with a 95% t-interval.",
         "",
-        selection_note(df), "",
+        selection_note(df, _val_ood(experiment, df)), "",
         "## Best configuration", "", best_section(df, table, by),
         *leave_one_out_section(df, table), "",
         f"## Leaderboard (complete configurations, top {top})", "",

@@ -11,11 +11,13 @@ overridden with a dotted key::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable
 
 from cmg.errors import fail
+from cmg.results import ARMS
 
 MODES = ("CMG-energy", "CMG-softmax")
 
@@ -45,7 +47,7 @@ class CVAEConfig:
     lr: float = 1e-3
     schedule: str = "constant"
     latent_dim: int = 32
-    embed_dim: int = 32  # size of the class embedding that the decoder is conditioned on
+    embed_dim: int | None = None  # the decoder's class embedding; None: latent_dim (the reference)
     hidden: int = 1024
     kl_weight: float = 1.0
     seed: int = 0
@@ -75,9 +77,16 @@ class Stage2Config:
     m_out_percentile: float = 80.0
     m_in: float | None = None  # a fixed margin overrides the percentile
     m_out: float | None = None
+    # what the head trains against: "mixed" (CMG), or a control arm on the same stage-1 models:
+    # "single" (one class per condition), "noise" (uniform images), "none" (no pseudo-OOD: the
+    # head re-trained on IND cross-entropy alone). Names: cmg.results.ARMS
+    pseudo_ood: str = "mixed"
     train_layers: str = "head"  # "head": the whole MLP head (reference); "last": its last layer
     select: str = "val"  # keep the epoch with the best validation AUROC ("val") or the "last"
     seed: int = 0
+
+
+VAL_OOD = ("unseen", "rotated")  # DataConfig.val_ood: what selection sees as OOD
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,10 @@ class DataConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     augment: bool = True  # crop + flip for the CIFAR classifier (no-op for MNIST)
+    # what selection sees as OOD (Setting 1): "unseen", held-out training images of the test's
+    # OOD classes; "rotated", the IND validation images rotated by 90, 180 or 270 degrees (no
+    # image of an unseen class before the test). cmg.data.split, VAL_OOD
+    val_ood: str = "unseen"
 
 
 @dataclass(frozen=True)
@@ -200,6 +213,20 @@ def with_seed(cfg: RunConfig, seed: int) -> RunConfig:
     return apply_overrides(cfg, seed_overrides(seed))
 
 
+def cell_seed(seed: int, partition: int) -> int:
+    """The seed of one (seed, partition) cell of a replication: a hash of both, so that no two
+    cells share initial weights, batch order or split (a seed used on every partition would)."""
+    digest = hashlib.sha256(f"cmg-cell:{seed}:{partition}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 2**31
+
+
+def cell_config(cfg: RunConfig, partition: int) -> RunConfig:
+    """`cfg` (seeded by `with_seed`) for one partition of a replication: every model and the
+    train/validation split seeded by `cell_seed(its seed, partition)`."""
+    seed = cell_seed(cfg.classifier.seed, partition)
+    return apply_overrides(with_seed(cfg, seed), {"data.split_seed": seed})
+
+
 def apply_overrides(cfg: RunConfig, overrides: Iterable[str] | dict[str, Any]) -> RunConfig:
     """Return `cfg` with dotted-key overrides applied ("stage2.sigma=4" or {"stage2.sigma": 4})."""
     items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)
@@ -237,6 +264,7 @@ def validate(cfg: RunConfig) -> None:
     checks = [
         (s2.mode in MODES, f"stage2.mode must be one of {', '.join(MODES)}"),
         (s2.mixing in ("mask", "convex"), "stage2.mixing must be 'mask' or 'convex'"),
+        (s2.pseudo_ood in ARMS, f"stage2.pseudo_ood must be one of {', '.join(ARMS)}"),
         (0.0 <= s2.mask_prob <= 1.0, "stage2.mask_prob must lie in [0, 1]"),
         (s2.num_mixed >= 1, "stage2.num_mixed must be at least 1"),
         (s2.train_layers in ("head", "last"), "stage2.train_layers must be 'head' or 'last'"),
@@ -248,6 +276,7 @@ def validate(cfg: RunConfig) -> None:
          and cfg.cvae.schedule in ("constant", "onecycle"),
          "schedule must be 'constant' or 'onecycle'"),
         (0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must lie in (0, 1)"),
+        (cfg.data.val_ood in VAL_OOD, f"data.val_ood must be one of {', '.join(VAL_OOD)}"),
     ]
     for sec in (cfg.classifier, cfg.cvae, s2):
         checks.append((sec.epochs >= 0 and sec.batch_size >= 1 and sec.lr > 0,

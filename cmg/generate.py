@@ -12,6 +12,8 @@ z ~ N(0, sigma^2 I), with sigma larger than the N(0, I) prior, pushes samples of
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from cmg.config import Stage2Config
@@ -50,7 +52,13 @@ def mix_conditions(embeddings: torch.Tensor, n: int, cfg: Stage2Config,
 @torch.no_grad()
 def generate_pseudo_ood(cvae: CVAE, n: int, cfg: Stage2Config, sigma: float,
                         generator: torch.Generator) -> torch.Tensor:
-    """n pseudo-OOD images in [0, 1] on the generator's device."""
+    """n pseudo-OOD images in [0, 1] on the generator's device: decoded from class-mixed
+    conditions (`cfg.pseudo_ood` "mixed", CMG), from single-class ones ("single": one class per
+    condition, the same sigma: the control without mixing), or uniform noise ("noise")."""
+    if cfg.pseudo_ood == "noise":
+        return torch.rand(n, *cvae.image_shape, generator=generator, device=generator.device)
+    if cfg.pseudo_ood == "single":
+        cfg = replace(cfg, num_mixed=1)
     cond, _ = mix_conditions(cvae.class_embeddings(), n, cfg, generator)
     z = torch.randn(n, cvae.latent_dim, generator=generator, device=generator.device) * sigma
     return cvae.decode(z, cond.to(z.dtype))

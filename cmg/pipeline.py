@@ -22,7 +22,7 @@ import torch
 from cmg.backbone import BackboneSpec
 from cmg.config import RunConfig
 from cmg.data import Split, get_setting, make_split
-from cmg.results import BASELINES, METRIC_NAMES
+from cmg.results import BASELINES, HEAD_BASELINES, METRIC_NAMES
 from cmg.stage1 import train_stage1
 from cmg.stage2 import Stage2Result, run_stage2
 
@@ -60,10 +60,12 @@ def result_dict(split: Split, cfg: RunConfig, result: Stage2Result, seconds: dic
 
 def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     """A `result_dict` as flat keys: `val_auroc`, `test_fpr95`, ..., `msp_test_auroc`,
-    `energy_val_auroc`, ... (the names the sweep reports and the analysis reads). In Setting 2
+    `energy_val_auroc`, ..., `head_maxlogit_test_auroc` (the stage-2 head's) (the names the sweep
+    reports and the analysis reads). In Setting 2
     these are means over the OOD sets, and every set also has its own keys: `test_SVHN_auroc`,
     `msp_test_SVHN_auroc`, ..."""
-    sources = {"": result, **{f"{b}_": result["baselines"][b] for b in BASELINES}}
+    sources = {"": result, **{f"{b}_": result["baselines"][b]
+                              for b in (*BASELINES, *HEAD_BASELINES)}}
     flat = {}
     for prefix, source in sources.items():
         for part in ("val", "test"):

@@ -27,13 +27,24 @@ METRIC_NAMES = ("auroc", "aupr_in", "aupr_out", "fpr95", "ind_acc")
 # The baseline scores every result carries beside CMG's (their functions: cmg.metrics.SCORES),
 # key -> the label tables and figures print. Iterate over this to cover every baseline.
 BASELINES = {"msp": "max-softmax", "energy": "energy", "maxlogit": "max-logit"}
+# The same scores of the selected *stage-2* head (`head_msp_test_auroc`, ...): what re-training the
+# head did to each baseline, beside what CMG's own score does (a control, not a baseline).
+HEAD_BASELINES = {f"head_{b}": f"{label}, stage-2 head" for b, label in BASELINES.items()}
+# The control arms (cmg.config.Stage2Config.pseudo_ood): what stage 2 trains the head against.
+# "mixed" is CMG; the others change only that, on the same stage-1 models, seeds and partitions.
+ARMS = {"mixed": "CMG (class-mixed pseudo-OOD)",
+        "single": "pseudo-OOD without class mixing (one class per condition)",
+        "noise": "uniform-noise images as pseudo-OOD",
+        "none": "head re-training only (no pseudo-OOD)"}
 # Flat keys, as each partition's report carries them (cmg.pipeline.flat_metrics): CMG's
 # `val_auroc`, a baseline's `msp_test_fpr95`; Setting 2 adds each OOD set's own
 # (`test_SVHN_auroc`, `msp_val_LSUN_fpr95`); a running aggregate over partitions adds `_mean`
 # and `_std` to every key.
 CMG_METRICS = [f"{part}_{name}" for part in ("val", "test") for name in METRIC_NAMES]
-ALL_METRICS = CMG_METRICS + [f"{b}_{m}" for b in BASELINES for m in CMG_METRICS]
-OOD_SET_METRIC = re.compile(rf"^(?:(?:{'|'.join(BASELINES)})_)?(?:val|test)_(?P<set>.+?)_"
+ALL_METRICS = CMG_METRICS + [f"{b}_{m}" for b in (*BASELINES, *HEAD_BASELINES)
+                              for m in CMG_METRICS]
+OOD_SET_METRIC = re.compile(rf"^(?:(?:{'|'.join([*HEAD_BASELINES, *BASELINES])})_)?"
+                            r"(?:val|test)_(?P<set>.+?)_"
                             r"(?P<metric>auroc|aupr_in|aupr_out|fpr95)$")
 OBJECTIVE = "val_auroc_mean"  # what the sweep maximises: mean validation AUROC over partitions
 # What a trial reports to Ray Tune after each partition: the objective and what the searcher,

@@ -2,8 +2,9 @@
 
 Columns: `split` (val | test), `kind` (ind, or ood; in Setting 2 the OOD set's name), `label`
 (the IND class id 0..K-1, -1 for OOD), then one float32 column per score, all "higher = more
-OOD": `cmg` (the selected stage-2 head) and every baseline of `cmg.metrics.SCORES` (the stage-1
-head). The scores are the very values `run_stage2`'s metrics come from, so every AUROC it
+OOD": `cmg` (the selected stage-2 head), every baseline of `cmg.metrics.SCORES` (the stage-1
+head) and the same baselines of the selected stage-2 head (`head_msp`, ...:
+cmg.results.HEAD_BASELINES). The scores are the very values `run_stage2`'s metrics come from, so every AUROC it
 reports can be recomputed from this table (scikit-learn, OOD positive); a sweep writes it as
 `scores/partition-N.parquet` in each trial's folder.
 
@@ -67,6 +68,8 @@ def score_table(classifier: torch.nn.Module, result: Stage2Result, features: Fro
                                             np.full(n_ood, -1)]).astype(np.int64),
                    "cmg": torch.cat([cmg_score(x, k, mode) for x in result.logits[part]]),
                    **{name: torch.cat([fn(x, k) for x in baseline_logits[part]])
+                      for name, fn in SCORES.items()},
+                   **{f"head_{name}": torch.cat([fn(x, k) for x in result.logits[part]])
                       for name, fn in SCORES.items()}}
         frames.append(pd.DataFrame({c: v.float().cpu().numpy() if torch.is_tensor(v) else v
                                     for c, v in columns.items()}))

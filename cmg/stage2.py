@@ -39,7 +39,9 @@ FORWARD_CHUNK = {"cpu": 128}
 class Stage2Result:
     val: dict[str, float]
     test: dict[str, float]
-    baselines: dict[str, dict[str, dict[str, float]]]  # {"msp": {"val": {...}, "test": {...}}}
+    # {"msp": {"val": {...}, "test": {...}}, ...}: the stage-1 head's (cmg.results.BASELINES)
+    # and the selected stage-2 head's (HEAD_BASELINES: "head_msp", ...)
+    baselines: dict[str, dict[str, dict[str, float]]]
     margins: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     selected_epoch: int = 0
@@ -66,6 +68,10 @@ def extract_features(classifier: Classifier, images: torch.Tensor, amp: bool = T
 @torch.no_grad()
 def pseudo_ood_features(classifier: Classifier, cvae: CVAE, n: int, cfg: Stage2Config,
                         sigma: float, generator: torch.Generator, amp: bool = True) -> torch.Tensor:
+    """Frozen features (n, F) of n fresh pseudo-OOD images (`generate_pseudo_ood`); none for
+    the head-only control (`cfg.pseudo_ood == "none"`)."""
+    if cfg.pseudo_ood == "none":
+        return torch.empty(0, classifier.features.out_dim, device=generator.device)
     feats = []
     for start in range(0, n, CHUNK):
         with inference_autocast(generator.device, amp):
@@ -107,9 +113,13 @@ def step_loss(head: torch.nn.Module, feats_in: torch.Tensor, labels_in: torch.Te
               margins: dict[str, float]) -> torch.Tensor:
     """One fine-tuning step's loss: cross-entropy of the IND batch, plus (CMG-softmax) the
     pseudo-OOD batch's cross-entropy against the extra class, or (CMG-energy) the weighted
-    energy hinges with the margins of `energy_margins`."""
-    logits_in, logits_out = head(feats_in), head(feats_out)
+    energy hinges with the margins of `energy_margins`; without pseudo-OOD (the head-only
+    control) the cross-entropy alone."""
+    logits_in = head(feats_in)
     loss = F.cross_entropy(logits_in, labels_in)
+    if not len(feats_out):
+        return loss
+    logits_out = head(feats_out)
     if cfg.mode == "CMG-softmax":
         return loss + F.cross_entropy(logits_out, ood_target(len(logits_out), k, logits_out.device))
     return loss + cfg.energy_weight * _energy_loss(logits_in, logits_out, k, margins["m_in"],
@@ -195,8 +205,8 @@ def run_stage2(classifier: Classifier, cvae: CVAE, split: Split, cfg: Stage2Conf
     n = len(train_f)
     steps = math.ceil(n / cfg.batch_size)
     pool = pseudo_ood_features(classifier, cvae, steps * cfg.ood_per_batch, cfg, sigma, generator, amp)
-    margins = (energy_margins(stage1_head, train_f, pool, k, cfg) if cfg.mode == "CMG-energy"
-               else {})
+    margins = (energy_margins(stage1_head, train_f, pool, k, cfg)
+               if cfg.mode == "CMG-energy" and len(pool) else {})
 
     best = (-math.inf, 0, copy.deepcopy(head.state_dict()))
     history: list[dict[str, float]] = []
@@ -233,10 +243,16 @@ def run_stage2(classifier: Classifier, cvae: CVAE, split: Split, cfg: Stage2Conf
     head.load_state_dict(best[2])
     head.eval()
     logits = {part: _logits(head, evals[part]) for part in ("val", "test")}
+    # the baselines' scores of the selected head too: what re-training alone did to each
+    head_baselines = {f"head_{name}": {part: _evaluate(head, evals[part], k, fn,
+                                                       _slices(split, part), logits[part])
+                                       for part in ("val", "test")}
+                      for name, fn in SCORES.items()}
     result = Stage2Result(
         val=_evaluate(head, evals["val"], k, score_fn, _slices(split, "val"), logits["val"]),
         test=_evaluate(head, evals["test"], k, score_fn, _slices(split, "test"), logits["test"]),
-        baselines=features.baselines, margins=margins, history=history, selected_epoch=best[1],
+        baselines={**features.baselines, **head_baselines}, margins=margins, history=history,
+        selected_epoch=best[1],
         head={name: t.detach().cpu() for name, t in best[2].items()}, logits=logits)
     bar.close(val_auroc=result.val["auroc"], selected_epoch=best[1])
     return result

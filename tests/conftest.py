@@ -142,7 +142,8 @@ def smoke_sweep(tmp_path_factory, mnist_available):
 
 @pytest.fixture(scope="session")
 def second_sweep(tmp_path_factory, smoke_sweep):
-    """A second sweep in the smoke sweep's storage (so it reuses its stage-1 models): two
+    """A second sweep in the smoke sweep's storage (so it reuses its stage-1 models), selected
+    blind to the unseen classes (`--select-on rotated`: the same classifiers, other features): two
     configurations, no early stopping, both over all five partitions (built once for all
     workers)."""
     def build(_: Path) -> dict:
@@ -150,7 +151,7 @@ def second_sweep(tmp_path_factory, smoke_sweep):
         space.write_text("latent_dim: 32\nlr: 1.0e-4\nepochs: 1\nood_per_batch: 64\n")
         proc = run_sweep("--num-samples", "2", "--storage", str(smoke_sweep["storage"]),
                          "--name", "again", "--space", str(space), "--scheduler", "none",
-                         "--seed", "3", *SWEEP_SMOKE)
+                         "--seed", "3", "--select-on", "rotated", *SWEEP_SMOKE)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return {"experiment": smoke_sweep["storage"] / "again", "stdout": proc.stdout}
 

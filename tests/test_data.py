@@ -144,3 +144,25 @@ def test_crop_flip_is_a_shifted_or_mirrored_copy():
         seen.add(matches[0])
     assert {m for _, _, m in seen} == {False, True}  # some mirrored, some not
     assert len({(dy, dx) for dy, dx, _ in seen}) >= 10  # of the 25 shifts, not a fixed one
+
+
+def test_blind_validation_ood_holds_no_image_of_an_unseen_class():
+    """`val_ood=rotated`: each validation OOD image is the validation IND image at the same
+    index, turned by 90, 180 or 270 degrees; no held-out-class image reaches selection. The
+    test's OOD is unchanged."""
+    seen = make_split("same_dataset_mnist", 1, DataConfig(eval_limit=300))
+    blind = make_split("same_dataset_mnist", 1, DataConfig(eval_limit=300, val_ood="rotated"))
+    assert torch.equal(blind.val_ind_x, seen.val_ind_x)
+    assert torch.equal(blind.test_ood_x, seen.test_ood_x)
+    assert len(blind.val_ood_x) == len(blind.val_ind_x)
+    turns = [[k for k in (1, 2, 3) if torch.equal(o, torch.rot90(i, k, dims=(-2, -1)))]
+             for i, o in zip(blind.val_ind_x, blind.val_ood_x)]
+    assert all(turns)  # a rotated IND image, every one
+    assert {k for t in turns for k in t} == {1, 2, 3}
+    unseen = {tuple(x.flatten().tolist()) for x in seen.val_ood_x}
+    assert not unseen & {tuple(x.flatten().tolist()) for x in blind.val_ood_x}
+
+
+def test_blind_validation_is_refused_where_ood_are_other_data_sets():
+    with pytest.raises(UsageError, match="data.val_ood=rotated is for settings whose OOD"):
+        make_split("different_dataset", 1, DataConfig(val_ood="rotated"))

@@ -191,7 +191,7 @@ def test_another_choice_of_ood_sets_reuses_the_stage1_models(data_root, tmp_path
     second = SharedStage1(store).ensure(split, cfg, torch.device("cpu"))
     assert first.trained == 2 and second.trained == 0 and first.keys == second.keys
     assert store.keys() == sorted(first.keys)
-    assert {features_name(first_split.ood_sets), features_name(split.ood_sets)} == {
+    assert {features_name(first_split), features_name(split)} == {
         p.name for p in (tmp_path / "stage1" / first.keys.classifier).glob("features*.pt")}
     # the new features are those of the same frozen network on the new OOD images
     assert torch.equal(second.features.train, first.features.train)

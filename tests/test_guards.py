@@ -53,14 +53,14 @@ def test_stage1_keys_are_pinned_and_each_hashes_only_what_its_model_depends_on()
     cfg = budget_config("smoke")  # a change of these strings orphans every store: bump the format
     keys = stage1_keys("same_dataset_mnist", 1, cfg)
     assert keys == ("same_dataset_mnist-p1-classifier-5088132e3954dc98",
-                    "same_dataset_mnist-p1-cvae-a080f1894b090ecc")
+                    "same_dataset_mnist-p1-cvae-c4081b7fdd72a6a8")
     assert Stage1Keys.parse(str(keys)) == keys
     changed = {knob: stage1_keys("same_dataset_mnist", 1, apply_overrides(cfg, {knob: value}))
                for knob, value in [("classifier.lr", 0.5), ("classifier.label_smoothing", 0.1),
                                    ("cvae.latent_dim", 7), ("cvae.kl_weight", 0.5),
                                    ("stage2.sigma", 9.0), ("data.eval_limit", 7),
                                    ("data.augment", False), ("data.train_limit", 7),
-                                   ("data.split_seed", 7)]}
+                                   ("data.split_seed", 7), ("data.val_ood", "rotated")]}
     same = {knob: (k.classifier == keys.classifier, k.cvae == keys.cvae)
             for knob, k in changed.items()}
     assert same == {"classifier.lr": (False, True), "classifier.label_smoothing": (False, True),
@@ -68,7 +68,9 @@ def test_stage1_keys_are_pinned_and_each_hashes_only_what_its_model_depends_on()
                     "stage2.sigma": (True, True),  # stage 2 never retrains stage 1
                     # the features cover the evaluation images; the CVAE sees training images only
                     "data.eval_limit": (False, True), "data.augment": (False, True),
-                    "data.train_limit": (False, False), "data.split_seed": (False, False)}
+                    "data.train_limit": (False, False), "data.split_seed": (False, False),
+                    # what validation OOD is: another features file of the same classifier
+                    "data.val_ood": (True, True)}
     assert stage1_keys("same_dataset_mnist", 2, cfg).cvae != keys.cvae
 
 

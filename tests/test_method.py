@@ -172,6 +172,55 @@ def test_sigma_is_the_std_of_the_latent_codes_decoded(sigma):
     assert torch.equal(z, cvae.last_z * sigma)
 
 
+class EmbeddingRecordingCVAE(LatentRecordingCVAE):
+    """... and the last condition (class embedding) it decoded from."""
+
+    def decode(self, z: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        self.last_embedding = embedding.clone()
+        return super().decode(z, embedding)
+
+
+def test_the_unmixed_arm_decodes_from_one_class_embedding_per_sample():
+    torch.manual_seed(0)
+    cvae = EmbeddingRecordingCVAE(MnistEncoder(), MnistDecoder(), K, CVAEConfig()).eval()
+    classes = cvae.class_embeddings().detach()
+    for arm, mixed in (("single", False), ("mixed", True)):
+        generate_pseudo_ood(cvae, 64, Stage2Config(pseudo_ood=arm), 3.0,
+                            torch.Generator().manual_seed(5))
+        # each condition equals one class's embedding exactly, or (CMG) none of them
+        is_one_class = (cvae.last_embedding[:, None, :] == classes[None]).all(dim=2).any(dim=1)
+        assert bool(is_one_class.all()) is not mixed and bool(is_one_class.any()) is not mixed
+
+
+def test_the_noise_arm_is_uniform_images_that_no_cvae_decodes():
+    cvae = EmbeddingRecordingCVAE(MnistEncoder(), MnistDecoder(), K, CVAEConfig()).eval()
+    images = generate_pseudo_ood(cvae, 2000, Stage2Config(pseudo_ood="noise"), 3.0,
+                                 torch.Generator().manual_seed(5))
+    assert images.shape == (2000, 1, 28, 28) and not hasattr(cvae, "last_z")
+    assert 0 <= float(images.min()) and float(images.max()) <= 1
+    assert float(images.mean()) == pytest.approx(0.5, abs=0.01)  # U(0, 1): mean 1/2, var 1/12
+    assert float(images.var()) == pytest.approx(1 / 12, rel=0.02)
+
+
+def test_the_head_only_arm_trains_on_ind_cross_entropy_alone(toy):
+    head, ind, labels, ood = toy
+    none = torch.empty(0, ind.shape[1])
+    for mode in ("CMG-energy", "CMG-softmax"):
+        cfg = Stage2Config(mode=mode, pseudo_ood="none")
+        loss = step_loss(head, ind, labels, none, K, cfg, {})
+        with torch.no_grad():  # nothing added to it (the loss is small: float32 on both sides)
+            by_hand = F.cross_entropy(head(ind), labels)
+        assert float(loss) == pytest.approx(float(by_hand), rel=1e-6)
+        # and its step is plain cross-entropy's: the same as a step on an IND-only loss
+        stepped = sgd_step(head, ind, labels, none, cfg, {})
+        plain = copy.deepcopy(head)
+        optimizer = torch.optim.SGD(plain.parameters(), lr=0.01)
+        F.cross_entropy(plain(ind), labels).backward()
+        optimizer.step()
+        for a, b in zip(stepped.parameters(), plain.parameters()):
+            assert torch.allclose(a, b)
+
+
 class Clock:
     def __init__(self):
         self.now = 1000.0

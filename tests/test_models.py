@@ -52,7 +52,38 @@ def test_parameter_counts_match_the_reference():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(build_classifier("mnist", 6)) == pytest.approx(2.05e6, rel=0.01)
     assert count(build_classifier("cifar", 6)) == pytest.approx(11.4e6, rel=0.01)
-    assert count(build_cvae("mnist", 6)) < 10e6  # defect 4 fixed: the reference had >100M
+    assert count(build_cvae("cifar", 6)) == pytest.approx(33.9e6, rel=0.001)
+
+
+def _weights(module: torch.nn.Module) -> list[tuple[int, ...]]:
+    return [tuple(m.weight.shape) for m in module.modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear))]
+
+
+def test_the_cvaes_are_the_references_layer_for_layer():
+    """Every conv and linear layer of the reference's CVAEs (models/vae.py, models/conv/nets.py
+    of the CMG code) with K = 6 one-hot columns (defect 6) and, for MNIST, padding 1 (defect 4:
+    28 -> 14 -> 7 instead of 28 -> 28 -> 28, whose first Linear had 128 x 28 x 28 inputs)."""
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    mnist = build_cvae("mnist", 6)
+    assert _weights(mnist) == [
+        (64, 1, 4, 4), (128, 64, 4, 4),  # encoder, ReLU after each
+        (1024, 128 * 7 * 7), (32, 1024), (32, 1024),  # fcE, mu, logvar
+        (32, 6),  # class embedding: the latent size, over K one-hot columns
+        (1024, 64), (128 * 7 * 7, 1024),  # fromZ (z and embedding), fcD
+        (128, 64, 4, 4), (64, 1, 4, 4)]  # decoder: 7 -> 14 -> 28
+    assert count(mnist) == 13_249_185
+    cifar = build_cvae("cifar", 6)
+    assert _weights(cifar.decoder) == [(512, 512, 3, 3), (512, 512, 1, 1)] * 2 + [
+        (512, 512, 4, 4), (512, 512, 4, 4), (512, 3, 4, 4)]  # 4 -> 8 -> 16 -> 32
+    assert _weights(cifar)[-10:-5] == [(32, 6), (1024, 64), (512 * 4 * 4, 1024),
+                                        (512, 512, 3, 3), (512, 512, 1, 1)]
+    assert count(cifar) == 33_888_611
+    # the embedding follows the latent size unless set
+    assert build_cvae("mnist", 6, CVAEConfig(latent_dim=16)).class_embeddings().shape == (6, 16)
+    x = torch.rand(2, 512 * 4 * 4)
+    assert cifar.decoder(x).shape == (2, 3, 32, 32) and mnist.decoder(x[:, :6272]).shape == (
+        2, 1, 28, 28)
 
 
 def test_input_dropout_flag_restores_the_reference_layer():

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cmg.config import Stage2Config, budget_config
-from cmg.results import METRIC_NAMES
-from cmg.pipeline import load_partition, run_partition
+from cmg.results import BASELINES, HEAD_BASELINES, METRIC_NAMES
+from cmg.pipeline import flat_metrics, load_partition, run_partition
 from cmg.stage1 import train_classifier, train_cvae
 from cmg.stage2 import run_stage2
 
@@ -85,3 +85,22 @@ def test_stage2_select_last_and_fixed_margins(trained):
     assert result.selected_epoch == 2 and result.margins == {"m_in": -7.0, "m_out": -1.0}
     assert result.val["auroc"] == pytest.approx(result.history[-1]["val_auroc"])
     assert math.isfinite(result.test["auroc"])
+
+
+@pytest.mark.parametrize("arm", ["single", "noise", "none"])
+def test_every_control_arm_runs_on_the_same_models_and_scores_its_own_head(trained, arm):
+    """Each arm fine-tunes the same head of the same stage-1 models; besides CMG's score, the
+    baselines are scored on the selected stage-2 head too (`head_*`), and CMG-energy's own score
+    is the stage-2 head's energy. Without pseudo-OOD there are no margins to set."""
+    split, clf, cvae = trained
+    cfg = Stage2Config(epochs=2, batch_size=64, pseudo_ood=arm)
+    result = run_stage2(clf, cvae, split, cfg, quiet=True)
+    assert set(result.baselines) == {*BASELINES, *HEAD_BASELINES}
+    for part in ("val", "test"):
+        assert result.baselines["head_energy"][part] == pytest.approx(getattr(result, part))
+    assert (result.margins == {}) == (arm == "none")
+    mixed = run_stage2(clf, cvae, split, Stage2Config(epochs=2, batch_size=64), quiet=True)
+    assert result.baselines["msp"] == mixed.baselines["msp"]  # the same stage-1 head
+    assert any(not torch.equal(result.head[k], mixed.head[k]) for k in mixed.head)  # other data
+    flat = flat_metrics({"val": result.val, "test": result.test, "baselines": result.baselines})
+    assert {f"head_maxlogit_{part}_auroc" for part in ("val", "test")} <= set(flat)

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from cmg.config import apply_overrides, budget_config
 from tune.artifacts import ArtifactStore, stage1_keys
-from tune.prewarm import missing_jobs, reachable_configs
+from tune.prewarm import every_partition, missing_jobs, reachable_configs
 from tune.replicate import point_config
 from tune.space import Param, default_space
 from tune.trainables import SweepContext
@@ -38,8 +38,8 @@ def test_every_searched_latent_size_is_reachable_and_continuous_knobs_keep_the_b
 
 def test_one_job_per_missing_key_partition_by_partition_classifier_first(tmp_path):
     ctx = _ctx(str(tmp_path))
-    configs = reachable_configs(BASE, ctx.space)
-    jobs = missing_jobs(ctx, configs)
+    cells = every_partition(ctx, reachable_configs(BASE, ctx.space))
+    jobs = missing_jobs(ctx, cells)
     assert [(j.partition, j.kind) for j in jobs] == [
         (p, kind) for p in (1, 2) for kind in ("classifier", "cvae", "cvae", "cvae")]
     assert len({j.key for j in jobs}) == len(jobs) == 8  # 2 classifiers, 3 x 2 CVAEs
@@ -47,7 +47,7 @@ def test_one_job_per_missing_key_partition_by_partition_classifier_first(tmp_pat
     done = stage1_keys(ctx.setting, 1, BASE)  # partition 1's base models are in the store
     for key in done:
         store.write_json(key, "meta.json", {})
-    left = missing_jobs(ctx, configs)
+    left = missing_jobs(ctx, cells)
     assert {j.key for j in left} == {j.key for j in jobs} - set(done)
 
 

@@ -19,9 +19,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.replicates import load_replicates, replicate_table
-from analysis.trials import load_trials
-from cmg.results import ALL_METRICS, BASELINES, REPLICATES_FILE
+from analysis.replicates import holm, load_replicates, replicate_table
+from analysis.trials import load_trials, trial_rows
+from cmg.config import cell_seed
+from cmg.results import ALL_METRICS, ARMS, BASELINES, HEAD_BASELINES, REPLICATES_FILE
 from tests.conftest import ROOT, run_main
 
 
@@ -43,14 +44,50 @@ def test_replicate_table_statistics_by_hand():
     assert cmg["seed_sd"] == pytest.approx(statistics.stdev(seed_means))
     half = stats.t.ppf(0.975, 1) * statistics.stdev(seed_means) / 2 ** 0.5
     assert cmg["seed_ci_low"] == pytest.approx(statistics.fmean(seed_means) - half)
-    part_means = [0.91, 0.83, 0.72]
-    half = stats.t.ppf(0.975, 2) * statistics.stdev(part_means) / 3 ** 0.5
-    assert cmg["partition_ci_high"] == pytest.approx(statistics.fmean(part_means) + half)
     # lifts are paired within (seed, partition): max-softmax is 0.1 below on seed 1 only
     lift = table.loc["lift vs max-softmax"]
     assert lift["mean"] == pytest.approx(0.05)
     assert lift["seed_sd"] == pytest.approx(statistics.stdev([0.1, 0.0]))
     assert table.loc["lift vs max-logit", "mean"] == pytest.approx(0.05 + 0.04)
+    assert "partition_ci_low" not in table  # partitions share IND classes: no interval over them
+
+
+def test_holm_adjusts_step_down_by_hand():
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> 0.06 (monotone)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, float("nan"), 0.6]) == pytest.approx([1.0, float("nan"), 1.0], nan_ok=True)
+
+
+def test_control_arms_are_paired_with_cmg_and_the_lifts_holm_adjusted():
+    """3 seeds x 2 partitions: head re-training alone (arm "none") 0.01 below CMG on every cell
+    but one, the unmixed arm equal to CMG, up to noise. The lifts' p-values are t-tests of the
+    seed-level means; Holm over the whole family of lifts."""
+    noise = {1: 0.002, 2: -0.001, 3: 0.0005}
+    rows = []
+    for s in (1, 2, 3):
+        for p in (1, 2):
+            cmg = 0.90 + 0.01 * p + noise[s]
+            base = {f"{b}_test_auroc": cmg - 0.05 for b in BASELINES}
+            rows += [{"source_trial": "t1", "seed": s, "partition": p, "arm": "mixed",
+                      "test_auroc": cmg, **base},
+                     {"source_trial": "t1", "seed": s, "partition": p, "arm": "none",
+                      "test_auroc": cmg - 0.01 + 0.004 * (s == 2 and p == 1), **base,
+                      **{f"{h}_test_auroc": cmg - 0.02 for h in HEAD_BASELINES}},
+                     {"source_trial": "t1", "seed": s, "partition": p, "arm": "single",
+                      "test_auroc": cmg + noise[4 - s], **base}]
+    table = replicate_table(pd.DataFrame(rows)).set_index("score")
+    none, single = ARMS["none"], ARMS["single"]
+    assert list(table.index[:7]) == ["CMG", *BASELINES.values(), single, none,
+                                     "max-softmax, re-trained head"][:7]
+    lift = table.loc[f"lift vs {none}"]
+    per_seed = [0.01, 0.01 - 0.004 / 2, 0.01]
+    assert lift["mean"] == pytest.approx(statistics.fmean(per_seed))
+    assert lift["p"] == pytest.approx(stats.ttest_1samp(per_seed, 0).pvalue)
+    lifts = table[table.index.str.startswith("lift")]
+    assert list(lifts["p_holm"]) == pytest.approx(holm(list(lifts["p"])))
+    assert table.loc[f"lift vs {single}", "verdict"].startswith("CMG does not beat")
+    assert table.loc["lift vs max-logit", "verdict"] == "CMG beats max-logit"
+    assert table.loc["lift vs max-logit, re-trained head", "mean"] == pytest.approx(0.02)
 
 
 def _replicate(experiment, *args):
@@ -64,7 +101,7 @@ def _interrupt_once_training(experiment, store: Path) -> tuple[int, str]:
     (a new owner record in the STORE): (its exit code, its stderr)."""
     before = set(store.glob("*/partial/owner.json"))
     proc = subprocess.Popen([sys.executable, "-m", "tune.replicate", str(experiment), "--top",
-                             "1", "--seeds", "1", "--quiet"], cwd=ROOT, text=True,
+                             "1", "--seeds", "1", "--arms", "none", "--quiet"], cwd=ROOT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
@@ -85,34 +122,45 @@ def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep, tmp
     code, err = _interrupt_once_training(experiment, smoke_sweep["storage"] / "stage1")
     assert code == 130, err
     last = err.strip().splitlines()[-1]
-    assert re.fullmatch(r"interrupted with 0 of 1 runs added; add the rest with: python -m "
-                        r"tune\.replicate \S+ --top 1 --seeds 1 --quiet", last), err
+    assert re.fullmatch(r"interrupted with 0 of 2 runs added; add the rest with: python -m "
+                        r"tune\.replicate \S+ --top 1 --seeds 1 --arms none --quiet", last), err
     assert "Traceback" not in err
-    proc = _replicate(experiment, "--top", "1", "--seeds", "1", "--quiet")
+    proc = _replicate(experiment, "--top", "1", "--seeds", "1", "--arms", "none", "--quiet")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "1 runs added" in proc.stdout
+    assert "2 runs added" in proc.stdout
     assert "Configuration for experiment" not in proc.stdout + proc.stderr  # no Ray box
     df = load_replicates(experiment)
     best = summary["best"]["trial_id"]  # the sweep's best on validation
     assert set(df["source_trial"]) == {best}
     assert sorted(set(df["seed"])) == [4]  # the sweep's seed was 3
-    assert len(df) == 5 and set(df["partition"]) == {1, 2, 3, 4, 5}
+    assert sorted(df.groupby("arm")["partition"].apply(sorted).items()) == [
+        ("mixed", [1, 2, 3, 4, 5]), ("none", [1, 2, 3, 4, 5])]
     assert all(df[f"param_{k}"].eq(v).all() for k, v in summary["best"]["params"].items())
     # a new seed -> new stage-1 models: a classifier and the best's CVAE per partition, each
-    # trained once, by the replicate's prewarm tasks
+    # seeded and split by its own cell, trained once by the replicate's prewarm tasks and
+    # shared by both arms
     meta = [json.loads(p.read_text())
             for p in (smoke_sweep["storage"] / "stage1").glob("*/meta.json")]
-    seeded = [m for m in meta if m["config"][m["kind"]]["seed"] == 4]
+    cells = {cell_seed(4, p): p for p in range(1, 6)}
+    seeded = [m for m in meta if m["config"][m["kind"]]["seed"] in cells]
     assert sorted((m["kind"], m["partition"]) for m in seeded) == [
         (kind, p) for kind in ("classifier", "cvae") for p in range(1, 6)]
-    assert all(m["trained_by"].startswith("smoke/prewarm-") for m in seeded)
+    for m in seeded:
+        assert cells[m["config"][m["kind"]]["seed"]] == m["partition"]
+        assert m["config"]["data"]["split_seed"] == m["config"][m["kind"]]["seed"]
+        assert m["trained_by"].startswith("smoke/prewarm-")
+    keys = {json.loads((f / "params.json").read_text())["arm"]: {r["stage1_key"] for r in
+                                                                 trial_rows(f)}
+            for f in (experiment / "replicate").glob("*/replicate_trainable_*")}
+    assert keys["mixed"] == keys["none"] and len(keys["mixed"]) == 5  # the same models
     # a different seed gives a different test AUROC than the sweep's own run on some partition
     swept = load_trials(experiment).query("trial_id == @best").set_index("partition")
     assert any(swept.loc[p, "test_auroc"] != a for p, a in zip(df["partition"], df["test_auroc"]))
     assert "CMG" in proc.stdout and "max-logit" in proc.stdout and "CI over seeds" in proc.stdout
+    assert f"lift vs {ARMS['none']}" in proc.stdout and "p (Holm)" in proc.stdout
 
     folders = sorted((experiment / "replicate").glob("*/replicate_trainable_*"))
-    again = _replicate(experiment, "--top", "1", "--seeds", "1", "--quiet")
+    again = _replicate(experiment, "--top", "1", "--seeds", "1", "--arms", "none", "--quiet")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "0 runs added" in again.stdout
     assert sorted((experiment / "replicate").glob("*/replicate_trainable_*")) == folders
@@ -120,7 +168,7 @@ def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep, tmp
     report = run_main("analysis.report", str(experiment), "--out", str(tmp_path / "report"))
     assert report.returncode == 0, report.stderr
     table = pd.read_csv(tmp_path / "report" / REPLICATES_FILE, dtype={"source_trial": str})
-    assert len(table) == 5 and set(table["source_trial"]) == {best}
+    assert len(table) == 10 and set(table["source_trial"]) == {best}
 
 
 def _fake_run(experiment, run: str, trial: str, seed: int, aurocs: list[float],

@@ -93,8 +93,15 @@ def test_study_is_persisted_and_starts_from_the_reference_defaults(smoke_sweep):
         t["error"] is not None for t in trials(smoke_sweep["experiment"]))
 
 
-def test_a_second_sweep_in_the_same_storage_trains_no_stage1(second_sweep):
+def test_a_second_sweep_in_the_same_storage_trains_no_stage1(second_sweep, smoke_sweep):
+    """Selected blind (--select-on rotated): the same stage-1 models, their features for the
+    rotated validation OOD beside the others, and a report that says what selection saw."""
     summary = json.loads((second_sweep["experiment"] / "summary.json").read_text())
+    stage1 = smoke_sweep["storage"] / "stage1"
+    assert all(len(list(d.glob("features*.pt"))) == 2 for d in stage1.glob("*-classifier-*")
+               if (d / "meta.json").read_text().count('"seed": 3'))
+    report = (second_sweep["experiment"] / "report" / "report.md").read_text()
+    assert "blind to the unseen classes (`--select-on rotated`)" in report
     assert summary["stage1_trained"] == 0 and summary["stage1_reused"] == 10
     assert "0 trained (0 classifiers, 0 CVAEs), reused in 10 trial partitions" in second_sweep[
         "stdout"]

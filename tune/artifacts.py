@@ -11,10 +11,10 @@ later sweep that needs the same model finds it, and a new latent size trains onl
 
 Layout: ``ROOT/CLASSIFIER_KEY/{classifier.pt or backbone.pt, features.pt, meta.json}`` and
 ``ROOT/CVAE_KEY/{cvae.pt, meta.json}``; `meta.json` is written last and marks an artifact
-complete; ``ROOT/format.json`` names the store's format. In different_dataset the features depend
-on which OOD sets are evaluated, the models do not: they are ``features-<layout hash>.pt``
-(`features_name`), one per OOD-set layout, computed from the stored classifier by the first trial
-that needs them, so evaluating on other OOD data never retrains stage 1. ``ROOT/KEY/partial/``
+complete; ``ROOT/format.json`` names the store's format. The features depend on which OOD sets
+are evaluated (different_dataset) and on what validation OOD is (`--select-on`), the models do
+not: another layout has its own ``features-<layout hash>.pt`` (`features_name`), computed from the
+stored classifier by the first trial that needs it, so neither ever retrains stage 1. ``ROOT/KEY/partial/``
 holds the per-epoch checkpoints of a training in progress, so a trial that moves to another node
 continues from its last epoch. ``ROOT/KEY/trainings/`` logs every training of the key that started
 (one file each, `ArtifactStore.trainings`): one entry per key unless a training was interrupted
@@ -70,13 +70,15 @@ def _key(setting: str, partition: int, kind: str, identity: dict) -> str:
 def classifier_key(setting: str, partition: int, cfg: RunConfig,
                    backbone: BackboneSpec | None = None) -> str:
     """Hash of what determines the classifier and its features: its config (with an external
-    backbone: the backbone's format and file hash, and the head width) and the whole data
-    config (the features cover the evaluation images, so `eval_limit` counts)."""
+    backbone: the backbone's format and file hash, and the head width) and the data config (the
+    features cover the evaluation images, so `eval_limit` counts; `val_ood` names a features
+    file instead: `features_name`)."""
     model = cfg.to_dict()["classifier"]
     if backbone is not None:
         model = {"backbone": backbone.identity(), "head_width": cfg.classifier.head_width}
-    return _key(setting, partition, "classifier", {"classifier": model,
-                                                   "data": cfg.to_dict()["data"]})
+    # what validation OOD is changes the features, not the classifier: another features file
+    data = {k: v for k, v in cfg.to_dict()["data"].items() if k != "val_ood"}
+    return _key(setting, partition, "classifier", {"classifier": model, "data": data})
 
 
 def cvae_key(setting: str, partition: int, cfg: RunConfig) -> str:
@@ -94,13 +96,17 @@ def stage1_keys(setting: str, partition: int, cfg: RunConfig,
                       cvae_key(setting, partition, cfg))
 
 
-def features_name(ood_sets: tuple[tuple[str, int, int], ...] = ()) -> str:
-    """The artifact's features file for an OOD-set layout (`Split.ood_sets`; empty in Setting 1)."""
-    if not ood_sets:
+def features_name(split) -> str:
+    """The classifier artifact's features file for a split's evaluation layout: its OOD sets
+    (`Split.ood_sets`, Setting 2) and what validation OOD is (`DataConfig.val_ood`); one file
+    per layout beside the same classifier."""
+    if not split.ood_sets and split.data.val_ood == "unseen":
         return "features.pt"
     # "by-name": each set's val/test split is seeded by its name (earlier: by its list position)
-    blob = json.dumps(["by-name", [list(entry) for entry in ood_sets]]).encode()
-    return f"features-{hashlib.sha256(blob).hexdigest()[:12]}.pt"
+    layout = ["by-name", [list(entry) for entry in split.ood_sets]]
+    if split.data.val_ood != "unseen":
+        layout.append(split.data.val_ood)
+    return f"features-{hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:12]}.pt"
 
 
 def put_bytes(filesystem: pafs.FileSystem, target: str, data: bytes) -> None:

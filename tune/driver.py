@@ -30,7 +30,7 @@ from tune.placement import plan_placement
 from tune.search import SweepSearch, fail_orphans, prune_stopped, sweep_searcher
 from tune.spec import SweepSpec
 from tune.shared_stage1 import NAMESPACE, create_leases
-from tune.prewarm import Prewarm, reachable_configs
+from tune.prewarm import Prewarm, every_partition, reachable_configs
 from tune.trainables import SweepContext, stage2_trainable, write_context
 
 
@@ -255,8 +255,8 @@ def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts, started: flo
     leases = create_leases(ctx.store_uri)  # the store's lease service (detached, shared)
     ray.get(leases.__ray_ready__.remote())
     write_context(experiment, ctx, resources, options.max_failures)  # for tune.replicate
-    prewarm = Prewarm(ctx, reachable_configs(ctx.base, ctx.space), options.cpus_per_trial, gpus,
-                      stage1_fn)
+    prewarm = Prewarm(ctx, every_partition(ctx, reachable_configs(ctx.base, ctx.space)),
+                      options.cpus_per_trial, gpus, stage1_fn)
     if options.prewarm:  # the search starts once a stage-1 task's slot would idle
         prewarm.submit(options.quiet)
         prewarm.wait_for_slots(placement.stage1_slots)

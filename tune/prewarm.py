@@ -9,7 +9,8 @@ resources: a whole GPU where there are GPUs, a trial's CPUs. The search starts a
 models are left than such tasks run at once: from then on a task's slot would idle, so trials take
 it; the trials that reach a model still in training wait for it under its lease (train once).
 
-    prewarm = Prewarm(ctx, reachable_configs(ctx.base, ctx.space), cpus=1, gpus=0)
+    cells = every_partition(ctx, reachable_configs(ctx.base, ctx.space))
+    prewarm = Prewarm(ctx, cells, cpus=1, gpus=0)
     prewarm.submit(quiet=False)           # "[sweep] training 15 stage-1 models (...)"
     prewarm.wait_for_slots(slots=2)       # returns with at most 1 model left in training
     ...                                   # the search
@@ -68,14 +69,19 @@ class Job:
     key: str
 
 
-def missing_jobs(ctx, configs: list[RunConfig]) -> list[Job]:
-    """One job per stage-1 key that the configs need and the store lacks, partition by
-    partition, each partition's classifier first."""
+def every_partition(ctx, configs: list[RunConfig]) -> list[tuple[int, RunConfig]]:
+    """The (partition, config) cells of a sweep: each config on every partition."""
+    return [(partition, cfg) for partition in ctx.partitions for cfg in configs]
+
+
+def missing_jobs(ctx, cells: list[tuple[int, RunConfig]]) -> list[Job]:
+    """One job per stage-1 key that the (partition, config) cells need and the store lacks,
+    partition by partition, each partition's classifiers first."""
     store = ArtifactStore(ctx.store_uri)
     jobs: dict[str, Job] = {}
     for partition in ctx.partitions:
         for kind in KINDS:
-            for cfg in configs:
+            for cfg in (cfg for p, cfg in cells if p == partition):
                 key = getattr(stage1_keys(ctx.setting, partition, cfg, ctx.backbone), kind)
                 if key not in jobs and not store.exists(key):
                     jobs[key] = Job(kind, partition, cfg, key)
@@ -92,7 +98,7 @@ class Prewarm:
     """The prewarm of one sweep (or tune.replicate run): submit, wait for free slots, finish."""
 
     ctx: Any  # tune.trainables.SweepContext
-    configs: list[RunConfig]
+    cells: list[tuple[int, RunConfig]]  # (partition, stage-1 config): `every_partition`
     cpus: float
     gpus: float  # a trial's share; a stage-1 task takes a whole GPU if this is above 0
     task: Callable | None = None  # default: tune.trainables.stage1_task
@@ -106,7 +112,7 @@ class Prewarm:
         """Start a task for every missing model; returns how many."""
         from tune.trainables import stage1_task
 
-        self.jobs = missing_jobs(self.ctx, self.configs)
+        self.jobs = missing_jobs(self.ctx, self.cells)
         if not self.jobs:
             return 0
         remote = ray.remote(_run_job).options(

@@ -1,22 +1,26 @@
 """`python -m tune.replicate EXPERIMENT`: re-run a finished sweep's best configurations with new
-seeds, so that their numbers carry seed variance as well as partition variance.
+seeds, beside their control arms, so that their numbers carry seed variance as well as partition
+variance and say what class mixing adds.
 
-    python -m tune.replicate experiments/same_dataset_mnist-CMG-energy-demo --top 3 --seeds 3
-    python -m tune.replicate EXPERIMENT --top 3 --seeds 3 --with-defaults
+    python -m tune.replicate experiments/same_dataset_mnist-CMG-energy-demo --top 1
+    python -m tune.replicate EXPERIMENT --top 3 --seeds 5 --with-defaults --arms none,single
 
 The top configurations are ranked on validation (mean `val_auroc` over the partitions, complete
 configurations only); `--with-defaults` adds the sweep's first configuration (the reference's
 defaults, even if early stopping cut it short), so that tuned CMG is compared with default CMG
-on the same seeds. Each runs on every partition once per new seed: seeds S+1 .. S+SEEDS, where
-S is the sweep's `--seed`, re-seed stage 1 (classifier and CVAE: new stage-1 keys, trained once
-per seed and reused by every configuration of that seed) and stage 2; the data split stays fixed.
-The sweep's own run (seed S) is not counted: it is the run the configuration was selected on.
+on the same seeds. Each runs on every partition once per new seed (seeds S+1 .. S+SEEDS, where S
+is the sweep's `--seed`) and per arm (cmg.results.ARMS: CMG, and by default every control: the
+same configuration training the head against single-class pseudo-OOD, noise, or nothing).
+Every (seed, partition) cell is seeded on its own (cmg.config.cell_config): stage 1, stage 2 and
+the train/validation split, so cells are independent draws; the cell's stage-1 models are
+trained once and shared by every configuration and arm of that cell. The sweep's own run (seed
+S) is not counted: it is the run the configuration was selected on.
 The trials are Ray Tune trials in EXPERIMENT/replicate/run-<time>/ (one Tune run per call),
 with the sweep's resources, retries and stage-1 store (STORAGE/stage1). Running the command
-again adds only the (configuration, seed) pairs that have no complete trial yet, so Ctrl-C (or
-SIGTERM) stops it cleanly (exit 130, saying how many runs were added) and the same command goes
-on. At the end it prints the replicated table, and `python -m analysis.report EXPERIMENT` adds it
-to report.md.
+again adds only the (configuration, seed, arm) runs that have no complete trial yet, so Ctrl-C
+(or SIGTERM) stops it cleanly (exit 130, saying how many runs were added) and the same command
+goes on. At the end it prints the replicated table, and `python -m analysis.report EXPERIMENT`
+adds it to report.md.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ from pyarrow import fs as pafs
 
 from analysis.replicates import load_replicates, replicate_markdown, replicate_table
 from analysis.trials import NotAnExperiment, aggregate, leaderboard, load_trials, open_experiment
-from cmg.config import apply_overrides, with_seed
+from cmg.config import apply_overrides, cell_config, with_seed
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
-from cmg.results import REPLICATE_DIR, TRIAL_PREFIX, is_uri
+from cmg.results import ARMS, REPLICATE_DIR, TRIAL_PREFIX, is_uri
 from tune.space import to_overrides
 from tune.trainables import SweepContext, read_context
 
@@ -44,7 +48,11 @@ def build_parser() -> OneLineParser:
     p.add_argument("experiment", help="a finished tune.sweep experiment folder (STORAGE/NAME)")
     p.add_argument("--top", type=int, default=3,
                    help="configurations to replicate, best mean validation AUROC first")
-    p.add_argument("--seeds", type=int, default=3, help="new seeds per configuration")
+    p.add_argument("--seeds", type=int, default=5, help="new seeds per configuration")
+    p.add_argument("--arms", default=",".join(CONTROLS),
+                   help="control arms run beside CMG on the same cells, comma-separated: "
+                        + "; ".join(f"{a}: {ARMS[a]}" for a in CONTROLS)
+                        + " (default: all; 'mixed' alone: CMG only)")
     p.add_argument("--with-defaults", action="store_true",
                    help="also replicate the sweep's first configuration (the reference's "
                         "defaults, complete or not), the one tuning has to beat")
@@ -54,25 +62,37 @@ def build_parser() -> OneLineParser:
     return p
 
 
+POINT_KEYS = ("source_trial", "seed", "arm")  # what a replicate point adds to a configuration
+CONTROLS = tuple(a for a in ARMS if a != "mixed")  # every control arm (cmg.results.ARMS)
+
+
+def _arm_base(ctx: SweepContext, point: dict[str, Any]):
+    """The sweep's base config under the point's seed and arm (cmg.results.ARMS)."""
+    return apply_overrides(with_seed(ctx.base, point["seed"]),
+                           {"stage2.pseudo_ood": point.get("arm", "mixed")})
+
+
 def replicate_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
-    """The sweep's stage-2 trainable for one (configuration, seed): the seed replaces the
-    sweep's in every stage (so stage 1 gets its own keys); the data split is unchanged. Its
-    name names the trial folders (cmg.results.REPLICATE_PREFIX)."""
+    """The sweep's stage-2 trainable for one (configuration, seed, arm): every (seed, partition)
+    cell seeded on its own, stage 1, stage 2 and the train/validation split
+    (cmg.config.cell_config: new stage-1 keys per cell, shared by every configuration and arm of
+    that cell); the arm sets what stage 2 trains against. Its name names the trial folders
+    (cmg.results.REPLICATE_PREFIX)."""
     from tune.trainables import stage2_trainable
 
-    seeded = replace(ctx, base=with_seed(ctx.base, config["seed"]))
-    stage2_trainable(_drawn(config), seeded)
+    stage2_trainable(_drawn(config), replace(ctx, base=_arm_base(ctx, config), cell_seeds=True))
 
 
 def _drawn(point: dict[str, Any]) -> dict[str, Any]:
     """A point's configuration parameters (None: a conditional one that was not drawn)."""
-    return {k: v for k, v in point.items() if k not in ("source_trial", "seed") and v is not None}
+    return {k: v for k, v in point.items() if k not in POINT_KEYS and v is not None}
 
 
-def point_config(point: dict[str, Any], ctx: SweepContext):
-    """The RunConfig a replicate point runs: the sweep's base, seeded, with its parameters."""
-    return apply_overrides(with_seed(ctx.base, point["seed"]),
-                           to_overrides(_drawn(point), ctx.space))
+def point_cells(point: dict[str, Any], ctx: SweepContext) -> list[tuple[int, Any]]:
+    """The (partition, RunConfig) cells a replicate point runs: the sweep's base under its seed
+    and arm, with its parameters, seeded per partition."""
+    cfg = apply_overrides(_arm_base(ctx, point), to_overrides(_drawn(point), ctx.space))
+    return [(p, cell_config(cfg, p)) for p in ctx.partitions]
 
 
 def _read_params(experiment: str, trial_id: str) -> dict[str, Any]:
@@ -84,10 +104,11 @@ def _read_params(experiment: str, trial_id: str) -> dict[str, Any]:
         return json.loads(stream.read().decode())
 
 
-def missing_points(experiment: str, top: int, seeds: list[int],
-                   with_defaults: bool = False) -> tuple[list[str], list[dict]]:
+def missing_points(experiment: str, top: int, seeds: list[int], with_defaults: bool = False,
+                   arms: tuple[str, ...] = ("mixed",)) -> tuple[list[str], list[dict]]:
     """(the top trial ids, ranked on validation, then the first trial's if `with_defaults`; the
-    (configuration, seed) points that have no complete replicate trial yet, as trial configs)."""
+    (configuration, seed, arm) points that have no complete replicate trial yet, as trial
+    configs)."""
     trials = aggregate(load_trials(experiment))
     board = leaderboard(trials, by="val_auroc").head(top)
     if board.empty:
@@ -98,9 +119,12 @@ def missing_points(experiment: str, top: int, seeds: list[int],
     if with_defaults and first not in chosen:
         chosen.append(first)
     done = load_replicates(experiment)
-    have = set(zip(done["source_trial"], done["seed"])) if not done.empty else set()
-    points = [{"source_trial": trial_id, "seed": seed, **_read_params(experiment, trial_id)}
-              for seed in seeds for trial_id in chosen if (trial_id, seed) not in have]
+    have = (set(zip(done["source_trial"], done["seed"], done["arm"])) if not done.empty
+            else set())
+    points = [{"source_trial": trial_id, "seed": seed, "arm": arm,
+               **_read_params(experiment, trial_id)}
+              for seed in seeds for trial_id in chosen for arm in arms
+              if (trial_id, seed, arm) not in have]
     return chosen, points
 
 
@@ -129,8 +153,8 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
         # the points' stage-1 models (new seeds: new models), each once, as tasks first:
         # otherwise the trials of one seed take turns training them (a lease per model)
         resources = saved["resources"]
-        prewarm = Prewarm(ctx, [point_config(p, ctx) for p in points], resources["cpu"],
-                          resources["gpu"], label="replicate")
+        prewarm = Prewarm(ctx, [cell for p in points for cell in point_cells(p, ctx)],
+                          resources["cpu"], resources["gpu"], label="replicate")
         prewarm.submit(quiet)
         prewarm.wait_for_slots(stage1_slots(resources["cpu"], resources["gpu"]))
         trainable = tune.with_resources(tune.with_parameters(replicate_trainable, ctx=ctx),
@@ -165,24 +189,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.top < 1 or args.seeds < 1:
         fail("--top and --seeds must be at least 1")
+    arms = tuple(dict.fromkeys(["mixed", *(a.strip() for a in args.arms.split(",") if a.strip())]))
+    if unknown := [a for a in arms if a not in ARMS]:
+        fail(f"unknown arm '{unknown[0]}'; choose from {', '.join(ARMS)}")
     experiment = open_experiment(args.experiment)[1] if not is_uri(args.experiment) \
         else args.experiment
     try:
         saved = read_context(experiment)
         sweep_seed = saved["ctx"].base.classifier.seed
         seeds = list(range(sweep_seed + 1, sweep_seed + 1 + args.seeds))
-        chosen, points = missing_points(experiment, args.top, seeds, args.with_defaults)
+        chosen, points = missing_points(experiment, args.top, seeds, args.with_defaults, arms)
     except NotAnExperiment as err:
         fail(str(err))
     started = time.time()
     if points:
         if not args.quiet:
-            print(f"[replicate] {len(points)} (configuration, seed) runs to add: configurations "
-                  f"{', '.join(chosen)}, seeds {seeds}", flush=True)
+            print(f"[replicate] {len(points)} (configuration, seed, arm) runs to add: "
+                  f"configurations {', '.join(chosen)}, seeds {seeds}, arms {', '.join(arms)}",
+                  flush=True)
         try:
             run_replicates(experiment, points, saved, args.address, args.quiet)
         except KeyboardInterrupt:
-            left = missing_points(experiment, args.top, seeds, args.with_defaults)[1]
+            left = missing_points(experiment, args.top, seeds, args.with_defaults, arms)[1]
             again = ["python", "-m", "tune.replicate", *(sys.argv[1:] if argv is None else argv)]
             print(f"interrupted with {len(points) - len(left)} of {len(points)} runs added; add "
                   f"the rest with: {shlex.join(again)}", file=sys.stderr, flush=True)

@@ -276,7 +276,7 @@ def _publish_features(store: ArtifactStore, key: str, split: Split, cfg: RunConf
                           for p, d in features.evals.items()},
                 "stage1_logits": {p: tuple(x.cpu() for x in pair)
                                   for p, pair in features.stage1_logits.items()}}, buffer)
-    store.write_bytes(key, features_name(split.ood_sets), buffer.getvalue())
+    store.write_bytes(key, features_name(split), buffer.getvalue())
     return features
 
 
@@ -310,7 +310,7 @@ def _load(store: ArtifactStore, keys: Stage1Keys, split: Split, cfg: RunConfig,
             features = _publish_features(store, keys.classifier, split, cfg, classifier)
         return classifier, features
 
-    features_file = features_name(split.ood_sets)
+    features_file = features_name(split)
     classifier, features = _cached((store.uri, keys.classifier, features_file, str(device)),
                                    classifier_and_features)
     cvae = _cached((store.uri, keys.cvae, str(device)), lambda: load_stage1_model(

@@ -33,6 +33,7 @@ class SweepOptions:
     setting: str
     setting_modules: tuple[str, ...]
     mode: str
+    select_on: str  # DataConfig.val_ood of every trial: what selection sees as OOD
     budget: str
     overrides: tuple[str, ...]  # --set KEY=VALUE
     num_samples: int

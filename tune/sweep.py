@@ -35,7 +35,7 @@ from typing import NoReturn
 
 from cmg.cli import (add_backbone_args, add_budget_args, add_compile_arg, add_data_args,
                      add_ood_dataset_arg, add_setting_args, backbone_from_args, write_json)
-from cmg.config import budget_config, seed_overrides
+from cmg.config import VAL_OOD, budget_config, seed_overrides
 from cmg.results import BASELINES, MANIFEST, SUMMARY, TRIAL_PREFIX, is_uri
 from cmg.data import load_setting, make_split, resolve_data_root, setting_modules
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
@@ -51,6 +51,11 @@ def build_parser() -> OneLineParser:
     p = command_parser("python -m tune.sweep", __doc__)
     add_setting_args(p)
     p.add_argument("--mode", default="CMG-energy", help="CMG-energy, CMG-softmax or both")
+    p.add_argument("--select-on", default="unseen", choices=list(VAL_OOD),
+                   help="the validation OOD that selection (epoch, search, ASHA, leaderboard) "
+                        "reads: 'unseen', held-out training images of the test's OOD classes, "
+                        "or 'rotated', IND validation images turned by 90/180/270 degrees, so "
+                        "that no unseen-class image is seen before the test (Setting 1)")
     add_budget_args(p)
     p.add_argument("--num-samples", type=int, default=16, help="configurations to try")
     p.add_argument("--time-budget", default=None, metavar="DURATION", type=parse_duration,
@@ -191,7 +196,8 @@ def build_spec(argv: list[str]) -> tuple[SweepSpec, dict | None, bool]:
     check_loggers(args.loggers, args.storage)
     modes = mode_choices(args.mode)
     base = budget_config(args.budget, setting.family,
-                         seed_overrides(args.seed) + list(args.overrides))
+                         seed_overrides(args.seed) + [f"data.val_ood={args.select_on}"]
+                         + list(args.overrides))
     space = default_space(base)
     if manifest and "space" not in given:  # the space it used, even if its file changed since
         space = space_from_manifest(manifest)

@@ -33,7 +33,7 @@ from pyarrow.fs import FileType
 from ray import tune
 
 from cmg.backbone import BackboneSpec
-from cmg.config import DataConfig, RunConfig, apply_overrides, with_seed
+from cmg.config import DataConfig, RunConfig, apply_overrides, cell_config
 from cmg.data import get_setting, import_setting_modules, make_split
 from cmg.pipeline import flat_metrics, result_dict
 from cmg.results import (CONTEXT_FILE, ROWS_FILE, TRIAL_FILE, TUNE_KEYS, head_file,
@@ -67,6 +67,8 @@ class SweepContext:
     name: str = ""  # the experiment's name: stage-1 models it trains record "NAME/TRIAL_ID"
     compile_model: bool = False  # torch.compile stage-1 training (--compile)
     setting_modules: tuple[str, ...] = ()  # imported before the setting is looked up (user's own)
+    # tune.replicate: each partition seeded on its own (cmg.config.cell_config), split included
+    cell_seeds: bool = False
 
 
 
@@ -100,10 +102,12 @@ def _split(setting: str, partition: int, data: DataConfig, device: str, data_roo
     return make_split(setting, partition, data, data_root, ood_datasets=ood_datasets).to(device)
 
 
-def split_for(ctx: SweepContext, partition: int, device: torch.device):
-    """The partition's tensors on the device, loaded once per worker process."""
+def split_for(ctx: SweepContext, partition: int, device: torch.device,
+              data: DataConfig | None = None):
+    """The partition's tensors on the device (split by `data`, default the sweep's), loaded once
+    per worker process."""
     import_setting_modules(ctx.setting_modules)  # a user's setting registers itself on import
-    split = _split(ctx.setting, partition, ctx.base.data, str(device), ctx.data_root,
+    split = _split(ctx.setting, partition, data or ctx.base.data, str(device), ctx.data_root,
                    ctx.ood_datasets)
     if split.ood_sets != ctx.ood_sets:  # this node's data root differs from the driver's
         raise RuntimeError(f"OOD sets on this node {split.ood_sets} differ from the driver's "
@@ -123,7 +127,7 @@ def stage1_task(ctx: SweepContext, kind: str, partition: int, cfg: RunConfig) ->
     """A prewarm task (tune.prewarm): train one stage-1 model, "classifier" or "cvae", of `cfg`
     for a partition, unless the store has it; its lease holder is NAME/prewarm-KIND-pN."""
     device = _device(ctx)
-    split = split_for(ctx, partition, device)
+    split = split_for(ctx, partition, device, cfg.data)
     shared = SharedStage1(ArtifactStore(ctx.store_uri), get_leases(ctx.store_uri),
                           f"{ctx.name}/prewarm-{kind}-p{partition}", ctx.backbone,
                           ctx.compile_model)
@@ -177,12 +181,13 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     shared = shared_stage1(ctx)
     for partition in ctx.partitions[len(done):]:
         started = time.perf_counter()
-        split = split_for(ctx, partition, device)
+        cell = cell_config(cfg, partition) if ctx.cell_seeds else cfg
+        split = split_for(ctx, partition, device, cell.data)
         try:
-            models = shared.ensure(split, cfg, device)
+            models = shared.ensure(split, cell, device)
             stage1_s = time.perf_counter() - started
-            result = run_stage2(models.classifier, models.cvae, split, cfg.stage2, device,
-                                cfg.classifier.amp, quiet=True, features=models.features)
+            result = run_stage2(models.classifier, models.cvae, split, cell.stage2, device,
+                                cell.classifier.amp, quiet=True, features=models.features)
         except TrainingDiverged as err:
             put_bytes(trial_fs, diverged, str(err).encode())
             raise
@@ -196,7 +201,7 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
         heads[partition] = result.head
         record = {"partition": partition, "stage1_key": str(models.keys),
                   "stage1_trained": models.trained, "selected_epoch": result.selected_epoch,
-                  "metrics": flat_metrics(result_dict(split, cfg, result, seconds)),
+                  "metrics": flat_metrics(result_dict(split, cell, result, seconds)),
                   "seconds": seconds}
         done.append(record)
         record["row"] = {  # the full row: in ROWS_FILE, and in the checkpoint for a retry

@@ -5,7 +5,9 @@ independently of the partition. Validation IND = those images of the IND classes
 = those of the OOD classes (train split, never the test split), so model and hyperparameter
 selection never touches the test set. In Setting 2 (OOD = other data sets, which have no train
 split here) validation OOD is a fixed, seeded 20% of each OOD set and the test uses the other
-80%. Images stay uint8 (N, C, H, W); `batches` slices them on the training device and
+80%. With `DataConfig.val_ood="rotated"` (Setting 1) validation OOD is instead the validation IND
+images, each rotated by 90, 180 or 270 degrees: selection blind to the unseen classes. Images
+stay uint8 (N, C, H, W); `batches` slices them on the training device and
 `to_float` maps to [0, 1] (the reference's ToTensor, no normalisation).
 
     split = make_split("same_dataset_mnist", 1, DataConfig()).to("cuda")
@@ -23,6 +25,7 @@ from typing import Iterator
 import torch
 
 from cmg.config import DataConfig
+from cmg.errors import fail
 from cmg.data.ood import load_ood_sets
 from cmg.data.settings import Setting, get_setting
 from cmg.data.sources import resolve_data_root
@@ -127,6 +130,16 @@ def _split_ood_sets(sets: dict[str, torch.Tensor], cfg: DataConfig):
     return torch.cat(val), torch.cat(test), tuple(layout)
 
 
+def rotated(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each (C, H, W) image turned by 90, 180 or 270 degrees (seeded, a third each): a proxy OOD
+    made of IND images only, so that selection never sees an unseen class (`val_ood=rotated`)."""
+    turns = torch.randint(1, 4, (len(images),), generator=_seeded(seed, 5))
+    out = images.clone()
+    for k in (1, 2, 3):
+        out[turns == k] = torch.rot90(images[turns == k], k, dims=(-2, -1))
+    return out
+
+
 def make_split(setting: str | Setting, partition: int, cfg: DataConfig = DataConfig(),
                data_root: str | Path | None = None, download: bool = False,
                ood_datasets: str | None = "all") -> Split:
@@ -134,6 +147,9 @@ def make_split(setting: str | Setting, partition: int, cfg: DataConfig = DataCon
     `ood_datasets` (Setting 2 only): `all` or a comma-separated list of OOD_LOADERS' names, or
     None for no OOD images (stage-1 training needs none)."""
     s = get_setting(setting) if isinstance(setting, str) else setting
+    if s.ood_from_datasets and cfg.val_ood != "unseen":
+        fail(f"data.val_ood={cfg.val_ood} is for settings whose OOD are held-out classes; "
+             f"{s.name} validates on its OOD data sets (its report holds each set out in turn)")
     ind, ood = s.ind_classes(partition), s.ood_classes(partition)
     root = resolve_data_root(data_root)
     train_x, train_y, test_x, test_y = s.source(root, download)
@@ -155,10 +171,15 @@ def make_split(setting: str | Setting, partition: int, cfg: DataConfig = DataCon
         val_ood_x, test_ood_x, layout = _split_ood_sets(sets, cfg)
         extra = {"ood_sets": layout, "skipped_ood_sets": tuple(skipped)}
     else:  # Setting 1: the held-out classes of the same data set
-        val_ood = _limit(torch.cat([val_idx[c] for c in ood]), cfg.eval_limit, cfg.split_seed, 2)
         test_ood = _limit(torch.nonzero(torch.isin(test_y, torch.tensor(ood))).flatten(),
                           cfg.eval_limit, cfg.split_seed, 4)
-        val_ood_x, test_ood_x = train_x[val_ood], test_x[test_ood]
+        test_ood_x = test_x[test_ood]
+        if cfg.val_ood == "rotated":  # blind: no image of an unseen class before the test
+            val_ood_x = rotated(train_x[val_ind], cfg.split_seed)
+        else:
+            val_ood = _limit(torch.cat([val_idx[c] for c in ood]), cfg.eval_limit,
+                             cfg.split_seed, 2)
+            val_ood_x = train_x[val_ood]
     return Split(
         setting=s.name, partition=partition, family=s.family, ind_classes=tuple(ind),
         train_x=train_x[train_sel], train_y=relabel[train_y[train_sel]],

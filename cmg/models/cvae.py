@@ -1,6 +1,8 @@
-"""Conditional VAEs. The encoder does not see the label; the decoder is conditioned on a class
-embedding (a Linear map of a one-hot over the K IND classes, the reference's defect 6 fixed), so
-stage 2 can decode from *mixed* embeddings.
+"""The reference's conditional VAEs (layer for layer, with its defects 4 and 6 fixed: see
+docs/design.md). The encoder does not see the label; the decoder is conditioned on a class
+embedding (a Linear map of a one-hot over the K IND classes), so stage 2 can decode from *mixed*
+embeddings. MNIST: 2 strided convs in, 2 transposed convs out (13.1M parameters); CIFAR: a
+ResNet-18 encoder, a decoder of 2 residual blocks and 3 transposed convs (33.9M).
 
     cvae = build_cvae("mnist", num_classes=6)
     recon, mu, logvar = cvae(x, y)
@@ -14,48 +16,68 @@ from torch import nn
 from torch.nn import functional as F
 
 from cmg.config import CVAEConfig
-from cmg.models.classifier import BasicBlock, CifarResNet18
+from cmg.models.classifier import CifarResNet18
 
 
 class MnistEncoder(nn.Module):
-    """Two strided convs 28 -> 14 -> 7 (padding 1: the reference's padding 15, defect 4, kept
-    28x28 and made one Linear layer 103M parameters)."""
+    """The reference's: two strided 4x4 convs, 1 -> 64 -> 128 channels, ReLU, 28 -> 14 -> 7
+    (padding 1: the reference's padding 15, defect 4, kept 28x28 and made its first Linear layer
+    103M parameters)."""
 
-    out_dim = 64 * 7 * 7
+    out_dim = 128 * 7 * 7
 
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 32, 4, 2, 1), nn.LeakyReLU(0.2),
-                                 nn.Conv2d(32, 64, 4, 2, 1), nn.LeakyReLU(0.2))
+        self.net = nn.Sequential(nn.Conv2d(1, 64, 4, 2, 1), nn.ReLU(),
+                                 nn.Conv2d(64, 128, 4, 2, 1), nn.ReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).flatten(1)
 
 
 class MnistDecoder(nn.Module):
-    in_dim = 64 * 7 * 7
+    """The reference's: 128x7x7 -> two strided 4x4 transposed convs, 128 -> 64 -> 1, 7 -> 14 -> 28."""
+
+    in_dim = 128 * 7 * 7
+    image_shape = (1, 28, 28)
 
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.LeakyReLU(0.2),
-                                 nn.ConvTranspose2d(32, 1, 4, 2, 1))
+        self.net = nn.Sequential(nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.ReLU(),
+                                 nn.ConvTranspose2d(64, 1, 4, 2, 1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h.reshape(-1, 64, 7, 7))
+        return self.net(h.reshape(-1, 128, 7, 7))
+
+
+class ResBlock(nn.Module):
+    """The reference decoder's residual block: relu(x) + BN(conv1x1(relu(BN(conv3x3(relu(x)))))).
+    The reference writes relu(x) + ... as x + ..., with an in-place ReLU first in the block that
+    overwrites x before the sum; this is what it computes."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(dim, dim, 3, 1, 1), nn.BatchNorm2d(dim), nn.ReLU(),
+                                   nn.Conv2d(dim, dim, 1), nn.BatchNorm2d(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(x)
+        return x + self.block(x)
 
 
 class CifarDecoder(nn.Module):
-    """512x4x4 -> 2 residual blocks -> 3 transposed convs (4 -> 8 -> 16 -> 32)."""
+    """The reference's: 512x4x4 -> 2 residual blocks -> 3 transposed 4x4 convs at 512 channels
+    (4 -> 8 -> 16 -> 32), BN and ReLU between them, 3 channels out."""
 
     in_dim = 512 * 4 * 4
+    image_shape = (3, 32, 32)
 
-    def __init__(self):
+    def __init__(self, dim: int = 512):
         super().__init__()
         def up(cin, cout):
-            return [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout),
-                    nn.ReLU()]
-        self.net = nn.Sequential(BasicBlock(512, 512), BasicBlock(512, 512), *up(512, 256),
-                                 *up(256, 128), nn.ConvTranspose2d(128, 3, 4, 2, 1))
+            return [nn.ReLU(), nn.ConvTranspose2d(cin, cout, 4, 2, 1)]
+        self.net = nn.Sequential(ResBlock(dim), ResBlock(dim), *up(dim, dim), nn.BatchNorm2d(dim),
+                                 *up(dim, dim), nn.BatchNorm2d(dim), *up(dim, 3))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h.reshape(-1, 512, 4, 4))
@@ -66,12 +88,14 @@ class CVAE(nn.Module):
                  cfg: CVAEConfig = CVAEConfig()):
         super().__init__()
         self.num_classes, self.latent_dim = num_classes, cfg.latent_dim
+        self.image_shape = decoder.image_shape  # (channels, height, width) it decodes
         self.encoder = encoder
         self.enc_fc = nn.Sequential(nn.Linear(encoder.out_dim, cfg.hidden), nn.ReLU())
         self.mu = nn.Linear(cfg.hidden, cfg.latent_dim)
         self.logvar = nn.Linear(cfg.hidden, cfg.latent_dim)
-        self.class_embed = nn.Linear(num_classes, cfg.embed_dim)
-        self.dec_fc = nn.Sequential(nn.Linear(cfg.latent_dim + cfg.embed_dim, cfg.hidden),
+        embed_dim = cfg.embed_dim or cfg.latent_dim  # the reference's: the latent size
+        self.class_embed = nn.Linear(num_classes, embed_dim)
+        self.dec_fc = nn.Sequential(nn.Linear(cfg.latent_dim + embed_dim, cfg.hidden),
                                     nn.ReLU(), nn.Linear(cfg.hidden, decoder.in_dim))
         self.decoder = decoder
 
