@@ -97,7 +97,9 @@ def test_run_writes_metrics_json(mnist_available, tmp_path):
                       "baselines", "seconds"}
     assert (m["partition"], m["budget"], m["config"]["stage2"]["sigma"]) == (4, "smoke", 2.5)
     assert set(m["val"]) == {"auroc", "aupr_in", "aupr_out", "fpr95", "ind_acc"}
-    assert set(m["baselines"]) == {"msp", "energy", "maxlogit"}
+    # the stage-1 head's baselines, and the same scores of the selected stage-2 head
+    assert set(m["baselines"]) == {"msp", "energy", "maxlogit", *(f"head_{b}" for b in (
+        "msp", "energy", "maxlogit"))}
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 

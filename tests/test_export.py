@@ -67,7 +67,8 @@ def test_scores_files_recompute_every_auroc_of_the_trial(smoke_sweep):
     for folder in smoke_sweep["experiment"].glob("stage2_trainable_*"):
         for row in trial_rows(folder):
             table = pd.read_parquet(folder / "scores" / f"partition-{row['partition']}.parquet")
-            assert list(table.columns) == ["split", "kind", "label", "cmg", *SCORES]
+            assert list(table.columns) == ["split", "kind", "label", "cmg", *SCORES,
+                                           *(f"head_{name}" for name in SCORES)]
             assert ((table["label"] == -1) == (table["kind"] != "ind")).all()
             assert set(table["split"]) == {"val", "test"}
             for part, rows in table.groupby("split"):

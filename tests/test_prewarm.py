@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from cmg.config import apply_overrides, budget_config
+from cmg.config import budget_config, cell_seed
 from tune.artifacts import ArtifactStore, stage1_keys
 from tune.prewarm import every_partition, missing_jobs, reachable_configs
-from tune.replicate import point_config
+from tune.replicate import point_cells
 from tune.space import Param, default_space
 from tune.trainables import SweepContext
 
@@ -51,12 +51,20 @@ def test_one_job_per_missing_key_partition_by_partition_classifier_first(tmp_pat
     assert {j.key for j in left} == {j.key for j in jobs} - set(done)
 
 
-def test_a_replicate_point_runs_the_seeded_base_with_its_parameters():
+def test_a_replicate_point_runs_each_partition_on_its_own_seed_and_split():
     ctx = _ctx("")
-    point = {"source_trial": "t1", "seed": 4, "mode": "CMG-energy", "sigma": 2.0,
+    point = {"source_trial": "t1", "seed": 4, "arm": "none", "mode": "CMG-energy", "sigma": 2.0,
              "mask_prob": None, "latent_dim": 64}
-    cfg = point_config(point, ctx)
-    assert cfg.cvae.latent_dim == 64 and cfg.stage2.sigma == 2.0
-    assert cfg.classifier.seed == cfg.cvae.seed == cfg.stage2.seed == 4
-    assert cfg == apply_overrides(point_config({**point, "latent_dim": 32}, ctx),
-                                  {"cvae.latent_dim": 64})
+    cells = point_cells(point, ctx)
+    assert [p for p, _ in cells] == [1, 2]
+    for partition, cfg in cells:
+        seed = cell_seed(4, partition)
+        assert cfg.cvae.latent_dim == 64 and cfg.stage2.sigma == 2.0
+        assert cfg.stage2.pseudo_ood == "none"  # the arm
+        assert cfg.classifier.seed == cfg.cvae.seed == cfg.stage2.seed == cfg.data.split_seed \
+            == seed
+    assert len({cell_seed(s, p) for s in range(1, 6) for p in range(1, 6)}) == 25
+    # CMG and a control arm of a cell share its stage-1 models
+    mixed = point_cells({**point, "arm": "mixed"}, ctx)
+    assert [stage1_keys(ctx.setting, p, c) for p, c in mixed] == [
+        stage1_keys(ctx.setting, p, c) for p, c in cells]
