@@ -6,7 +6,8 @@ answer "does class mixing add anything?" with Holm-adjusted p-values.
     table = replicate_table(df)                # one row per (configuration, score)
     print(replicate_markdown(table))
 
-Per configuration, the scores: CMG (arm "mixed"); each baseline of its stage-1 classifiers
+Per configuration, the scores: CMG (arm "mixed"; beside it, apart, CMG on the sweep's own seed,
+the run the configuration was selected on); each baseline of its stage-1 classifiers
 (cmg.results.BASELINES); each control arm's own score (cmg.results.ARMS: the same configuration
 trained against single-class pseudo-OOD, noise, or nothing) and, for head re-training alone,
 the baselines of its re-trained head (`head_*`). Then CMG's lift over each of them, paired
@@ -108,10 +109,16 @@ def _cells(group: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(cells).dropna()  # cells that every score ran
 
 
+SELECTION_ROW = "CMG, selection seed (the sweep's own run, not a replicate)"
+
+
 def replicate_table(df: pd.DataFrame, only: list[str] | None = None,
-                    seeds: list[int] | None = None) -> pd.DataFrame:
+                    seeds: list[int] | None = None,
+                    selection: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (configuration, score), lifts last; `only`/`seeds` restrict to those
-    configurations and seeds (default: all replicated)."""
+    configurations and seeds (default: all replicated). `selection`: the sweep's trials
+    (`load_trials`), for a row of CMG on the seed the configuration was chosen on (shown apart:
+    never in a lift or a test)."""
     if df.empty:
         return pd.DataFrame()
     df = df.assign(arm=df["arm"] if "arm" in df else "mixed")
@@ -126,6 +133,8 @@ def replicate_table(df: pd.DataFrame, only: list[str] | None = None,
         if cells.empty:
             continue
         lifts = {f"lift vs {label}": cells["CMG"] - cells[label] for label in cells.columns[1:]}
+        if selection is not None:
+            rows.append(_selection_row(selection, source))
         first = len(rows)
         for label, values in {**dict(cells.items()), **lifts}.items():
             per_seed = values.groupby(level="seed").mean()
@@ -142,6 +151,15 @@ def replicate_table(df: pd.DataFrame, only: list[str] | None = None,
             row["p_holm"] = p_holm
             row["verdict"] = _verdict(row)
     return pd.DataFrame(rows)
+
+
+def _selection_row(selection: pd.DataFrame, source: str) -> dict:
+    """CMG's test AUROC on the sweep's own seed, over the partitions that trial finished."""
+    values = selection.loc[selection["trial_id"] == source, "test_auroc"].astype(float)
+    return {"configuration": source, "score": SELECTION_ROW, "seeds": 1,
+            "partitions": len(values), "mean": values.mean(), "seed_sd": float("nan"),
+            "seed_ci_low": float("nan"), "seed_ci_high": float("nan"), "p": float("nan"),
+            "p_holm": float("nan"), "verdict": ""}
 
 
 def _verdict(row: dict) -> str:
@@ -165,7 +183,7 @@ def replicate_markdown(table: pd.DataFrame) -> str:
         return "_No seed replicates yet: python -m tune.replicate EXPERIMENT --top 1._"
     parts = []
     for source, group in table.groupby("configuration", sort=False):
-        first = group.iloc[0]
+        first = group[group["score"] == "CMG"].iloc[0]
         lines = [{
             "test AUROC": row.score,
             "mean (seeds x partitions)": f"{row.mean:+.4f}" if row.score.startswith("lift")

@@ -175,9 +175,10 @@ def best_scores(experiment: str, df: pd.DataFrame, table: pd.DataFrame,
         f"```\n{command}\n```"])
 
 
-def replicates_note(replicates: pd.DataFrame) -> str:
-    """tune.replicate's table (`load_replicates`), or how to make it."""
-    table = replicate_table(replicates)
+def replicates_note(replicates: pd.DataFrame, trials: pd.DataFrame) -> str:
+    """tune.replicate's table (`load_replicates`; `trials`: the sweep's, for the selection
+    seed's row), or how to make it."""
+    table = replicate_table(replicates, selection=trials)
     return "\n".join([
         "The top configurations re-run with new seeds by `python -m tune.replicate`, beside their "
         "control arms on the same stage-1 models: every (seed, partition) cell seeded on its own "
@@ -298,7 +299,7 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
         "## Parameter importances", "", importance_note, "",
         importances.to_markdown(index=False, floatfmt=".3f") if not importances.empty else "",
         "", "![importances](importance.png)", "",
-        "## Seed replicates", "", replicates_note(replicates), "",
+        "## Seed replicates", "", replicates_note(replicates, df), "",
         "## Trials not on the leaderboard", "", others_section(df, table, by), "",
         "Files: `summary.csv` (one row per configuration: mean, std and 95% CI of every metric), "
         "`trials.parquet` (one row per trial and partition)"

@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.replicates import holm, load_replicates, replicate_table
+from analysis.replicates import (SELECTION_ROW, holm, load_replicates, replicate_markdown,
+                                 replicate_table)
 from analysis.trials import load_trials, trial_rows
 from cmg.config import cell_seed
 from cmg.results import ALL_METRICS, ARMS, BASELINES, HEAD_BASELINES, REPLICATES_FILE
@@ -89,6 +90,14 @@ def test_control_arms_are_paired_with_cmg_and_the_lifts_holm_adjusted():
     assert table.loc["lift vs max-logit", "verdict"] == "CMG beats max-logit"
     assert table.loc["lift vs max-logit, re-trained head", "mean"] == pytest.approx(
         0.02 + statistics.fmean(noise.values()) / 2)
+    # the seed the sweep selected on: a row apart, in no lift and no test
+    sweep = pd.DataFrame({"trial_id": ["t1", "t1", "t0"], "test_auroc": [0.95, 0.85, 0.1]})
+    with_selection = replicate_table(pd.DataFrame(rows), selection=sweep).set_index("score")
+    assert with_selection.loc[SELECTION_ROW, "mean"] == pytest.approx(0.90)
+    assert with_selection.loc[SELECTION_ROW, ["seeds", "partitions"]].tolist() == [1, 2]
+    assert with_selection["p_holm"].dropna().tolist() == pytest.approx(
+        table["p_holm"].dropna().tolist())
+    assert "3 seeds x 2 partitions" in replicate_markdown(with_selection.reset_index())
 
 
 def _replicate(experiment, *args):
@@ -102,7 +111,8 @@ def _interrupt_once_training(experiment, store: Path) -> tuple[int, str]:
     (a new owner record in the STORE): (its exit code, its stderr)."""
     before = set(store.glob("*/partial/owner.json"))
     proc = subprocess.Popen([sys.executable, "-m", "tune.replicate", str(experiment), "--top",
-                             "1", "--seeds", "1", "--arms", "none", "--quiet"], cwd=ROOT, text=True,
+                             "1", "--seeds", "1", "--arms", "none", "--eval-limit", "64",
+                             "--quiet"], cwd=ROOT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
@@ -124,9 +134,11 @@ def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep, tmp
     assert code == 130, err
     last = err.strip().splitlines()[-1]
     assert re.fullmatch(r"interrupted with 0 of 2 runs added; add the rest with: python -m "
-                        r"tune\.replicate \S+ --top 1 --seeds 1 --arms none --quiet", last), err
+                        r"tune\.replicate \S+ --top 1 --seeds 1 --arms none --eval-limit 64 "
+                        r"--quiet", last), err
     assert "Traceback" not in err
-    proc = _replicate(experiment, "--top", "1", "--seeds", "1", "--arms", "none", "--quiet")
+    proc = _replicate(experiment, "--top", "1", "--seeds", "1", "--arms", "none",
+                      "--eval-limit", "64", "--quiet")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 runs added" in proc.stdout
     assert "Configuration for experiment" not in proc.stdout + proc.stderr  # no Ray box
@@ -159,9 +171,11 @@ def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep, tmp
     assert any(swept.loc[p, "test_auroc"] != a for p, a in zip(df["partition"], df["test_auroc"]))
     assert "CMG" in proc.stdout and "max-logit" in proc.stdout and "CI over seeds" in proc.stdout
     assert f"lift vs {ARMS['none']}" in proc.stdout and "p (Holm)" in proc.stdout
+    assert SELECTION_ROW in proc.stdout
 
     folders = sorted((experiment / "replicate").glob("*/replicate_trainable_*"))
-    again = _replicate(experiment, "--top", "1", "--seeds", "1", "--arms", "none", "--quiet")
+    again = _replicate(experiment, "--top", "1", "--seeds", "1", "--arms", "none",
+                       "--eval-limit", "64", "--quiet")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "0 runs added" in again.stdout
     assert sorted((experiment / "replicate").glob("*/replicate_trainable_*")) == folders

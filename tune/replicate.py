@@ -13,7 +13,8 @@ is the sweep's `--seed`) and per arm (cmg.results.ARMS: CMG, and by default ever
 same configuration training the head against single-class pseudo-OOD, noise, or nothing).
 Every (seed, partition) cell is seeded on its own (cmg.config.cell_config): stage 1, stage 2 and
 the train/validation split, so cells are independent draws; the cell's stage-1 models are
-trained once and shared by every configuration and arm of that cell. The sweep's own run (seed
+trained once and shared by every configuration and arm of that cell. Replicates are scored on
+the whole validation and test sets (`--eval-limit N` caps them). The sweep's own run (seed
 S) is not counted: it is the run the configuration was selected on.
 The trials are Ray Tune trials in EXPERIMENT/replicate/run-<time>/ (one Tune run per call),
 with the sweep's resources, retries and stage-1 store (STORAGE/stage1). Running the command
@@ -53,6 +54,10 @@ def build_parser() -> OneLineParser:
                    help="control arms run beside CMG on the same cells, comma-separated: "
                         + "; ".join(f"{a}: {ARMS[a]}" for a in CONTROLS)
                         + " (default: all; 'mixed' alone: CMG only)")
+    p.add_argument("--eval-limit", type=int, default=None, metavar="N",
+                   help="evaluate on up to N images per part (default: the whole validation and "
+                        "test sets, whatever the sweep's budget capped); keep it the same when "
+                        "adding runs to a replication")
     p.add_argument("--with-defaults", action="store_true",
                    help="also replicate the sweep's first configuration (the reference's "
                         "defaults, complete or not), the one tuning has to beat")
@@ -129,8 +134,9 @@ def missing_points(experiment: str, top: int, seeds: list[int], with_defaults: b
 
 
 def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], address: str | None,
-                   quiet: bool) -> None:
-    """The points as Tune trials in EXPERIMENT/replicate, with the sweep's resources and retries.
+                   quiet: bool, eval_limit: int | None = None) -> None:
+    """The points as Tune trials in EXPERIMENT/replicate, with the sweep's resources and retries,
+    evaluated on up to `eval_limit` images per part (None: the whole validation and test sets).
     Raises KeyboardInterrupt after SIGINT or SIGTERM, once Tune has stopped its trials."""
     import ray
     from ray import tune
@@ -143,6 +149,7 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
     from tune.shared_stage1 import NAMESPACE, create_leases
 
     ctx: SweepContext = saved["ctx"]
+    ctx = replace(ctx, base=apply_overrides(ctx.base, {"data.eval_limit": eval_limit}))
     quiet_tune()
     ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
@@ -208,14 +215,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"configurations {', '.join(chosen)}, seeds {seeds}, arms {', '.join(arms)}",
                   flush=True)
         try:
-            run_replicates(experiment, points, saved, args.address, args.quiet)
+            run_replicates(experiment, points, saved, args.address, args.quiet, args.eval_limit)
         except KeyboardInterrupt:
             left = missing_points(experiment, args.top, seeds, args.with_defaults, arms)[1]
             again = ["python", "-m", "tune.replicate", *(sys.argv[1:] if argv is None else argv)]
             print(f"interrupted with {len(points) - len(left)} of {len(points)} runs added; add "
                   f"the rest with: {shlex.join(again)}", file=sys.stderr, flush=True)
             raise SystemExit(130) from None
-    table = replicate_table(load_replicates(experiment), only=chosen, seeds=seeds)
+    table = replicate_table(load_replicates(experiment), only=chosen, seeds=seeds,
+                            selection=load_trials(experiment))
     print(f"replicate {experiment}: {len(points)} runs added in {time.time() - started:.0f} s")
     print(replicate_markdown(table))
     return {"added": len(points), "table": table}
