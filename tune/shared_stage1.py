@@ -247,9 +247,6 @@ class Stage1Models:
     train_seconds: float = 0.0  # time spent training and publishing them here
 
 
-EpochReport = Callable[[str, int, dict], None]  # (model kind, epoch, metrics)
-
-
 # Models loaded in this worker process, most recent last: trial processes are reused, and stage 2
 # never modifies the frozen models or features, so the next trial skips the reload.
 _LOADED: OrderedDict[tuple[str, ...], Any] = OrderedDict()  # (uri, key, [features file,] device)
@@ -337,35 +334,35 @@ class SharedStage1:
     poll_seconds: float = 1.0  # how often a waiting trial asks for the lease
     renew_seconds: float = RENEW_SECONDS  # how often a training trial renews it
 
-    def ensure(self, split: Split, cfg: RunConfig, device: torch.device,
-               report: EpochReport | None = None) -> Stage1Models:
+    def ensure(self, split: Split, cfg: RunConfig, device: torch.device) -> Stage1Models:
         """Load the stage-1 models of (split, cfg), training first each that no one has (the
-        classifier, then the CVAE); `report(kind, epoch, metrics)` after each training epoch."""
+        classifier, then the CVAE)."""
         keys = stage1_keys(split.setting, split.partition, cfg, self.backbone)
         trained, seconds = 0, 0.0
         for kind in KINDS:
-            fresh, spent = self.ensure_one(kind, split, cfg, device, report)
+            fresh, spent = self.ensure_one(kind, split, cfg, device, getattr(keys, kind))
             trained, seconds = trained + fresh, seconds + spent
         return Stage1Models(keys, *_load(self.store, keys, split, cfg, device, self.backbone),
                             trained, seconds)
 
     def ensure_one(self, kind: str, split: Split, cfg: RunConfig, device: torch.device,
-                   report: EpochReport | None = None) -> tuple[bool, float]:
-        """Publish the `kind` model of (split, cfg) unless it is: (trained here, seconds spent)."""
-        key = getattr(stage1_keys(split.setting, split.partition, cfg, self.backbone), kind)
+                   key: str | None = None) -> tuple[bool, float]:
+        """Publish the `kind` model of (split, cfg) unless it is: (trained here, seconds spent).
+        `key`: its key, if the caller has it."""
+        key = key or getattr(stage1_keys(split.setting, split.partition, cfg, self.backbone),
+                             kind)
         seconds = 0.0
 
         def train(check: Callable[[], None]) -> None:
             nonlocal seconds
-            seconds = self._train_and_publish(kind, key, split, cfg, device, check, report)
+            seconds = self._train_and_publish(kind, key, split, cfg, device, check)
 
         trained = train_once(self.leases, key, self.owner, lambda: self.store.exists(key), train,
                              self.poll_seconds, self.renew_seconds)
         return trained, seconds
 
     def _train_and_publish(self, kind: str, key: str, split: Split, cfg: RunConfig,
-                           device: torch.device, check: Callable[[], None],
-                           report: EpochReport | None) -> float:
+                           device: torch.device, check: Callable[[], None]) -> float:
         """Train the model (resuming from KEY/partial/), publish its artifact; return seconds.
         With a backbone the classifier's artifact is the backbone file (published, so any node
         can load it) and its features: nothing trains."""
@@ -384,8 +381,6 @@ class SharedStage1:
             def after_epoch(epoch: int, metrics: dict) -> None:
                 store.put_file(key, f"partial/{kind}.pt", local)  # any node resumes from here
                 check()  # stop here if another owner took the lease over
-                if report is not None:
-                    report(kind, epoch, metrics)
 
             history = []
             if kind == "classifier" and backbone is not None:
