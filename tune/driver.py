@@ -46,7 +46,12 @@ class SweepInterrupted(Exception):
 class Interrupts:
     """SIGINT and SIGTERM while the sweep runs. Inside `fit`, the first one asks Ray Tune to save
     its state and stop (through Tune's own SIGUSR1 handler; its SIGINT handler is turned off so
-    both signals take this one path); outside it, or a second time, KeyboardInterrupt at once."""
+    both signals take this one path); outside it, or a second time, KeyboardInterrupt at once.
+
+    Once KeyboardInterrupt is raised the driver is already on its way out, and later signals are
+    ignored: a Ctrl-C reaches the whole process group (the local Ray's GCS and raylet too), and an
+    impatient second one used to land in ray.shutdown() or in the exit itself and end the
+    process with code 1 instead of the resume line's 130."""
 
     def __init__(self):
         self.count, self.in_fit = 0, False
@@ -61,6 +66,8 @@ class Interrupts:
         if self.in_fit and self.count == 1:
             os.kill(os.getpid(), signal.SIGUSR1)
         else:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
             raise KeyboardInterrupt
 
     def fit(self, tuner: tune.Tuner):
