@@ -14,53 +14,31 @@ import shlex
 from typing import Any
 
 import pandas as pd
-from pyarrow import fs as pafs
 
-from analysis.trials import NotAnExperiment, open_experiment
 from cmg.config import budget_config, seed_overrides
-from cmg.results import TRIAL_FILE, TRIAL_PREFIX, scores_file
+from cmg.results import Experiment, scores_file
 
 SCORE_INFO = ("split", "kind", "label", "partition")  # the columns that are not scores
 
 
-def trial_folder(experiment: str, trial_id: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) of a trial's folder (Tune names it `<TRIAL_PREFIX>_<id>_...`)."""
-    filesystem, root = open_experiment(experiment)
-    infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    found = [i.path for i in infos if i.type == pafs.FileType.Directory
-             and i.base_name.startswith(f"{TRIAL_PREFIX}_{trial_id}_")]
-    if len(found) != 1:
-        raise NotAnExperiment(f"no trial {trial_id} in {experiment}; the trial ids are in "
-                              "report/summary.csv")
-    return filesystem, found[0]
-
-
-def read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            return stream.read()
-    except (FileNotFoundError, OSError):
-        raise NotAnExperiment(f"{path} is missing; was it written by this version of "
-                              "tune.sweep?") from None
-
-
 def load_trial_record(experiment: str, trial_id: str) -> dict[str, Any]:
     """The trial's `trial.json`: setting, family, budget, device, resolved config, data."""
-    filesystem, folder = trial_folder(experiment, trial_id)
-    return json.loads(read_bytes(filesystem, f"{folder}/{TRIAL_FILE}"))
+    exp = Experiment.open(experiment)
+    return exp.record(exp.trial(trial_id))
 
 
 def load_scores(experiment: str, trial_id: str) -> pd.DataFrame:
     """Every partition's per-image scores of a trial, with a `partition` column; empty if the
     trial wrote none."""
-    filesystem, folder = trial_folder(experiment, trial_id)
-    infos = filesystem.get_file_info(pafs.FileSelector(f"{folder}/scores", allow_not_found=True))
-    names = sorted(i.base_name for i in infos if i.base_name.endswith(".parquet"))
+    exp = Experiment.open(experiment)
+    folder = exp.trial(trial_id).name
     frames = []
-    for name in names:
+    for path in exp.files(folder, "scores"):
+        name = path.rsplit("/", 1)[-1]
+        if not name.endswith(".parquet"):
+            continue
         partition = int(name.removeprefix("partition-").removesuffix(".parquet"))
-        frame = pd.read_parquet(io.BytesIO(read_bytes(filesystem,
-                                                      f"{folder}/{scores_file(partition)}")))
+        frame = pd.read_parquet(io.BytesIO(exp.read_bytes(folder, scores_file(partition))))
         frames.append(frame.assign(partition=partition))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

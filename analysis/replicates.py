@@ -27,11 +27,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from pyarrow import fs as pafs
 from scipy import stats
 
-from analysis.trials import NotAnExperiment, load_trials, open_experiment
-from cmg.results import ARMS, BASELINES, HEAD_BASELINES, REPLICATE_DIR, REPLICATE_PREFIX
+from analysis.trials import NotAnExperiment, load_trials
+from cmg.results import ARMS, BASELINES, HEAD_BASELINES, REPLICATE_KIND, Experiment
 
 
 
@@ -40,13 +39,12 @@ def load_replicates(experiment: str | Path) -> pd.DataFrame:
     whose configuration it re-runs), `seed`, `arm` (cmg.results.ARMS) and `run` (the call of
     tune.replicate); for a (configuration, seed, arm) run more than once, the latest complete
     trial. Empty when none."""
-    filesystem, root = open_experiment(experiment)
-    infos = filesystem.get_file_info(
-        pafs.FileSelector(f"{root.rstrip('/')}/{REPLICATE_DIR}", allow_not_found=True))
+    exp = Experiment.open(experiment)
     frames = []
-    for run in sorted(i.path for i in infos if i.type == pafs.FileType.Directory):
+    for run in exp.replicate_runs():
         try:
-            frames.append(load_trials(run, trainable=REPLICATE_PREFIX).assign(run=run))
+            frames.append(load_trials(run, kind=REPLICATE_KIND, partitions=exp.partitions())
+                          .assign(run=run.root))
         except NotAnExperiment:  # a call that was stopped before its first trial
             continue
     empty = pd.DataFrame(columns=["trial_id", "source_trial", "seed", "arm", "partition", "run"])

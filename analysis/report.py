@@ -30,10 +30,10 @@ from analysis.figures import (history_figure, importance_figure, params_figure,
 from analysis.replicates import load_replicates, replicate_markdown, replicate_table
 from analysis.study import importance
 from analysis.trials import (NotAnExperiment, aggregate, leaderboard, leave_one_set_out,
-                             load_trials, ood_sets, open_experiment)
+                             load_trials, ood_sets)
 from cmg.errors import (OneLineParser, add_quiet_arg, atomic_write, command_parser,
                         ensure_writable_dir, exit_on_usage_error, fail)
-from cmg.results import BASELINES, REPLICATES_FILE, is_uri
+from cmg.results import BASELINES, REPLICATES_FILE, Experiment, is_uri
 
 
 def build_parser() -> OneLineParser:
@@ -214,15 +214,10 @@ def selection_note(df: pd.DataFrame, val_ood: str = "unseen") -> str:
                "that the selection never saw." if setting == "setting2" else ""))
 
 
-def _val_ood(experiment: str, df: pd.DataFrame) -> str:
-    """The sweep's `data.val_ood`, from a trial's record ("unseen" before the option existed)."""
-    for trial_id in df["trial_id"].drop_duplicates():
-        try:
-            return load_trial_record(experiment, trial_id)["config"]["data"].get("val_ood",
-                                                                                  "unseen")
-        except (NotAnExperiment, OSError, KeyError):  # a trial that wrote no record
-            continue
-    return "unseen"
+def _val_ood(experiment: str) -> str:
+    """The sweep's `data.val_ood`, from its manifest ("unseen" before the option existed)."""
+    manifest = Experiment.open(experiment).manifest or {}
+    return manifest.get("run_config", {}).get("data", {}).get("val_ood", "unseen")
 
 
 def leave_one_out_section(df: pd.DataFrame, table: pd.DataFrame) -> list[str]:
@@ -272,7 +267,7 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
     figures.update(score_figures)
     replicates = load_replicates(experiment)
     counts = df.groupby("trial_id")["status"].first().value_counts()
-    name = open_experiment(experiment)[1].rstrip("/").rsplit("/", 1)[-1]
+    name = Experiment.open(experiment).name
     text = "\n".join([
         f"# Sweep report: {name}",
         "",
@@ -287,7 +282,7 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
         "come from the same stage-1 classifier as each CMG result; a lift is the mean over "
         "partitions of CMG minus the baseline, with a 95% t-interval.",
         "",
-        selection_note(df, _val_ood(experiment, df)), "",
+        selection_note(df, _val_ood(experiment)), "",
         "## Best configuration", "", best_section(df, table, by),
         *leave_one_out_section(df, table), "",
         f"## Leaderboard (complete configurations, top {top})", "",
@@ -333,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.by.startswith("val_"):
         fail(f"--by {args.by}: rank on a validation metric (val_auroc, val_fpr95, ...), never test")
     try:
-        root = open_experiment(args.experiment)[1]
+        root = Experiment.open(args.experiment).root
         df = load_trials(args.experiment)  # fails before any folder is created
         out = Path(args.out) if args.out else (
             Path(f"{root.rsplit('/', 1)[-1]}-report") if is_uri(args.experiment)

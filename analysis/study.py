@@ -21,8 +21,8 @@ import pandas as pd
 from pyarrow import fs as pafs
 
 from analysis.trials import (NotAnExperiment, aggregate, check_selection_metric, is_complete,
-                             load_trials, open_experiment)
-from cmg.results import STUDY_JOURNAL
+                             load_trials)
+from cmg.results import STUDY_JOURNAL, Experiment
 
 
 def load_study(experiment: str | Path, study_storage: str | None = None):
@@ -33,8 +33,8 @@ def load_study(experiment: str | Path, study_storage: str | None = None):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    filesystem, root = open_experiment(experiment)
-    name = root.rstrip("/").rsplit("/", 1)[-1]
+    exp = Experiment.open(experiment)
+    filesystem, root, name = exp.filesystem, exp.root, exp.name
     if study_storage is not None:
         storage = study_storage
     elif isinstance(filesystem, pafs.LocalFileSystem) and Path(root, STUDY_JOURNAL).is_file():

@@ -10,110 +10,60 @@ filesystem URI (`s3://bucket/sweeps/NAME`, `file:///...`), while the sweep runs 
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
-from pyarrow import fs as pafs
 from scipy import stats
 
-from cmg.results import (ALL_METRICS, BASELINES, OOD_SET_METRIC, ROWS_FILE, TRIAL_PREFIX,
-                         open_storage, partition_mean_std, trial_number)
+from cmg.results import (ALL_METRICS, BASELINES, OOD_SET_METRIC, ROW_INFO, TRIAL_KIND, Experiment,
+                         NotAnExperiment, TrialFolder, json_lines, partition_mean_std, trial_rows)
 
-PARTITIONS = 5  # Setting 1; a sweep's reports say how many they have (`partitions_total`)
+__all__ = ["NotAnExperiment", "aggregate", "is_complete", "json_lines", "leaderboard",
+           "load_trials", "trial_rows"]
+
 # trials read at once: each is 3 small requests, which on S3 wait far longer than they compute
 READERS = 32
 
 
-class NotAnExperiment(ValueError):
-    """The path holds no sweep results."""
-
-
-def open_experiment(experiment: str | Path) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local folder or a pyarrow filesystem URI."""
-    try:
-        return open_storage(str(experiment))
-    except Exception as err:  # pyarrow raises several types for unusable URIs
-        raise NotAnExperiment(f"cannot open {experiment}: {err}") from None
-
-
-def _read_text(filesystem: pafs.FileSystem, path: str) -> str | None:
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            return stream.read().decode()
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def json_lines(text: str) -> list[dict]:
-    """The records of a JSON-lines text (Tune's result.json, read while Tune appends to it): a
-    last line without its newline that does not parse is still being written, and is left out
-    (no prefix of a JSON object but the whole object parses). A line that ends with its newline
-    and does not parse is a broken file: json.JSONDecodeError."""
-    *complete, last = text.split("\n")  # `last` is "" when the text ends with its newline
-    records = [json.loads(line) for line in complete if line.strip()]
-    try:
-        records += [json.loads(last)] if last.strip() else []
-    except json.JSONDecodeError:
-        pass  # half-written
-    return records
-
-
-def trial_rows(folder: str | Path, filesystem: pafs.FileSystem | None = None) -> list[dict]:
-    """A trial's full rows, one per partition done (a partition reported twice, by a retried
-    trial: its last row), from its folder (a local path, a URI, or a path on `filesystem`). The
-    rows are in the trial's ROWS_FILE; an experiment written before it existed has them in
-    Tune's result.json, which fills in any partition ROWS_FILE lacks."""
-    if filesystem is None:
-        filesystem, folder = open_experiment(folder)
-    rows = {r.get("partition"): r
-            for name in ("result.json", ROWS_FILE)  # later files win
-            for r in json_lines(_read_text(filesystem, f"{folder}/{name}") or "")}
-    return list(rows.values())
-
-
-def load_trials(experiment: str | Path, trainable: str = TRIAL_PREFIX) -> pd.DataFrame:
+def load_trials(experiment: str | Path | Experiment, kind: str = TRIAL_KIND,
+                partitions: int | None = None) -> pd.DataFrame:
     """One row per (trial, partition) reported: trial_id, trial_number (Tune's order of
-    creation), status, partitions_total (5, or 1 for different_dataset), partition, the trial's
-    parameters (prefixed `param_`) and every metric of CMG and of the baselines (`trial_rows`).
+    creation), status, partitions_total (from the reports, else the manifest, else
+    `partitions`), partition, the trial's parameters (prefixed `param_`), every metric of CMG
+    and of the baselines, and what else each partition recorded (cmg.results.ROW_INFO: the
+    selected epoch, seconds per stage, the stage-1 key, the node).
 
-    status: "complete" (all five partitions), "error" (the trial failed: error.txt), else
+    status: "complete" (every partition), "error" (the trial failed: error.txt), else
     "incomplete" (ASHA stopped it early, or it is still running). A trial with no report yet gets
     one row with partition NaN. A partition reported twice (a retried trial) is one row, its
-    last report; a report still being written is left out. `trainable`: whose trial folders
-    to read (tune.replicate's are in EXPERIMENT/replicate). Trials are read READERS at a time
-    (thousands of trials on S3 are thousands of requests)."""
-    filesystem, root = open_experiment(experiment)
-    try:
-        infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except OSError as err:
-        raise NotAnExperiment(f"cannot list {experiment}: {err}") from None
-    folders = sorted((i for i in infos if i.type == pafs.FileType.Directory
-                      and i.base_name.startswith(f"{trainable}_")),
-                     key=lambda i: (trial_number(i.base_name, trainable), i.base_name))
+    last report; a report still being written is left out. `kind`: whose trial folders to read
+    (tune.replicate's, REPLICATE_KIND, are in EXPERIMENT/replicate/run-*). Trials are read
+    READERS at a time (thousands of trials on S3 are thousands of requests)."""
+    exp = experiment if isinstance(experiment, Experiment) else Experiment.open(experiment)
+    folders = exp.trials(kind)
     if not folders:
-        raise NotAnExperiment(f"{experiment} holds no sweep trials ({trainable}_* folders); "
-                              "pass the folder that tune.sweep wrote (STORAGE/NAME)")
+        raise NotAnExperiment(f"{exp.location} holds no sweep trials ({kind}-* folders); pass "
+                              "the folder that tune.sweep wrote (STORAGE/NAME)")
+    partitions = exp.partitions() or partitions
     with ThreadPoolExecutor(max_workers=READERS) as pool:  # map keeps the folders' order
-        per_trial = pool.map(lambda f: _trial_records(filesystem, f, trainable), folders)
+        per_trial = pool.map(lambda f: _trial_records(exp, f, partitions), folders)
         return pd.DataFrame.from_records([r for records in per_trial for r in records])
 
 
-def _trial_records(filesystem: pafs.FileSystem, folder: pafs.FileInfo,
-                   trainable: str) -> list[dict]:
+def _trial_records(exp: Experiment, folder: TrialFolder, partitions: int | None) -> list[dict]:
     """`load_trials`' rows of one trial folder."""
-    params = json.loads(_read_text(filesystem, f"{folder.path}/params.json") or "{}")
-    rows = trial_rows(folder.path, filesystem)
-    failed = _read_text(filesystem, f"{folder.path}/error.txt") is not None
-    total = max((r.get("partitions_total", PARTITIONS) for r in rows), default=PARTITIONS)
-    status = ("error" if failed else "complete" if len(rows) >= total else "incomplete")
-    trial_id = rows[0]["trial_id"] if rows else folder.base_name.split("_")[2]
-    base = {"trial_id": trial_id, "trial_number": trial_number(folder.base_name, trainable),
-            "status": status, "partitions_total": total,
-            **{f"param_{k}": v for k, v in params.items()}}
+    rows = exp.rows(folder)
+    total = max((r["partitions_total"] for r in rows if "partitions_total" in r),
+                default=partitions)
+    status = ("error" if exp.failed(folder)
+              else "complete" if total is not None and len(rows) >= total else "incomplete")
+    base = {"trial_id": folder.trial_id, "trial_number": folder.number, "status": status,
+            "partitions_total": total,
+            **{f"param_{k}": v for k, v in exp.params(folder).items()}}
     return [{**base, "partition": row.get("partition"), **{m: row.get(m) for m in ALL_METRICS},
-             **{k: v for k, v in row.items() if OOD_SET_METRIC.match(k)}}
+             **{k: v for k, v in row.items() if OOD_SET_METRIC.match(k)},
+             **{k: row[k] for k in ROW_INFO if k in row}}
             for row in rows or [{}]]
 
 

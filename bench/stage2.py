@@ -28,7 +28,6 @@ from torch.nn import functional as F
 
 from common import auroc, parser, reference_loader, report, setup, timed
 from cmg.config import Stage2Config
-from cmg.config import DEFAULT_SIGMA
 from cmg.generate import generate_pseudo_ood
 from cmg.metrics import cmg_score, energy_score
 from cmg.stage1 import train_classifier, train_cvae
@@ -94,9 +93,9 @@ def main() -> None:
           f"images, untimed) ...", flush=True)
     classifier, _ = train_classifier(split, cfg.classifier, device, quiet=True)
     cvae, _ = train_cvae(split, cfg.cvae, device, quiet=True)
-    s2 = Stage2Config(mode="CMG-energy", epochs=args.epochs, batch_size=128, ood_per_batch=128,
-                      select="last")
-    sigma = DEFAULT_SIGMA[split.family]
+    s2 = replace(cfg.stage2, mode="CMG-energy", epochs=args.epochs, batch_size=128,
+                 ood_per_batch=128, select="last")
+    sigma = s2.sigma  # the family's default, resolved by budget_config (cmg.config)
     amp = cfg.classifier.amp  # as the pipeline passes it
     warm = replace(split, **{f: getattr(split, f)[:256] for f in (
         "train_x", "train_y", "val_ind_x", "val_ind_y", "val_ood_x", "test_ind_x", "test_ind_y",

@@ -26,7 +26,7 @@ from tune.sweep import main as sweep_main  # noqa: E402
 
 
 def read_rows(folder: Path) -> list[dict]:
-    return [row for trial in folder.glob("stage2_trainable_*") for row in trial_rows(trial)]
+    return [row for trial in folder.glob("trial-*") for row in trial_rows(trial)]
 
 
 def main() -> None:

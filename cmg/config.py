@@ -54,7 +54,8 @@ class CVAEConfig:
     amp: bool = True
 
 
-# The reference's std of z at generation, by model family (Stage2Config.sigma None means this).
+# The reference's std of z at generation, by model family: the one home of this table. A config
+# gets its entry when it is built (`budget_config`, through `resolve_family_defaults`).
 DEFAULT_SIGMA = {"mnist": 3.0, "cifar": 5.0}
 
 
@@ -63,7 +64,9 @@ class Stage2Config:
     """Stage 2: class-mixed generation and fine-tuning of the classifier head."""
 
     mode: str = "CMG-energy"
-    sigma: float | None = None  # std of z at generation; None = DEFAULT_SIGMA of the family
+    # std of z at generation. None: not resolved yet; `budget_config` (resolve_family_defaults)
+    # sets DEFAULT_SIGMA of the family, so a built config, and its trial.json, holds the value used
+    sigma: float | None = None
     mixing: str = "mask"  # "mask": per-coordinate pick (reference); "convex": Dirichlet weights
     mask_prob: float = 0.5  # probability that a coordinate comes from the first mixed class
     num_mixed: int = 2  # classes mixed per pseudo-OOD sample
@@ -251,11 +254,25 @@ def _split(item: str) -> tuple[str, str]:
 
 
 def budget_config(budget: str, family: str = "mnist", overrides=()) -> RunConfig:
-    """The RunConfig of a named budget for a model family ("mnist" or "cifar"), plus overrides."""
+    """The RunConfig of a named budget for a model family ("mnist" or "cifar"), plus overrides,
+    with the family's defaults filled in (`resolve_family_defaults`): every value it holds is the
+    value used."""
     if budget not in BUDGETS:
         fail(f"unknown budget '{budget}'; choose one of {', '.join(BUDGETS)}")
     merged = {**BUDGETS[budget].get("*", {}), **BUDGETS[budget].get(family, {})}
-    return apply_overrides(apply_overrides(RunConfig(), merged), overrides)
+    return resolve_family_defaults(apply_overrides(apply_overrides(RunConfig(), merged), overrides),
+                                   family)
+
+
+def resolve_family_defaults(cfg: RunConfig, family: str) -> RunConfig:
+    """`cfg` with each knob whose default depends on the model family, and that is still None,
+    set to that default: stage2.sigma <- DEFAULT_SIGMA[family]. A value already set (an override)
+    is kept. The one place such a default is resolved; `budget_config` calls it."""
+    if family not in DEFAULT_SIGMA:
+        fail(f"unknown model family '{family}'; choose one of {', '.join(DEFAULT_SIGMA)}")
+    if cfg.stage2.sigma is not None:
+        return cfg
+    return replace(cfg, stage2=replace(cfg.stage2, sigma=DEFAULT_SIGMA[family]))
 
 
 def validate(cfg: RunConfig) -> None:

@@ -83,7 +83,9 @@ def command_parser(prog: str, doc: str) -> OneLineParser:
 
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:
     """--quiet, the same in every command (here, not in cmg.cli, for `analysis`: no torch)."""
-    p.add_argument("--quiet", action="store_true", help="no progress lines, only the result")
+    p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
+                   help="no progress lines, only the result (--no-quiet turns them back on, e.g. "
+                        "on a --resume of a quiet sweep)")
 
 
 @contextlib.contextmanager

@@ -7,7 +7,8 @@ Each epoch ends with a validation evaluation, which selects the head that is rep
 (`select="val"`); the test set is scored once, for the selected head. The reference instead
 reported the best *test* AUROC over many evaluations (its defect 1).
 
-    result = run_stage2(classifier, cvae, split.to(dev), Stage2Config(mode="CMG-energy"), dev)
+    cfg = budget_config("quick", split.family, ["stage2.mode=CMG-energy"])  # sigma resolved
+    result = run_stage2(classifier, cvae, split.to(dev), cfg.stage2, dev)
     result.val["auroc"], result.test["auroc"], result.baselines["energy"]["test"]["auroc"]
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from cmg.config import DEFAULT_SIGMA, Stage2Config
+from cmg.config import Stage2Config
 from cmg.data import Split, to_float
 from cmg.generate import generate_pseudo_ood
 from cmg.metrics import SCORES, cmg_score, energy_score, evaluate_logits
@@ -179,10 +180,15 @@ def run_stage2(classifier: Classifier, cvae: CVAE, split: Split, cfg: Stage2Conf
                device: str | torch.device = "cpu", amp: bool = True, quiet: bool = False,
                features: FrozenFeatures | None = None) -> Stage2Result:
     """Fine-tune a copy of the classifier's head; the classifier itself is left unchanged.
-    Pass `features` (from `freeze_features`) to reuse them across configurations."""
+    Pass `features` (from `freeze_features`) to reuse them across configurations. `cfg.sigma`
+    is used as it is: a config from `cmg.config.budget_config` holds the family's default."""
+    if cfg.sigma is None:
+        raise ValueError("stage2.sigma is None: build the config with cmg.config.budget_config, "
+                         "or pass it through cmg.config.resolve_family_defaults, which sets the "
+                         "model family's default (DEFAULT_SIGMA)")
     device = torch.device(device)
     k = split.num_classes
-    sigma = cfg.sigma if cfg.sigma is not None else DEFAULT_SIGMA[split.family]
+    sigma = cfg.sigma
     _frozen(classifier)
     cvae.eval()
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

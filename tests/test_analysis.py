@@ -1,6 +1,7 @@
 """analysis/ over the real smoke sweep shared with the sweep tests."""
 
 import math
+import re
 import shutil
 import statistics
 import subprocess
@@ -12,6 +13,7 @@ from scipy import stats
 
 from analysis import NotAnExperiment, aggregate, importance, leaderboard, load_trials
 from analysis.trials import trial_rows
+from cmg.results import ROW_INFO, Experiment
 from conftest import ROOT, run_main
 
 REPORT_FILES = ["report.md", "summary.csv", "trials.parquet", "history.png", "params.png",
@@ -25,11 +27,20 @@ def test_load_trials_gives_one_row_per_trial_and_partition(smoke_sweep):
     for trial_id, group in df.dropna(subset=["partition"]).groupby("trial_id"):
         assert list(group["partition"]) == list(range(1, len(group) + 1))
     assert {"param_sigma", "val_auroc", "msp_test_fpr95", "energy_val_aupr_in"} <= set(df)
+    # what else each partition recorded reaches the table (and trials.parquet): its seconds,
+    # selected epoch and stage-1 key, as in the trial's own rows
+    done = df.dropna(subset=["partition"])
+    assert set(ROW_INFO) <= set(df) and (done["stage2_s"] > 0).all()
+    row = done.iloc[0]
+    folder = Experiment.open(smoke_sweep["experiment"]).trial(row["trial_id"])
+    first = trial_rows(folder.path)[0]
+    assert (row["stage2_s"], row["selected_epoch"], row["stage1_key"]) == (
+        first["stage2_s"], first["selected_epoch"], first["stage1_key"])
 
 
 def test_aggregate_matches_numbers_computed_by_hand_from_the_trial_files(smoke_sweep):
     table = aggregate(load_trials(smoke_sweep["experiment"]))
-    folder = next(p for p in smoke_sweep["experiment"].glob("stage2_trainable_*")
+    folder = next(p for p in smoke_sweep["experiment"].glob("trial-*")
                   if len((p / "result.json").read_text().splitlines()) == 5)
     rows = trial_rows(folder)
     row = table[table["trial_id"] == rows[0]["trial_id"]].iloc[0]
@@ -98,13 +109,15 @@ def test_the_method_library_imports_neither_ray_nor_optuna_nor_the_upper_layers(
     assert not loaded & {"ray", "optuna", "tune", "analysis"}, loaded & {"ray", "optuna"}
 
 
-def test_trial_folders_are_named_after_the_contracts_prefixes():
-    from cmg.results import REPLICATE_PREFIX, TRIAL_PREFIX
-    from tune.replicate import replicate_trainable
-    from tune.trainables import stage2_trainable
-
-    assert (stage2_trainable.__name__, replicate_trainable.__name__) == (TRIAL_PREFIX,
-                                                                         REPLICATE_PREFIX)
+def test_trial_folders_are_named_trial_number_id_and_read_by_the_contract(smoke_sweep):
+    experiment = smoke_sweep["experiment"]
+    names = sorted(p.name for p in experiment.iterdir() if p.is_dir() and p.name != "report")
+    trials = [n for n in names if n.startswith("trial-")]
+    assert len(trials) == 5 and all(re.fullmatch(r"trial-\d+-[0-9a-f]+", n) for n in trials)
+    read = Experiment.open(experiment).trials()
+    assert [f.name for f in read] == sorted(trials, key=lambda n: int(n.split("-")[1]))
+    for folder in read:  # the folder's id is the one its rows carry
+        assert all(r["trial_id"] == folder.trial_id for r in trial_rows(folder.path))
 
 
 def test_load_trials_reads_a_pyarrow_uri_like_a_folder(smoke_sweep):
@@ -133,7 +146,7 @@ def test_importance_needs_two_complete_configurations(smoke_sweep, tmp_path):
     experiment = tmp_path / "smoke"  # a copy that keeps a single complete trial
     experiment.mkdir()
     shutil.copy(smoke_sweep["experiment"] / "optuna.journal", experiment)
-    for folder in smoke_sweep["experiment"].glob(f"stage2_trainable_{only}_*"):
+    for folder in smoke_sweep["experiment"].glob(f"trial-*-{only}"):
         shutil.copytree(folder, experiment / folder.name)
     assert importance(experiment).empty
 
@@ -149,7 +162,8 @@ def test_report_command_writes_every_file(smoke_sweep, tmp_path):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     df = load_trials(smoke_sweep["experiment"])
     table = aggregate(df)
-    assert len(pd.read_parquet(out / "trials.parquet")) == len(df)
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == len(df) and "stage2_s" in trials
     summary = pd.read_csv(out / "summary.csv", dtype={"trial_id": str})
     assert list(summary["trial_id"]) == list(table["trial_id"])
     report = (out / "report.md").read_text()

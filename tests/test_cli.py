@@ -147,6 +147,20 @@ def test_set_parses_every_field_type():
     assert (cfg.classifier.amp, cfg.data.augment) == (False, True)
 
 
+def test_budget_config_holds_the_family_sigma_and_an_override_wins():
+    """stage2.sigma is resolved when the config is built, so trial.json records the value used;
+    an old record with sigma null still loads."""
+    from cmg.config import DEFAULT_SIGMA, RunConfig, budget_config
+
+    assert budget_config("quick", "mnist").stage2.sigma == DEFAULT_SIGMA["mnist"] == 3.0
+    assert budget_config("quick", "cifar").stage2.sigma == DEFAULT_SIGMA["cifar"] == 5.0
+    assert budget_config("quick", "cifar", ["stage2.sigma=1.5"]).stage2.sigma == 1.5
+    assert budget_config("quick", "mnist", ["stage2.sigma=none"]).stage2.sigma == 3.0
+    old = budget_config("smoke").to_dict()
+    old["stage2"]["sigma"] = None
+    assert RunConfig.from_dict(old).stage2.sigma is None
+
+
 def test_download_without_network_is_one_line(tmp_path, monkeypatch, capsys):
     """torchvision's real download code runs; only the network is faked away."""
     import urllib.error

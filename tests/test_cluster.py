@@ -36,7 +36,7 @@ def cluster(mnist_available):
 def trial_rows(experiment: Path) -> dict[str, list[dict]]:
     """Each trial's reports so far (a trial that has not reported yet has none)."""
     return {folder.name: result_rows(folder)
-            for folder in sorted(experiment.glob("stage2_trainable_*"))}
+            for folder in sorted(experiment.glob("trial-*"))}
 
 
 TRIALS = 3  # two run at once (one per worker); the third runs after the kill
@@ -85,7 +85,7 @@ def _wait_for_pause(storage: Path, experiment: Path, deadline: float) -> dict:
             owner = json.loads(owner_file.read_text())
             trial = owner["owner"].rsplit("/", 1)[-1]  # "EXPERIMENT/TRIAL_ID"
             reported = {r[0]["trial_id"]: len(r) for r in map(
-                live_rows, experiment.glob("stage2_trainable_*")) if r}
+                live_rows, experiment.glob("trial-*")) if r}
             if reported.get(trial) == 1:  # the driver has written its partition-1 row
                 return {**owner, "trial": trial, "key": owner_file.parent.parent.name}
         time.sleep(0.2)

@@ -104,11 +104,11 @@ def standin_trial(config: dict, partitions: tuple[int, ...]) -> None:
                      OBJECTIVE: 0.5, **where})
 
 
-def standin(ctx):
+def standin(spec, gpus):
     """`run_sweep`'s trial_fn: the stand-in over the sweep's partitions."""
-    partitions = tuple(ctx.partitions)
+    partitions = tuple(spec.partitions)
 
-    def stage2_trainable(config: dict) -> None:  # Tune names the trial folders after it
+    def stage2_trainable(config: dict) -> None:
         standin_trial(config, partitions)
 
     return stage2_trainable
@@ -160,7 +160,7 @@ def test_a_sweep_on_a_cold_autoscaling_cluster_scales_out_and_finishes(cold_clus
 def _results(experiment) -> list[dict]:
     import json
 
-    return [json.loads(line) for path in experiment.glob("stage2_trainable_*/result.json")
+    return [json.loads(line) for path in experiment.glob("trial-*/result.json")
             for line in path.read_text().splitlines() if line.strip()]
 
 

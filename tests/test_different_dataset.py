@@ -130,7 +130,7 @@ def test_sweep_with_a_backbone_optimises_the_mean_over_the_present_ood_sets(data
     assert (classifier[0] / "backbone.pt").exists()
     assert not (classifier[0] / "classifier.pt").exists()
     assert (cvae[0] / "cvae.pt").exists()
-    rows = [r for f in sorted((tmp_path / "d").glob("stage2_trainable_*")) for r in trial_rows(f)]
+    rows = [r for f in sorted((tmp_path / "d").glob("trial-*")) for r in trial_rows(f)]
     assert len(rows) == 2 and all(r["partitions_total"] == 1 for r in rows)
     for r in rows:
         assert r["val_auroc_mean"] == pytest.approx(

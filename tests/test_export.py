@@ -64,7 +64,7 @@ def test_ind_threshold_accepts_95_percent_of_ind():
 
 def test_scores_files_recompute_every_auroc_of_the_trial(smoke_sweep):
     checked = 0
-    for folder in smoke_sweep["experiment"].glob("stage2_trainable_*"):
+    for folder in smoke_sweep["experiment"].glob("trial-*"):
         for row in trial_rows(folder):
             table = pd.read_parquet(folder / "scores" / f"partition-{row['partition']}.parquet")
             assert list(table.columns) == ["split", "kind", "label", "cmg", *SCORES,
@@ -109,7 +109,7 @@ def test_report_reproduce_command_gives_the_trials_val_auroc(smoke_sweep, tmp_pa
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads})
     assert proc.returncode == 0, proc.stderr
     rerun = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    folder = next(smoke_sweep["experiment"].glob(f"stage2_trainable_{best}_*"))
+    folder = next(smoke_sweep["experiment"].glob(f"trial-*-{best}"))
     trial_row = next(r for r in trial_rows(folder) if r["partition"] == 1)
     assert rerun["val"]["auroc"] == pytest.approx(trial_row["val_auroc"], abs=1e-6)
     assert rerun["test"]["auroc"] == pytest.approx(trial_row["test_auroc"], abs=1e-6)

@@ -72,7 +72,7 @@ def logged_sweep(tmp_path_factory):
                  env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     experiment = storage / "logged"
-    trials = sorted(p for p in experiment.glob("stage2_trainable_*") if p.is_dir())
+    trials = sorted(p for p in experiment.glob("trial-*") if p.is_dir())
     last = {t: [json.loads(line) for line in (t / "result.json").read_text().splitlines()][-1]
             for t in trials}
     return {"work": work, "storage": storage, "experiment": experiment, "trials": trials,
@@ -187,7 +187,7 @@ def test_time_budget_expiring_in_a_trial_keeps_its_partitions_and_still_reports(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((experiment / "summary.json").read_text())
     assert summary["trials"] == {"total": 1, "complete": 0, "pruned": 1, "failed": 0}
-    (trial,) = experiment.glob("stage2_trainable_*")
+    (trial,) = experiment.glob("trial-*")
     rows = result_rows(trial)
     assert [r["partition"] for r in rows] == [1]  # what it finished is kept
     report = (experiment / "report" / "report.md").read_text()

@@ -6,11 +6,16 @@ import math
 import pytest
 import torch
 
-from cmg.config import Stage2Config, budget_config
+from cmg.config import RunConfig, Stage2Config, budget_config, resolve_family_defaults
 from cmg.results import BASELINES, HEAD_BASELINES, METRIC_NAMES
 from cmg.pipeline import flat_metrics, load_partition, run_partition
 from cmg.stage1 import train_classifier, train_cvae
 from cmg.stage2 import run_stage2
+
+
+def stage2_config(**knobs) -> Stage2Config:
+    """A hand-made MNIST stage-2 config, its family defaults resolved as budget_config does."""
+    return resolve_family_defaults(RunConfig(stage2=Stage2Config(**knobs)), "mnist").stage2
 
 
 def check_metrics(m):
@@ -70,7 +75,7 @@ def trained(mnist_available):
 def test_stage2_leaves_the_stage1_model_unchanged(trained):
     split, clf, cvae = trained
     before = {k: v.clone() for k, v in clf.state_dict().items()}
-    result = run_stage2(clf, cvae, split, Stage2Config(epochs=2, batch_size=64), quiet=True)
+    result = run_stage2(clf, cvae, split, stage2_config(epochs=2, batch_size=64), quiet=True)
     assert all(torch.equal(before[k], v) for k, v in clf.state_dict().items())
     assert len(result.history) == 2 and result.selected_epoch in (1, 2)
     # the selected head is the one with the best validation AUROC, and is what val reports
@@ -78,9 +83,32 @@ def test_stage2_leaves_the_stage1_model_unchanged(trained):
     assert result.val["auroc"] == pytest.approx(best)
 
 
+def test_stage2_generates_with_exactly_the_configs_sigma(trained, monkeypatch):
+    """Stage 2 resolves nothing: the generator gets cfg.sigma, and a config whose sigma was never
+    resolved (not built by budget_config) is refused."""
+    import cmg.stage2
+    from cmg.generate import generate_pseudo_ood
+
+    split, clf, cvae = trained
+    seen = []
+
+    def recording(cvae, n, cfg, sigma, generator):
+        seen.append(sigma)
+        return generate_pseudo_ood(cvae, n, cfg, sigma, generator)
+
+    monkeypatch.setattr(cmg.stage2, "generate_pseudo_ood", recording)
+    run_stage2(clf, cvae, split, stage2_config(epochs=1, batch_size=64, sigma=2.25), quiet=True)
+    assert seen and set(seen) == {2.25}
+    seen.clear()
+    run_stage2(clf, cvae, split, budget_config("smoke").stage2, quiet=True)
+    assert seen and set(seen) == {3.0}
+    with pytest.raises(ValueError, match="budget_config"):
+        run_stage2(clf, cvae, split, Stage2Config(epochs=1), quiet=True)
+
+
 def test_stage2_select_last_and_fixed_margins(trained):
     split, clf, cvae = trained
-    cfg = Stage2Config(epochs=2, batch_size=64, select="last", m_in=-7.0, m_out=-1.0)
+    cfg = stage2_config(epochs=2, batch_size=64, select="last", m_in=-7.0, m_out=-1.0)
     result = run_stage2(clf, cvae, split, cfg, quiet=True)
     assert result.selected_epoch == 2 and result.margins == {"m_in": -7.0, "m_out": -1.0}
     assert result.val["auroc"] == pytest.approx(result.history[-1]["val_auroc"])
@@ -93,13 +121,13 @@ def test_every_control_arm_runs_on_the_same_models_and_scores_its_own_head(train
     baselines are scored on the selected stage-2 head too (`head_*`), and CMG-energy's own score
     is the stage-2 head's energy. Without pseudo-OOD there are no margins to set."""
     split, clf, cvae = trained
-    cfg = Stage2Config(epochs=2, batch_size=64, pseudo_ood=arm)
+    cfg = stage2_config(epochs=2, batch_size=64, pseudo_ood=arm)
     result = run_stage2(clf, cvae, split, cfg, quiet=True)
     assert set(result.baselines) == {*BASELINES, *HEAD_BASELINES}
     for part in ("val", "test"):
         assert result.baselines["head_energy"][part] == pytest.approx(getattr(result, part))
     assert (result.margins == {}) == (arm == "none")
-    mixed = run_stage2(clf, cvae, split, Stage2Config(epochs=2, batch_size=64), quiet=True)
+    mixed = run_stage2(clf, cvae, split, stage2_config(epochs=2, batch_size=64), quiet=True)
     assert result.baselines["msp"] == mixed.baselines["msp"]  # the same stage-1 head
     assert any(not torch.equal(result.head[k], mixed.head[k]) for k in mixed.head)  # other data
     flat = flat_metrics({"val": result.val, "test": result.test, "baselines": result.baselines})

@@ -10,15 +10,19 @@ from tune.artifacts import ArtifactStore, stage1_keys
 from tune.prewarm import every_partition, missing_jobs, reachable_configs
 from tune.replicate import point_cells
 from tune.space import Param, default_space
-from tune.trainables import SweepContext
+from tune.spec import SweepOptions, SweepSpec
+from tune.sweep import build_parser
 
 BASE = budget_config("smoke")
 
 
-def _ctx(store: str, partitions=(1, 2)) -> SweepContext:
-    return SweepContext(setting="same_dataset_mnist", budget="smoke", base=BASE,
-                        space=default_space(BASE), partitions=partitions, store_uri=store,
-                        data_root="", use_gpu=False, threads=1)
+def _spec(storage: str, partitions=(1, 2)) -> SweepSpec:
+    """A sweep of the smoke budget's default space over PARTITIONS (every option at its
+    default)."""
+    options = SweepOptions.from_dict({**vars(build_parser().parse_args([])), "storage": storage,
+                                      "name": "x", "data_root": ""})
+    return SweepSpec(options, setting="same_dataset_mnist", modules=(), partitions=partitions,
+                     modes=("CMG-energy",), base=BASE, space=default_space(BASE), first={})
 
 
 def test_every_searched_latent_size_is_reachable_and_continuous_knobs_keep_the_base():
@@ -37,25 +41,25 @@ def test_every_searched_latent_size_is_reachable_and_continuous_knobs_keep_the_b
 
 
 def test_one_job_per_missing_key_partition_by_partition_classifier_first(tmp_path):
-    ctx = _ctx(str(tmp_path))
-    cells = every_partition(ctx, reachable_configs(BASE, ctx.space))
-    jobs = missing_jobs(ctx, cells)
+    spec = _spec(str(tmp_path))
+    cells = every_partition(spec, reachable_configs(BASE, spec.space))
+    jobs = missing_jobs(spec, cells)
     assert [(j.partition, j.kind) for j in jobs] == [
         (p, kind) for p in (1, 2) for kind in ("classifier", "cvae", "cvae", "cvae")]
     assert len({j.key for j in jobs}) == len(jobs) == 8  # 2 classifiers, 3 x 2 CVAEs
-    store = ArtifactStore(str(tmp_path))
-    done = stage1_keys(ctx.setting, 1, BASE)  # partition 1's base models are in the store
+    store = ArtifactStore(spec.stage1_store)
+    done = stage1_keys(spec.setting, 1, BASE)  # partition 1's base models are in the store
     for key in done:
         store.write_json(key, "meta.json", {})
-    left = missing_jobs(ctx, cells)
+    left = missing_jobs(spec, cells)
     assert {j.key for j in left} == {j.key for j in jobs} - set(done)
 
 
 def test_a_replicate_point_runs_each_partition_on_its_own_seed_and_split():
-    ctx = _ctx("")
+    spec = _spec("")
     point = {"source_trial": "t1", "seed": 4, "arm": "none", "mode": "CMG-energy", "sigma": 2.0,
              "mask_prob": None, "latent_dim": 64}
-    cells = point_cells(point, ctx)
+    cells = point_cells(point, spec)
     assert [p for p, _ in cells] == [1, 2]
     for partition, cfg in cells:
         seed = cell_seed(4, partition)
@@ -65,6 +69,6 @@ def test_a_replicate_point_runs_each_partition_on_its_own_seed_and_split():
             == seed
     assert len({cell_seed(s, p) for s in range(1, 6) for p in range(1, 6)}) == 25
     # CMG and a control arm of a cell share its stage-1 models
-    mixed = point_cells({**point, "arm": "mixed"}, ctx)
-    assert [stage1_keys(ctx.setting, p, c) for p, c in mixed] == [
-        stage1_keys(ctx.setting, p, c) for p, c in cells]
+    mixed = point_cells({**point, "arm": "mixed"}, spec)
+    assert [stage1_keys(spec.setting, p, c) for p, c in mixed] == [
+        stage1_keys(spec.setting, p, c) for p, c in cells]

@@ -23,7 +23,7 @@ from analysis.replicates import (SELECTION_ROW, holm, load_replicates, replicate
                                  replicate_table)
 from analysis.trials import load_trials, trial_rows
 from cmg.config import cell_seed
-from cmg.results import ALL_METRICS, ARMS, BASELINES, HEAD_BASELINES, REPLICATES_FILE
+from cmg.results import ALL_METRICS, ARMS, BASELINES, HEAD_BASELINES, REPLICATES_FILE, Experiment
 from tests.conftest import ROOT, run_main
 
 
@@ -133,7 +133,7 @@ def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep, tmp
     code, err = _interrupt_once_training(experiment, smoke_sweep["storage"] / "stage1")
     assert code == 130, err
     last = err.strip().splitlines()[-1]
-    assert re.fullmatch(r"interrupted with 0 of 2 runs added; add the rest with: python -m "
+    assert re.fullmatch(r"interrupted with 0 of 2 runs added; continue with: python -m "
                         r"tune\.replicate \S+ --top 1 --seeds 1 --arms none --eval-limit 64 "
                         r"--quiet", last), err
     assert "Traceback" not in err
@@ -164,7 +164,7 @@ def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep, tmp
         assert m["trained_by"].startswith("smoke/prewarm-")
     keys = {json.loads((f / "params.json").read_text())["arm"]: {r["stage1_key"] for r in
                                                                  trial_rows(f)}
-            for f in (experiment / "replicate").glob("*/replicate_trainable_*")}
+            for f in (experiment / "replicate").glob("*/replicate-*")}
     assert keys["mixed"] == keys["none"] and len(keys["mixed"]) == 5  # the same models
     # a different seed gives a different test AUROC than the sweep's own run on some partition
     swept = load_trials(experiment).query("trial_id == @best").set_index("partition")
@@ -173,12 +173,12 @@ def test_replicate_reruns_the_best_configuration_with_new_seeds(smoke_sweep, tmp
     assert f"lift vs {ARMS['none']}" in proc.stdout and "p (Holm)" in proc.stdout
     assert SELECTION_ROW in proc.stdout
 
-    folders = sorted((experiment / "replicate").glob("*/replicate_trainable_*"))
+    folders = sorted((experiment / "replicate").glob("*/replicate-*"))
     again = _replicate(experiment, "--top", "1", "--seeds", "1", "--arms", "none",
                        "--eval-limit", "64", "--quiet")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "0 runs added" in again.stdout
-    assert sorted((experiment / "replicate").glob("*/replicate_trainable_*")) == folders
+    assert sorted((experiment / "replicate").glob("*/replicate-*")) == folders
 
     report = run_main("analysis.report", str(experiment), "--out", str(tmp_path / "report"))
     assert report.returncode == 0, report.stderr
@@ -207,7 +207,8 @@ def test_load_replicates_keeps_the_latest_complete_run_of_each_seed(tmp_path):
 
 def _fake_trial(experiment, trial: str, number: int, val_aurocs: list[float], params: dict,
                 total: int = 2) -> None:
-    """A sweep trial folder as Tune writes it: params.json and one result line per partition."""
+    """A sweep trial folder as Tune wrote it before folders were named trial-N-ID (still read):
+    params.json and one result line per partition."""
     folder = experiment / f"stage2_trainable_{trial}_{number}_mode=CMG-energy_2026"
     folder.mkdir(parents=True)
     (folder / "params.json").write_text(json.dumps(params))
@@ -223,13 +224,14 @@ def test_with_defaults_adds_the_first_configuration_even_when_early_stopping_cut
     _fake_trial(tmp_path, "f1f1", 1, [0.5], defaults)  # stopped after one partition
     _fake_trial(tmp_path, "a0a0", 2, [0.9, 0.8], {**defaults, "sigma": 1.0})
     _fake_trial(tmp_path, "b0b0", 3, [0.7, 0.6], {**defaults, "sigma": 6.0})
-    chosen, points = missing_points(str(tmp_path), 1, [1, 2], with_defaults=True)
+    chosen, points = missing_points(Experiment.open(tmp_path), 1, [1, 2], with_defaults=True)
     assert chosen == ["a0a0", "f1f1"]
     assert [(p["source_trial"], p["seed"]) for p in points] == [
         ("a0a0", 1), ("f1f1", 1), ("a0a0", 2), ("f1f1", 2)]
     assert points[1] == {"source_trial": "f1f1", "seed": 1, "arm": "mixed", **defaults}
-    assert missing_points(str(tmp_path), 2, [1])[0] == ["a0a0", "b0b0"]
+    assert missing_points(Experiment.open(tmp_path), 2, [1])[0] == ["a0a0", "b0b0"]
     # the defaults among the top: replicated once
     _fake_trial(tmp_path / "b", "f1f1", 1, [0.95, 0.9], defaults)
     _fake_trial(tmp_path / "b", "a0a0", 2, [0.9, 0.8], {**defaults, "sigma": 1.0})
-    assert missing_points(str(tmp_path / "b"), 2, [1], with_defaults=True)[0] == ["f1f1", "a0a0"]
+    assert missing_points(Experiment.open(tmp_path / "b"), 2, [1],
+                          with_defaults=True)[0] == ["f1f1", "a0a0"]

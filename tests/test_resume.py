@@ -23,8 +23,9 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from conftest import ROOT, SWEEP_SMOKE, assert_refused, live_rows, result_rows, run_sweep
-from tune.manifest import space_from_manifest, with_manifest_defaults
-from tune.spec import SweepOptions
+from cmg.results import NotAnExperiment
+from tune.manifest import spec_from_manifest, with_manifest_defaults
+from tune.spec import SweepOptions, space_from_dict
 from tune.driver import _study_progress
 from tune.sweep import build_parser, build_spec, given_options
 
@@ -37,13 +38,13 @@ def partitions(experiment: Path) -> dict[str, list[int]]:
     """Trial folder -> the partitions its result.json reports to Tune, in order (a line still
     being written is left out): what Tune recorded, at its last snapshot."""
     return {folder.name: [row["partition"] for row in result_rows(folder)]
-            for folder in sorted(experiment.glob("stage2_trainable_*"))
+            for folder in sorted(experiment.glob("trial-*"))
             if (folder / "result.json").exists()}
 
 
 def reported(experiment: Path) -> int:
     """Partitions finished so far by all trials (their live rows)."""
-    return sum(len(live_rows(folder)) for folder in experiment.glob("stage2_trainable_*"))
+    return sum(len(live_rows(folder)) for folder in experiment.glob("trial-*"))
 
 
 def load_study(experiment: Path, name: str) -> optuna.Study:
@@ -135,7 +136,7 @@ def test_manifest_records_how_the_sweep_was_launched(interrupted):
     options = SweepOptions.from_dict(manifest["options"])
     assert options.scheduler == "none" and options.name == "k" and options.loggers == ()
     assert manifest["partitions"] == [1, 2, 3, 4, 5] and manifest["ood_sets"] == []
-    space = space_from_manifest(manifest)
+    space = space_from_dict(manifest["space"])
     assert space["latent_dim"].fixed == 32 and space["epochs"].fixed == 1
     assert space["sigma"].low == 0.5 and space["sigma"].log
     assert manifest["run_config"]["data"]["train_limit"] == 192
@@ -144,6 +145,20 @@ def test_manifest_records_how_the_sweep_was_launched(interrupted):
     assert manifest["versions"]["optuna"] == optuna.__version__
     assert manifest["git"] is None or len(manifest["git"]["commit"]) == 40
     assert manifest["host"]["cpus"] == os.cpu_count()
+
+
+def test_the_manifest_loads_into_the_spec_that_made_it_in_either_format(interrupted):
+    manifest = json.loads((interrupted["experiment"] / "manifest.json").read_text())
+    spec = build_spec([*interrupted["args"], "--resume"])[0]  # as the command line resolves it
+    assert manifest["format"] == 2 and spec_from_manifest(manifest) == spec
+    # format 1 (before the spec was whole): options, space and RunConfig, no --select-on yet;
+    # the rest resolves as the sweep resolved it
+    old = {k: v for k, v in manifest.items()
+           if k not in ("format", "setting", "modules", "modes", "first", "backbone")}
+    old["options"] = {k: v for k, v in manifest["options"].items() if k != "select_on"}
+    assert spec_from_manifest(old) == spec
+    with pytest.raises(NotAnExperiment, match="format 3"):
+        spec_from_manifest({**manifest, "format": 3})
 
 
 def test_resume_refuses_changed_settings_naming_each(interrupted):

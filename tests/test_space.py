@@ -61,12 +61,14 @@ def test_draws_stay_inside_their_ranges_and_fixed_values_are_returned(tmp_path):
 def test_first_point_is_the_reference_defaults():
     base = budget_config("quick")
     space = default_space(base)
-    point = first_point(space, base, sigma=3.0, modes=("CMG-energy",))
+    point = first_point(space, base, modes=("CMG-energy",))
     assert point == {"mixing": "mask", "mask_prob": 0.5, "num_mixed": 2, "distinct": True,
                      "sigma": 3.0, "energy_weight": 0.1, "m_in_percentile": 20.0,
                      "m_out_percentile": 80.0, "lr": 1e-4, "epochs": base.stage2.epochs,
                      "ood_per_batch": 128, "latent_dim": 32}
-    softmax = first_point(space, base, 5.0, ("CMG-softmax", "CMG-energy"))
+    # sigma comes from the config: budget_config resolved the family's default
+    cifar = budget_config("quick", "cifar")
+    softmax = first_point(space, cifar, modes=("CMG-softmax", "CMG-energy"))
     assert softmax["mode"] == "CMG-softmax" and not ENERGY_ONLY & set(softmax)
     assert softmax["sigma"] == 5.0
 
@@ -74,7 +76,7 @@ def test_first_point_is_the_reference_defaults():
 def test_first_point_leaves_excluded_and_fixed_values_to_the_space(tmp_path):
     base = budget_config("quick")
     space = space_from(tmp_path, "sigma: {low: 4.0, high: 8.0}\nlatent_dim: 16\n")
-    point = first_point(space, base, 3.0, ("CMG-energy",))
+    point = first_point(space, base, modes=("CMG-energy",))
     assert "sigma" not in point and "latent_dim" not in point and point["lr"] == 1e-4
 
 

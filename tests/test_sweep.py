@@ -16,7 +16,7 @@ from tune.artifacts import ArtifactStore, Stage1Keys
 
 def trials(experiment: Path) -> list[dict]:
     out = []
-    for folder in sorted(experiment.glob("stage2_trainable_*")):
+    for folder in sorted(experiment.glob("trial-*")):
         if not (folder / "params.json").exists():  # a trial folder being created
             continue
         out.append({"folder": folder, "rows": trial_rows(folder),  # the full rows
@@ -112,7 +112,7 @@ def test_asha_stops_are_pruned_in_the_study_with_their_last_mean(smoke_sweep):
     study_trials = study(experiment, "smoke").trials
     summary = json.loads((experiment / "summary.json").read_text())
     counts = {"complete": 0, "pruned": 0, "failed": 0}
-    for folder in experiment.glob("stage2_trainable_*"):
+    for folder in experiment.glob("trial-*"):
         params = json.loads((folder / "params.json").read_text())
         trial, = [t for t in study_trials if all(params[k] == v for k, v in t.params.items())]
         rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()

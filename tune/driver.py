@@ -7,31 +7,27 @@ experiment folder.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
-import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
-from analysis.trials import trial_rows
-from cmg.errors import fail
 from cmg.progress import Progress
-from cmg.results import OBJECTIVE
+from cmg.results import OBJECTIVE, TRIAL_KIND, Experiment, is_uri
 from tune.artifacts import KINDS, ArtifactStore
 from tune.loggers import logger_callbacks
 from tune.placement import plan_placement
 from tune.search import SweepSearch, fail_orphans, prune_stopped, sweep_searcher
 from tune.spec import SweepSpec
-from tune.shared_stage1 import NAMESPACE, create_leases
 from tune.prewarm import Prewarm, every_partition, reachable_configs
-from tune.trainables import SweepContext, stage2_trainable, write_context
+from tune.session import Interrupts, name_trial_folders, ray_session
+from tune.trainables import stage2_trainable
 
 
 class SweepInterrupted(Exception):
@@ -41,44 +37,6 @@ class SweepInterrupted(Exception):
     def __init__(self, done: int):
         super().__init__(f"interrupted after {done} configurations")
         self.done = done
-
-
-class Interrupts:
-    """SIGINT and SIGTERM while the sweep runs. Inside `fit`, the first one asks Ray Tune to save
-    its state and stop (through Tune's own SIGUSR1 handler; its SIGINT handler is turned off so
-    both signals take this one path); outside it, or a second time, KeyboardInterrupt at once.
-
-    Once KeyboardInterrupt is raised the driver is already on its way out, and later signals are
-    ignored: a Ctrl-C reaches the whole process group (the local Ray's GCS and raylet too), and an
-    impatient second one used to land in ray.shutdown() or in the exit itself and end the
-    process with code 1 instead of the resume line's 130."""
-
-    def __init__(self):
-        self.count, self.in_fit = 0, False
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-        # Tune's own "interrupted ... Tuner.restore(...)" warnings: the driver prints its line
-        logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        self.count += 1
-        if self.in_fit and self.count == 1:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        else:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_IGN)
-            raise KeyboardInterrupt
-
-    def fit(self, tuner: tune.Tuner):
-        """`tuner.fit()`; True in `self.count` afterwards means it was interrupted."""
-        # until Tune installs its SIGUSR1 handler, SIGUSR1 must not kill the process
-        signal.signal(signal.SIGUSR1, self._on_signal)
-        self.in_fit = True
-        try:
-            return tuner.fit()
-        finally:
-            self.in_fit = False
 
 
 class SweepProgress(tune.Callback):
@@ -120,28 +78,6 @@ class SweepProgress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finish(trial)
-
-
-class _DropTokenNotice(logging.Filter):
-    """Ray's notice that a new local Ray has token authentication: it does, nothing to do."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Token authentication is enabled for this")
-
-
-def quiet_tune() -> None:
-    """Ray and Ray Tune print only what this project prints (call before `ray.init`)."""
-    token_setup = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if not any(isinstance(f, _DropTokenNotice) for f in token_setup.filters):
-        token_setup.addFilter(_DropTokenNotice())
-    # tune.replicate keeps one checkpoint per trial, which forces a snapshot per partition:
-    # cheap for its few trials (the sweep keeps every checkpoint instead: see _search)
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Ray's old console output with verbose=0 prints nothing; the new one still prints a
-    # "Configuration for experiment" box and a TensorBoard hint into its session folder
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # TensorBoard files only with --logger tensorboard (logger_callbacks adds Ray's JSON and CSV)
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 
 
 def _trained_by(store_uri: str, name: str) -> dict[str, int]:
@@ -193,7 +129,7 @@ def _summary(results, name: str, experiment: str, trained: dict[str, int],
         "stage1_trained": sum(trained.values()), "stage1_trained_by_kind": trained,
         "stage1_reused": reused, "best": None}
     if best is not None:  # its full last row: Tune got only cmg.results.TUNE_KEYS
-        row = trial_rows(best.path, best.filesystem)[-1]
+        row = Experiment(best.path, best.filesystem, best.path).rows(best.path)[-1]
         keep = ["partitions_done"] + [k for k in row if k.endswith(("_mean", "_std"))]
         summary["best"] = {"trial_id": best.metrics.get("trial_id"), "params": best.config,
                            # JSON has no NaN: the sd of one partition is written as null
@@ -205,39 +141,21 @@ def _finite_or_none(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def trial_context(spec: SweepSpec, gpus: float) -> SweepContext:
-    """What each trial of SPEC needs, with `gpus` per trial (resolved against the cluster)."""
-    return SweepContext(setting=spec.setting, budget=spec.options.budget, base=spec.base,
-                        space=spec.space, partitions=spec.partitions,
-                        store_uri=spec.stage1_store, data_root=spec.options.data_root,
-                        use_gpu=gpus > 0, threads=max(1, int(spec.options.cpus_per_trial)),
-                        ood_datasets=spec.options.ood_dataset, ood_sets=spec.ood_sets,
-                        backbone=spec.backbone, name=spec.options.name,
-                        compile_model=spec.options.compile, setting_modules=spec.modules)
-
-
 def run_sweep(spec: SweepSpec, restore: bool = False,
-              trial_fn: Callable[[SweepContext], Callable[[dict], None]] | None = None,
+              trial_fn: Callable[[SweepSpec, float], Callable[[dict], None]] | None = None,
               stage1_fn: Callable[..., dict] | None = None) -> dict[str, Any]:
     """Run (or, with `restore`, continue from Tune's saved state) the sweep; return its summary.
     Raises SweepInterrupted after SIGINT/SIGTERM (Tune's state saved, the study untouched).
-    `trial_fn(ctx)`: the function each trial runs (default: stage 2 with the sweep's context;
-    bench/sim passes a stand-in of fixed duration); `stage1_fn`: the function each prewarm task
-    runs (default: tune.trainables.stage1_task)."""
+    `trial_fn(spec, gpus)`: the function each trial runs (default: tune.trainables'
+    stage2_trainable; bench/sim passes a stand-in of fixed duration); `stage1_fn`: the function
+    each prewarm task runs (default: tune.trainables.stage1_task)."""
     started = time.monotonic()  # --time-budget counts from here, the stage-1 prewarm included
-    quiet_tune()
-    if spec.options.quiet:
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ArtifactStore(spec.stage1_store).check_format()
+    if not is_uri(spec.experiment):  # the study's journal lives there (tune.sweep made it)
+        Path(spec.experiment).mkdir(parents=True, exist_ok=True)
     try:
-        try:
-            ray.init(address=spec.options.address or "local", namespace=NAMESPACE,
-                     include_dashboard=False, log_to_driver=False, configure_logging=False)
-            interrupts = Interrupts()  # after ray.init, which sets its own SIGTERM handler
+        with ray_session(spec.options.address, spec.stage1_store) as interrupts:
             summary = _search(spec, restore, interrupts, started, trial_fn, stage1_fn)
-        finally:
-            ray.shutdown()
     # outside Tune's loop (ray.shutdown included: a signal there once escaped as a traceback),
     # or a second signal: stop at once
     except KeyboardInterrupt:
@@ -246,7 +164,7 @@ def run_sweep(spec: SweepSpec, restore: bool = False,
 
 
 def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts, started: float,
-            trial_fn: Callable[[SweepContext], Callable[[dict], None]] | None,
+            trial_fn: Callable[[SweepSpec, float], Callable[[dict], None]] | None,
             stage1_fn: Callable[..., dict] | None) -> dict[str, Any]:
     options, experiment, name = spec.options, spec.experiment, spec.options.name
     # judged by the node types an autoscaling cluster can add, not only the nodes up now
@@ -257,17 +175,13 @@ def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts, started: flo
             print(f"[sweep] {line}", flush=True)
     gpus = placement.gpus
     resources = {"cpu": options.cpus_per_trial, "gpu": gpus}
-    ctx = trial_context(spec, gpus)
-    ArtifactStore(ctx.store_uri).check_format()
-    leases = create_leases(ctx.store_uri)  # the store's lease service (detached, shared)
-    ray.get(leases.__ray_ready__.remote())
-    write_context(experiment, ctx, resources, options.max_failures)  # for tune.replicate
-    prewarm = Prewarm(ctx, every_partition(ctx, reachable_configs(ctx.base, ctx.space)),
+    prewarm = Prewarm(spec, every_partition(spec, reachable_configs(spec.base, spec.space)),
                       options.cpus_per_trial, gpus, stage1_fn)
     if options.prewarm:  # the search starts once a stage-1 task's slot would idle
         prewarm.submit(options.quiet)
         prewarm.wait_for_slots(placement.stage1_slots)
-    run_trial = trial_fn(ctx) if trial_fn else tune.with_parameters(stage2_trainable, ctx=ctx)
+    run_trial = (trial_fn(spec, gpus) if trial_fn
+                 else tune.with_parameters(stage2_trainable, spec=spec, gpus=gpus))
     trainable = tune.with_resources(run_trial, resources)
     finished, best = _study_progress(spec) if restore else (0, float("nan"))
     callbacks = [SweepProgress(options.num_samples, options.quiet,
@@ -300,6 +214,7 @@ def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts, started: flo
             search_alg=SweepSearch(ConcurrencyLimiter(searcher, placement.max_concurrent)),
             scheduler=scheduler, num_samples=options.num_samples, metric=OBJECTIVE,
             mode="max", reuse_actors=True,  # keep warm processes: imports, data, caches
+            trial_dirname_creator=name_trial_folders(TRIAL_KIND),
             time_budget_s=(max(1.0, options.time_budget - (time.monotonic() - started))
                            if options.time_budget else None)))
     results = interrupts.fit(tuner)
@@ -307,8 +222,9 @@ def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts, started: flo
         raise SweepInterrupted(_study_progress(spec)[0])
     for line in prewarm.finish():  # models no trial needed may still train
         print(f"[sweep] {line}", file=sys.stderr, flush=True)
-    summary = _summary(results, name, experiment, _trained_by(ctx.store_uri, name),
+    summary = _summary(results, name, experiment, _trained_by(spec.stage1_store, name),
                        len(spec.partitions))
+    summary["resources"] = resources  # per trial, as planned on this cluster
     storage = spec.study_storage()
     summary["study"] = {
         "name": name,

@@ -3,8 +3,8 @@
     python -m tune.export experiments/same_dataset_mnist-CMG-energy-demo --out detector
     python -m tune.export s3://bucket/sweeps/NAME --trial 3f2a1_00004 --out detector
 
-The trial is the best complete configuration on validation (`analysis.leaderboard`, never the
-test set) unless --trial names one. For each partition the trial finished, DIR/partition-N/ gets
+The trial is the best complete configuration on validation (`cmg.results.Experiment.ranked`,
+never the test set) unless --trial names one. For each partition the trial finished, DIR/partition-N/ gets
 the stage-2 head selected on validation (from the trial's checkpoint), the frozen stage-1
 classifier (from the sweep's stage-1 store; with a backbone, its path and sha256), and
 detector.json with the threshold at 95% IND true-positive rate on the validation images (from the
@@ -22,15 +22,11 @@ from typing import Any
 
 import pandas as pd
 import torch
-from pyarrow import fs as pafs
-
-from analysis.artifacts import load_scores, read_bytes, trial_folder
-from analysis.trials import NotAnExperiment, aggregate, leaderboard, load_trials
 from cmg.data import get_setting
 from cmg.detector import SCALING, write_detector
 from cmg.errors import (OneLineParser, command_parser, ensure_writable_dir, exit_on_usage_error,
                         fail)
-from cmg.results import TRIAL_FILE, head_file, scores_file
+from cmg.results import Experiment, NotAnExperiment, TrialFolder, head_file, scores_file
 from cmg.scores import ind_threshold
 from tune.artifacts import ArtifactStore, Stage1Keys
 
@@ -49,19 +45,19 @@ def build_parser() -> OneLineParser:
 
 def best_trial(experiment: str) -> str:
     """The id of the best complete configuration on mean validation AUROC."""
-    board = leaderboard(aggregate(load_trials(experiment)))
-    if board.empty:
+    ranked = Experiment.open(experiment).ranked()
+    if not ranked:
         fail(f"no configuration of {experiment} finished all its partitions; pass --trial ID")
-    return str(board["trial_id"].iloc[0])
+    return ranked[0].trial_id
 
 
-def latest_checkpoint(filesystem: pafs.FileSystem, folder: str) -> str:
-    infos = filesystem.get_file_info(pafs.FileSelector(folder))
-    checkpoints = sorted(i.path for i in infos if i.type == pafs.FileType.Directory
-                         and i.base_name.startswith("checkpoint_"))
+def latest_checkpoint(exp: Experiment, folder: TrialFolder) -> str:
+    """The trial's last checkpoint folder, relative to the experiment."""
+    checkpoints = [p for p in exp.folders(folder.name)
+                   if p.rsplit("/", 1)[-1].startswith("checkpoint_")]
     if not checkpoints:
-        fail(f"trial folder {folder} has no checkpoint: the trial finished no partition")
-    return checkpoints[-1]
+        fail(f"trial folder {folder.path} has no checkpoint: the trial finished no partition")
+    return checkpoints[-1].removeprefix(exp.root + "/")
 
 
 def detector_meta(trial: dict[str, Any], record: dict[str, Any], scores: pd.DataFrame,
@@ -87,25 +83,28 @@ def export(experiment: str, out: str | Path, trial_id: str | None = None) -> lis
     """Write OUT/partition-N/ for every partition the trial finished; returns the folders.
     Everything is read and checked before the first folder is written."""
     trial_id = trial_id or best_trial(experiment)
-    filesystem, folder = trial_folder(experiment, trial_id)
-    trial = json.loads(read_bytes(filesystem, f"{folder}/{TRIAL_FILE}"))
-    checkpoint = latest_checkpoint(filesystem, folder)
-    records = json.loads(read_bytes(filesystem, f"{checkpoint}/partitions.json"))
+    exp = Experiment.open(experiment)
+    folder = exp.trial(trial_id)
+    trial = exp.record(folder)
+    checkpoint = latest_checkpoint(exp, folder)
+    records = json.loads(exp.read_bytes(checkpoint, "partitions.json"))
     out = ensure_writable_dir(out)
     taken = [f"partition-{r['partition']}" for r in records
              if (out / f"partition-{r['partition']}").exists()]
     if taken:
         fail(f"{out} already holds {', '.join(taken)}; choose another --out or delete them")
     store = ArtifactStore(trial["stage1_store"])
-    all_scores = load_scores(experiment, trial_id)
     detectors = []
     for record in records:
         p = record["partition"]
-        scores = all_scores[all_scores["partition"] == p]
+        try:
+            scores = pd.read_parquet(io.BytesIO(exp.read_bytes(folder.name, scores_file(p))))
+        except NotAnExperiment:
+            scores = pd.DataFrame()
         if scores.empty:
             fail(f"trial {trial_id} has no scores of partition {p} ({scores_file(p)}); was it "
                  "run by this version of tune.sweep?")
-        head = torch.load(io.BytesIO(read_bytes(filesystem, f"{checkpoint}/{head_file(p)}")),
+        head = torch.load(io.BytesIO(exp.read_bytes(checkpoint, head_file(p))),
                           weights_only=True)
         classifier = None
         if trial["backbone"] is None:

@@ -1,23 +1,26 @@
-"""EXPERIMENT/manifest.json: the sweep's spec (tune.spec.SweepSpec) serialised with where and
-how it was launched, written before its first trial, and the check that a `--resume` continues
-the same sweep.
+"""EXPERIMENT/manifest.json: the one record of a sweep. It is the sweep's spec
+(tune.spec.SweepSpec.to_dict: every resolved option, the search space actually used, the
+budget's resolved RunConfig, the partitions, modes, first point, OOD sets and backbone) plus
+where and how it was launched: the command line, the time, the versions of torch, ray, optuna
+and this package, the git commit and whether the tree was dirty (when the code runs from a git
+checkout), the host's devices, and each resume. Written before the first trial; every reader
+(--resume, tune.replicate, tune.export, analysis) reads it.
 
     manifest = build_manifest(argv, spec)                  # tune.sweep, before the first trial
     ArtifactStore(storage).write_json(name, MANIFEST, manifest)
+    spec = spec_from_manifest(manifest)                    # the SweepSpec that wrote it
     options = with_manifest_defaults(vars(args), given, manifest)      # on --resume
     differences(manifest, spec)  # [] or ["--seed 0 -> 1", "search space: sigma"]
 
-It holds the command line, every resolved option, the search space actually used (after
---space), the budget's resolved RunConfig, the partitions and OOD sets, the versions of torch,
-ray, optuna and this package, the git commit and whether the tree was dirty (when the code runs
-from a git checkout) and the host's devices. On --resume, an option left out is taken from the
-manifest (so `--resume --storage S --name X` alone continues a sweep); one given must match it,
-except the options in FREE (where to run, what to print) and --num-samples, which may grow.
+On --resume, an option left out is taken from the manifest (so `--resume --storage S --name X`
+alone continues a sweep); one given must match it, except the options in FREE (where to run,
+what to print) and --num-samples, which may grow. Manifests written before the spec was whole
+(format 1: options, space and RunConfig only) load too: the rest is resolved from the options,
+as the sweep resolved it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -29,8 +32,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tune.space import Param
-from tune.spec import SweepSpec
+from cmg.config import RunConfig, resolve_family_defaults
+from cmg.data import get_setting
+from cmg.results import MANIFEST_FORMAT, NotAnExperiment
+from tune.spec import SweepOptions, SweepSpec, space_from_dict
 
 PACKAGE = "cmg-sweep"
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,14 +47,32 @@ FREE = {"storage", "name", "address", "data_root", "download", "prewarm", "repor
 RESOLVED = {"space", "overrides"}
 
 
-def _space_dict(space: dict[str, Param]) -> dict[str, dict]:
-    return {name: dataclasses.asdict(p) for name, p in space.items()}
+def spec_from_manifest(manifest: dict[str, Any]) -> SweepSpec:
+    """The SweepSpec a manifest records (format 1: resolved from its options as the sweep did);
+    NotAnExperiment for a format this version does not know."""
+    version = manifest.get("format", 1)
+    if version == MANIFEST_FORMAT:
+        return SweepSpec.from_dict(manifest)
+    if version != 1:
+        raise NotAnExperiment(f"manifest.json has format {version}; this cmg-sweep reads "
+                              f"formats 1 and {MANIFEST_FORMAT}: upgrade it")
+    from cmg.backbone import BackboneSpec
+    from cmg.data import load_setting, setting_modules
+    from tune.space import first_point, mode_choices
 
-
-def space_from_manifest(manifest: dict) -> dict[str, Param]:
-    """The search space a manifest recorded (JSON lists back to the tuples Param holds)."""
-    return {name: Param(**{**d, "choices": None if d["choices"] is None else tuple(d["choices"])})
-            for name, d in manifest["space"].items()}
+    base = RunConfig.from_dict(manifest["run_config"])
+    options = SweepOptions.from_dict({"select_on": base.data.val_ood, **manifest["options"]})
+    setting = load_setting(options.setting, options.setting_modules)
+    base = resolve_family_defaults(base, setting.family)  # format 1 left sigma None
+    modes, space = mode_choices(options.mode), space_from_dict(manifest["space"])
+    partitions = tuple(manifest["partitions"])
+    backbone = (BackboneSpec.from_args(options.backbone, options.backbone_format, partitions)
+                if options.backbone else None)
+    return SweepSpec(options, setting=setting.name,
+                     modules=setting_modules(options.setting, options.setting_modules),
+                     partitions=partitions, modes=modes, base=base, space=space,
+                     first=first_point(space, base, modes),
+                     ood_sets=tuple(tuple(s) for s in manifest["ood_sets"]), backbone=backbone)
 
 
 def _git() -> dict[str, Any] | None:
@@ -83,11 +106,9 @@ def _host() -> dict[str, Any]:
 
 
 def build_manifest(argv: list[str], spec: SweepSpec) -> dict[str, Any]:
-    return {"command": shlex.join([Path(sys.executable).name, "-m", "tune.sweep", *argv]),
+    return {"format": MANIFEST_FORMAT, **spec.to_dict(),
+            "command": shlex.join([Path(sys.executable).name, "-m", "tune.sweep", *argv]),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "options": spec.options.to_dict(), "space": _space_dict(spec.space),
-            "run_config": spec.base.to_dict(), "partitions": list(spec.partitions),
-            "ood_sets": [list(s) for s in spec.ood_sets],
             "versions": _versions(), "git": _git(), "host": _host(), "resumed": []}
 
 
@@ -116,12 +137,15 @@ def differences(manifest: dict, spec: SweepSpec) -> list[str]:
     if now["num_samples"] < before.get("num_samples", 0):
         out.append(f"--num-samples {before['num_samples']} -> {now['num_samples']} (it may only "
                    "grow)")
-    old_space, new_space = manifest["space"], _space_dict(spec.space)
+    old_space, new_space = manifest["space"], spec.to_dict()["space"]
     changed = sorted(k for k in old_space.keys() | new_space.keys()
                      if _jsonish(old_space.get(k)) != _jsonish(new_space.get(k)))
     if changed:
         out.append(f"search space: {', '.join(changed)}")
-    old_cfg, new_cfg = _flat(manifest["run_config"]), _flat(_jsonish(spec.base.to_dict()))
+    # a format-1 manifest left the family's defaults (sigma) None: compare what they resolve to
+    old = resolve_family_defaults(RunConfig.from_dict(manifest["run_config"]),
+                                  get_setting(spec.setting).family)
+    old_cfg, new_cfg = _flat(_jsonish(old.to_dict())), _flat(_jsonish(spec.base.to_dict()))
     changed = sorted(k for k in old_cfg.keys() | new_cfg.keys() if old_cfg.get(k) != new_cfg.get(k))
     if changed:
         out.append("run config: " + ", ".join(f"{k} {old_cfg.get(k)} -> {new_cfg.get(k)}"

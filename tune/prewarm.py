@@ -9,22 +9,22 @@ resources: a whole GPU where there are GPUs, a trial's CPUs. The search starts a
 models are left than such tasks run at once: from then on a task's slot would idle, so trials take
 it; the trials that reach a model still in training wait for it under its lease (train once).
 
-    cells = every_partition(ctx, reachable_configs(ctx.base, ctx.space))
-    prewarm = Prewarm(ctx, cells, cpus=1, gpus=0)
+    cells = every_partition(spec, reachable_configs(spec.base, spec.space))
+    prewarm = Prewarm(spec, cells, cpus=1, gpus=0)
     prewarm.submit(quiet=False)           # "[sweep] training 15 stage-1 models (...)"
     prewarm.wait_for_slots(slots=2)       # returns with at most 1 model left in training
     ...                                   # the search
     prewarm.finish()                      # the rest; a failed model: one line, not an error
 
-`task(ctx, kind, partition, cfg)` is `tune.trainables.stage1_task` (bench/sim passes a stand-in of
-fixed duration).
+`task(spec, gpus, kind, partition, cfg)` is `tune.trainables.stage1_task` (bench/sim passes a
+stand-in of fixed duration).
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import ray
 
@@ -32,6 +32,7 @@ from cmg.config import RunConfig, apply_overrides
 from cmg.progress import Progress
 from tune.artifacts import KINDS, ArtifactStore, stage1_keys
 from tune.space import Param
+from tune.spec import SweepSpec
 
 STAGE1_SECTIONS = ("classifier.", "cvae.", "data.")  # knobs that change a stage-1 model
 MAX_VALUES = 8  # an integer range with more values than this is not prewarmed
@@ -69,35 +70,36 @@ class Job:
     key: str
 
 
-def every_partition(ctx, configs: list[RunConfig]) -> list[tuple[int, RunConfig]]:
+def every_partition(spec: SweepSpec, configs: list[RunConfig]) -> list[tuple[int, RunConfig]]:
     """The (partition, config) cells of a sweep: each config on every partition."""
-    return [(partition, cfg) for partition in ctx.partitions for cfg in configs]
+    return [(partition, cfg) for partition in spec.partitions for cfg in configs]
 
 
-def missing_jobs(ctx, cells: list[tuple[int, RunConfig]]) -> list[Job]:
+def missing_jobs(spec: SweepSpec, cells: list[tuple[int, RunConfig]]) -> list[Job]:
     """One job per stage-1 key that the (partition, config) cells need and the store lacks,
     partition by partition, each partition's classifiers first."""
-    store = ArtifactStore(ctx.store_uri)
+    store = ArtifactStore(spec.stage1_store)
     jobs: dict[str, Job] = {}
-    for partition in ctx.partitions:
+    for partition in spec.partitions:
         for kind in KINDS:
             for cfg in (cfg for p, cfg in cells if p == partition):
-                key = getattr(stage1_keys(ctx.setting, partition, cfg, ctx.backbone), kind)
+                key = getattr(stage1_keys(spec.setting, partition, cfg, spec.backbone), kind)
                 if key not in jobs and not store.exists(key):
                     jobs[key] = Job(kind, partition, cfg, key)
     return list(jobs.values())
 
 
-def _run_job(task: Callable[..., dict], ctx, kind: str, partition: int, cfg: RunConfig) -> dict:
+def _run_job(task: Callable[..., dict], spec: SweepSpec, gpus: float, kind: str, partition: int,
+             cfg: RunConfig) -> dict:
     """A prewarm task's body (`task` may be any callable; Ray's tasks must be functions)."""
-    return task(ctx, kind, partition, cfg)
+    return task(spec, gpus, kind, partition, cfg)
 
 
 @dataclass
 class Prewarm:
     """The prewarm of one sweep (or tune.replicate run): submit, wait for free slots, finish."""
 
-    ctx: Any  # tune.trainables.SweepContext
+    spec: SweepSpec
     cells: list[tuple[int, RunConfig]]  # (partition, stage-1 config): `every_partition`
     cpus: float
     gpus: float  # a trial's share; a stage-1 task takes a whole GPU if this is above 0
@@ -112,7 +114,7 @@ class Prewarm:
         """Start a task for every missing model; returns how many."""
         from tune.trainables import stage1_task
 
-        self.jobs = missing_jobs(self.ctx, self.cells)
+        self.jobs = missing_jobs(self.spec, self.cells)
         if not self.jobs:
             return 0
         remote = ray.remote(_run_job).options(
@@ -121,7 +123,8 @@ class Prewarm:
             # an error in training is the model's, and trials that need it will show it
             max_retries=-1, retry_exceptions=False)
         task = self.task or stage1_task
-        self._pending = {remote.remote(task, self.ctx, job.kind, job.partition, job.cfg): job
+        self._pending = {remote.remote(task, self.spec, self.gpus, job.kind, job.partition,
+                                       job.cfg): job
                          for job in self.jobs}
         classifiers = sum(job.kind == "classifier" for job in self.jobs)
         partitions = sorted({job.partition for job in self.jobs})

@@ -16,32 +16,28 @@ the train/validation split, so cells are independent draws; the cell's stage-1 m
 trained once and shared by every configuration and arm of that cell. Replicates are scored on
 the whole validation and test sets (`--eval-limit N` caps them). The sweep's own run (seed
 S) is not counted: it is the run the configuration was selected on.
-The trials are Ray Tune trials in EXPERIMENT/replicate/run-<time>/ (one Tune run per call),
-with the sweep's resources, retries and stage-1 store (STORAGE/stage1). Running the command
-again adds only the (configuration, seed, arm) runs that have no complete trial yet, so Ctrl-C
-(or SIGTERM) stops it cleanly (exit 130, saying how many runs were added) and the same command
-goes on. At the end it prints the replicated table, and `python -m analysis.report EXPERIMENT`
-adds it to report.md.
+The trials are Ray Tune trials in EXPERIMENT/replicate/run-<time>/replicate-<n>-<id>/ (one Tune
+run per call), with the sweep's spec (its manifest.json), CPUs, retries and stage-1 store
+(STORAGE/stage1), and a GPU share planned on the cluster it runs on. Running the command again
+adds only the (configuration, seed, arm) runs that have no complete trial yet, so Ctrl-C (or
+SIGTERM) stops it cleanly (exit 130, saying how many runs were added) and the same command goes
+on. At the end it prints the replicated table (analysis.replicates), and `python -m
+analysis.report EXPERIMENT` adds it to report.md.
 """
 
 from __future__ import annotations
 
-import json
-import shlex
 import sys
 import time
 from dataclasses import replace
 from typing import Any
 
-from pyarrow import fs as pafs
-
-from analysis.replicates import load_replicates, replicate_markdown, replicate_table
-from analysis.trials import NotAnExperiment, aggregate, leaderboard, load_trials, open_experiment
 from cmg.config import apply_overrides, cell_config, with_seed
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
-from cmg.results import ARMS, REPLICATE_DIR, TRIAL_PREFIX, is_uri
+from cmg.results import ARMS, REPLICATE_DIR, REPLICATE_KIND, Experiment, NotAnExperiment
+from tune.manifest import spec_from_manifest
 from tune.space import to_overrides
-from tune.trainables import SweepContext, read_context
+from tune.spec import SweepSpec
 
 
 def build_parser() -> OneLineParser:
@@ -71,21 +67,21 @@ POINT_KEYS = ("source_trial", "seed", "arm")  # what a replicate point adds to a
 CONTROLS = tuple(a for a in ARMS if a != "mixed")  # every control arm (cmg.results.ARMS)
 
 
-def _arm_base(ctx: SweepContext, point: dict[str, Any]):
+def _arm_base(spec: SweepSpec, point: dict[str, Any]):
     """The sweep's base config under the point's seed and arm (cmg.results.ARMS)."""
-    return apply_overrides(with_seed(ctx.base, point["seed"]),
+    return apply_overrides(with_seed(spec.base, point["seed"]),
                            {"stage2.pseudo_ood": point.get("arm", "mixed")})
 
 
-def replicate_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
+def replicate_trainable(config: dict[str, Any], spec: SweepSpec, gpus: float) -> None:
     """The sweep's stage-2 trainable for one (configuration, seed, arm): every (seed, partition)
     cell seeded on its own, stage 1, stage 2 and the train/validation split
     (cmg.config.cell_config: new stage-1 keys per cell, shared by every configuration and arm of
-    that cell); the arm sets what stage 2 trains against. Its name names the trial folders
-    (cmg.results.REPLICATE_PREFIX)."""
+    that cell); the arm sets what stage 2 trains against."""
     from tune.trainables import stage2_trainable
 
-    stage2_trainable(_drawn(config), replace(ctx, base=_arm_base(ctx, config), cell_seeds=True))
+    stage2_trainable(_drawn(config), replace(spec, base=_arm_base(spec, config)), gpus,
+                     cell_seeds=True)
 
 
 def _drawn(point: dict[str, Any]) -> dict[str, Any]:
@@ -93,79 +89,74 @@ def _drawn(point: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in point.items() if k not in POINT_KEYS and v is not None}
 
 
-def point_cells(point: dict[str, Any], ctx: SweepContext) -> list[tuple[int, Any]]:
+def point_cells(point: dict[str, Any], spec: SweepSpec) -> list[tuple[int, Any]]:
     """The (partition, RunConfig) cells a replicate point runs: the sweep's base under its seed
     and arm, with its parameters, seeded per partition."""
-    cfg = apply_overrides(_arm_base(ctx, point), to_overrides(_drawn(point), ctx.space))
-    return [(p, cell_config(cfg, p)) for p in ctx.partitions]
+    cfg = apply_overrides(_arm_base(spec, point), to_overrides(_drawn(point), spec.space))
+    return [(p, cell_config(cfg, p)) for p in spec.partitions]
 
 
-def _read_params(experiment: str, trial_id: str) -> dict[str, Any]:
-    """The selected trial's parameters exactly as Tune gave them (params.json)."""
-    filesystem, root = open_experiment(experiment)
-    infos = filesystem.get_file_info(pafs.FileSelector(root))
-    folder = next(i.path for i in infos if i.base_name.startswith(f"{TRIAL_PREFIX}_{trial_id}_"))
-    with filesystem.open_input_stream(f"{folder}/params.json") as stream:
-        return json.loads(stream.read().decode())
+def open_sweep(experiment: str) -> tuple[Experiment, SweepSpec]:
+    """The experiment and the spec its manifest records; NotAnExperiment if it has none."""
+    exp = Experiment.open(experiment)
+    if exp.manifest is None:
+        raise NotAnExperiment(f"{experiment} has no manifest.json: pass a folder that "
+                              "tune.sweep wrote (STORAGE/NAME)")
+    return exp, spec_from_manifest(exp.manifest)
 
 
-def missing_points(experiment: str, top: int, seeds: list[int], with_defaults: bool = False,
+def missing_points(exp: Experiment, top: int, seeds: list[int], with_defaults: bool = False,
                    arms: tuple[str, ...] = ("mixed",)) -> tuple[list[str], list[dict]]:
-    """(the top trial ids, ranked on validation, then the first trial's if `with_defaults`; the
-    (configuration, seed, arm) points that have no complete replicate trial yet, as trial
-    configs)."""
-    trials = aggregate(load_trials(experiment))
-    board = leaderboard(trials, by="val_auroc").head(top)
-    if board.empty:
-        fail(f"{experiment} has no complete configuration to replicate; let the sweep finish "
+    """(the top trial ids, ranked on validation (Experiment.ranked), then the first trial's if
+    `with_defaults`; the (configuration, seed, arm) points that have no complete replicate trial
+    yet, as trial configs)."""
+    ranked, trials = exp.ranked(), exp.trials()
+    if not ranked:
+        fail(f"{exp.location} has no complete configuration to replicate; let the sweep finish "
              "(python -m tune.sweep ... --resume)")
-    chosen = list(board["trial_id"])
-    first = trials.sort_values("trial_number")["trial_id"].iloc[0]
-    if with_defaults and first not in chosen:
-        chosen.append(first)
-    done = load_replicates(experiment)
-    have = (set(zip(done["source_trial"], done["seed"], done["arm"])) if not done.empty
-            else set())
-    points = [{"source_trial": trial_id, "seed": seed, "arm": arm,
-               **_read_params(experiment, trial_id)}
-              for seed in seeds for trial_id in chosen for arm in arms
-              if (trial_id, seed, arm) not in have]
-    return chosen, points
+    chosen = ranked[:top]
+    if with_defaults and trials[0] not in chosen:
+        chosen.append(trials[0])
+    have = {(p["source_trial"], p["seed"], p.get("arm", "mixed"))
+            for run in exp.replicate_runs() for folder in run.trials(REPLICATE_KIND)
+            if run.complete_rows(folder) is not None
+            for p in [run.params(folder)]}
+    points = [{"source_trial": folder.trial_id, "seed": seed, "arm": arm, **exp.params(folder)}
+              for seed in seeds for folder in chosen for arm in arms
+              if (folder.trial_id, seed, arm) not in have]
+    return [folder.trial_id for folder in chosen], points
 
 
-def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], address: str | None,
+def run_replicates(exp: Experiment, spec: SweepSpec, points: list[dict], address: str | None,
                    quiet: bool, eval_limit: int | None = None) -> None:
-    """The points as Tune trials in EXPERIMENT/replicate, with the sweep's resources and retries,
-    evaluated on up to `eval_limit` images per part (None: the whole validation and test sets).
-    Raises KeyboardInterrupt after SIGINT or SIGTERM, once Tune has stopped its trials."""
-    import ray
+    """The points as Tune trials in EXPERIMENT/replicate, with the sweep's CPUs and retries and a
+    GPU share planned on this cluster, evaluated on up to `eval_limit` images per part (None: the
+    whole validation and test sets). Raises KeyboardInterrupt after SIGINT or SIGTERM, once Tune
+    has stopped its trials."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from tune.driver import Interrupts, SweepProgress, quiet_tune
-    from tune.placement import stage1_slots
-    from tune.prewarm import Prewarm
+    from tune.driver import SweepProgress
     from tune.loggers import logger_callbacks
-    from tune.shared_stage1 import NAMESPACE, create_leases
+    from tune.placement import plan_placement, stage1_slots
+    from tune.prewarm import Prewarm
+    from tune.session import name_trial_folders, ray_session
 
-    ctx: SweepContext = saved["ctx"]
-    ctx = replace(ctx, base=apply_overrides(ctx.base, {"data.eval_limit": eval_limit}))
-    quiet_tune()
-    ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
-    try:
-        interrupts = Interrupts()  # after ray.init, which sets its own SIGTERM handler
-        leases = create_leases(ctx.store_uri)  # the store's lease service (detached, shared)
-        ray.get(leases.__ray_ready__.remote())
+    spec = replace(spec, base=apply_overrides(spec.base, {"data.eval_limit": eval_limit}))
+    options = spec.options
+    with ray_session(address, spec.stage1_store) as interrupts:
+        placement = plan_placement(options.cpus_per_trial, options.gpus_per_trial,
+                                   options.max_concurrent, len(points))
+        gpus = placement.gpus
         # the points' stage-1 models (new seeds: new models), each once, as tasks first:
         # otherwise the trials of one seed take turns training them (a lease per model)
-        resources = saved["resources"]
-        prewarm = Prewarm(ctx, [cell for p in points for cell in point_cells(p, ctx)],
-                          resources["cpu"], resources["gpu"], label="replicate")
+        prewarm = Prewarm(spec, [cell for p in points for cell in point_cells(p, spec)],
+                          options.cpus_per_trial, gpus, label="replicate")
         prewarm.submit(quiet)
-        prewarm.wait_for_slots(stage1_slots(resources["cpu"], resources["gpu"]))
-        trainable = tune.with_resources(tune.with_parameters(replicate_trainable, ctx=ctx),
-                                        saved["resources"])
+        prewarm.wait_for_slots(stage1_slots(options.cpus_per_trial, gpus))
+        trainable = tune.with_resources(
+            tune.with_parameters(replicate_trainable, spec=spec, gpus=gpus),
+            {"cpu": options.cpus_per_trial, "gpu": gpus})
         # every key a point sets must exist in the space; a parameter that a configuration did
         # not draw (conditional, e.g. mask_prob) stays None and is dropped by the trainable
         space = {key: None for point in points for key in point}
@@ -173,22 +164,21 @@ def run_replicates(experiment: str, points: list[dict], saved: dict[str, Any], a
             trainable, param_space=space,
             tune_config=tune.TuneConfig(
                 search_alg=BasicVariantGenerator(points_to_evaluate=points),
-                num_samples=len(points), reuse_actors=True),
+                num_samples=len(points), reuse_actors=True,
+                trial_dirname_creator=name_trial_folders(REPLICATE_KIND)),
             run_config=tune.RunConfig(
                 name=time.strftime("run-%Y%m%d-%H%M%S"),
-                storage_path=f"{experiment}/{REPLICATE_DIR}", verbose=0,
+                storage_path=exp.path(REPLICATE_DIR), verbose=0,
                 callbacks=[SweepProgress(len(points), quiet, label="replicate",
-                                         partitions=len(ctx.partitions)),
-                           *logger_callbacks([], experiment, "replicate")],
-                failure_config=tune.FailureConfig(max_failures=saved["max_failures"]),
+                                         partitions=len(spec.partitions)),
+                           *logger_callbacks([], exp.location, "replicate")],
+                failure_config=tune.FailureConfig(max_failures=options.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         interrupts.fit(tuner)
         if interrupts.count:
             raise KeyboardInterrupt
         for line in prewarm.finish():
             print(f"[replicate] {line}", file=sys.stderr, flush=True)
-    finally:
-        ray.shutdown()
 
 
 @exit_on_usage_error
@@ -199,13 +189,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arms = tuple(dict.fromkeys(["mixed", *(a.strip() for a in args.arms.split(",") if a.strip())]))
     if unknown := [a for a in arms if a not in ARMS]:
         fail(f"unknown arm '{unknown[0]}'; choose from {', '.join(ARMS)}")
-    experiment = open_experiment(args.experiment)[1] if not is_uri(args.experiment) \
-        else args.experiment
     try:
-        saved = read_context(experiment)
-        sweep_seed = saved["ctx"].base.classifier.seed
+        exp, spec = open_sweep(args.experiment)
+        sweep_seed = spec.base.classifier.seed
         seeds = list(range(sweep_seed + 1, sweep_seed + 1 + args.seeds))
-        chosen, points = missing_points(experiment, args.top, seeds, args.with_defaults, arms)
+        chosen, points = missing_points(exp, args.top, seeds, args.with_defaults, arms)
     except NotAnExperiment as err:
         fail(str(err))
     started = time.time()
@@ -215,16 +203,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"configurations {', '.join(chosen)}, seeds {seeds}, arms {', '.join(arms)}",
                   flush=True)
         try:
-            run_replicates(experiment, points, saved, args.address, args.quiet, args.eval_limit)
+            run_replicates(exp, spec, points, args.address, args.quiet, args.eval_limit)
         except KeyboardInterrupt:
-            left = missing_points(experiment, args.top, seeds, args.with_defaults, arms)[1]
-            again = ["python", "-m", "tune.replicate", *(sys.argv[1:] if argv is None else argv)]
-            print(f"interrupted with {len(points) - len(left)} of {len(points)} runs added; add "
-                  f"the rest with: {shlex.join(again)}", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
-    table = replicate_table(load_replicates(experiment), only=chosen, seeds=seeds,
-                            selection=load_trials(experiment))
-    print(f"replicate {experiment}: {len(points)} runs added in {time.time() - started:.0f} s")
+            from tune.session import exit_interrupted
+
+            left = missing_points(exp, args.top, seeds, args.with_defaults, arms)[1]
+            exit_interrupted(f"with {len(points) - len(left)} of {len(points)} runs added",
+                             ["python", "-m", "tune.replicate",
+                              *(sys.argv[1:] if argv is None else argv)])
+    # the report of what was added (analysis reads the files; tune only wrote them)
+    from analysis.replicates import load_replicates, replicate_markdown, replicate_table
+    from analysis.trials import load_trials
+
+    table = replicate_table(load_replicates(exp.location), only=chosen, seeds=seeds,
+                            selection=load_trials(exp.location))
+    print(f"replicate {exp.location}: {len(points)} runs added in {time.time() - started:.0f} s")
     print(replicate_markdown(table))
     return {"added": len(points), "table": table}
 

@@ -143,9 +143,9 @@ def suggest(trial, space: dict[str, Param], modes: tuple[str, ...]) -> dict[str,
     return fixed
 
 
-def first_point(space: dict[str, Param], cfg: RunConfig, sigma: float,
-                modes: tuple[str, ...]) -> dict[str, Any]:
-    """The reference defaults (from `cfg`) for every searched, active parameter."""
+def first_point(space: dict[str, Param], cfg: RunConfig, modes: tuple[str, ...]) -> dict[str, Any]:
+    """The reference defaults (from `cfg`, as `cmg.config.budget_config` built it: the family's
+    sigma included) for every searched, active parameter; the first of `modes` if several."""
     mode = modes[0]
     point: dict[str, Any] = {"mode": mode} if len(modes) > 1 else {}
     mixing = cfg.stage2.mixing
@@ -154,7 +154,9 @@ def first_point(space: dict[str, Param], cfg: RunConfig, sigma: float,
             continue
         section, _, field = p.key.partition(".")
         value = getattr(getattr(cfg, section), field)
-        value = sigma if name == "sigma" and value is None else value
+        if value is None:
+            raise ValueError(f"{p.key} is None in the base config; build it with "
+                             "cmg.config.budget_config, which resolves the family's defaults")
         inside = (value in p.choices if p.kind == "cat"
                   else p.low <= value <= p.high)
         if inside:  # a range that excludes the reference value leaves it to the sampler

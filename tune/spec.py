@@ -102,6 +102,31 @@ class SweepSpec:
         """The Optuna storage: --study-storage, else a journal file in the experiment folder."""
         return open_study_storage(self.options.study_storage, self.experiment)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: manifest.json holds this and where and how the sweep was launched."""
+        return {"options": self.options.to_dict(), "setting": self.setting,
+                "modules": list(self.modules), "partitions": list(self.partitions),
+                "modes": list(self.modes), "run_config": self.base.to_dict(),
+                "space": {name: dataclasses.asdict(p) for name, p in self.space.items()},
+                "first": dict(self.first), "ood_sets": [list(s) for s in self.ood_sets],
+                "backbone": dataclasses.asdict(self.backbone) if self.backbone else None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SweepSpec":
+        """`to_dict`'s inverse (a manifest.json of format 2 loads into the spec that wrote it)."""
+        return cls(options=SweepOptions.from_dict(d["options"]), setting=d["setting"],
+                   modules=tuple(d["modules"]), partitions=tuple(d["partitions"]),
+                   modes=tuple(d["modes"]), base=RunConfig.from_dict(d["run_config"]),
+                   space=space_from_dict(d["space"]), first=dict(d["first"]),
+                   ood_sets=tuple(tuple(s) for s in d["ood_sets"]),
+                   backbone=BackboneSpec(**d["backbone"]) if d["backbone"] else None)
+
+
+def space_from_dict(space: dict[str, dict]) -> dict[str, Param]:
+    """A search space as `SweepSpec.to_dict` writes it (JSON lists back to Param's tuples)."""
+    return {name: Param(**{**p, "choices": None if p["choices"] is None else tuple(p["choices"])})
+            for name, p in space.items()}
+
 
 def open_study_storage(url: str | None, experiment: str):
     """Optuna storage at URL (an RDB URL), else EXPERIMENT/optuna.journal; a bad URL or a remote

@@ -36,15 +36,15 @@ from typing import NoReturn
 from cmg.cli import (add_backbone_args, add_budget_args, add_compile_arg, add_data_args,
                      add_ood_dataset_arg, add_setting_args, backbone_from_args, write_json)
 from cmg.config import VAL_OOD, budget_config, seed_overrides
-from cmg.results import BASELINES, MANIFEST, SUMMARY, TRIAL_PREFIX, is_uri
+from cmg.results import BASELINES, MANIFEST, SUMMARY, is_uri, parse_trial_dirname
 from cmg.data import load_setting, make_split, resolve_data_root, setting_modules
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
 from tune.artifacts import ArtifactStore
 from tune.loggers import LOGGERS, check_loggers, parse_duration
-from tune.manifest import (build_manifest, differences, space_from_manifest,
-                           with_manifest_defaults)
+from tune.manifest import build_manifest, differences, with_manifest_defaults
 from tune.space import check_fixed, default_space, first_point, load_space_file, mode_choices
-from tune.spec import SweepOptions, SweepSpec
+from tune.session import exit_interrupted
+from tune.spec import SweepOptions, SweepSpec, space_from_dict
 
 
 def build_parser() -> OneLineParser:
@@ -166,7 +166,8 @@ def _make_experiment_dir(experiment: str) -> Path | None:
 
 def _remove_created(top: Path | None, experiment: str) -> None:
     """Undo `_make_experiment_dir` unless a trial started (its results are kept)."""
-    if top is None or not top.exists() or any(Path(experiment).glob(f"{TRIAL_PREFIX}_*")):
+    if top is None or not top.exists() or any(parse_trial_dirname(p.name)
+                                              for p in Path(experiment).glob("*")):
         return
     shutil.rmtree(top, ignore_errors=True)
 
@@ -200,7 +201,7 @@ def build_spec(argv: list[str]) -> tuple[SweepSpec, dict | None, bool]:
                          + list(args.overrides))
     space = default_space(base)
     if manifest and "space" not in given:  # the space it used, even if its file changed since
-        space = space_from_manifest(manifest)
+        space = space_from_dict(manifest["space"])
     elif args.space:
         space = load_space_file(args.space, space)
         check_fixed(args.space, space, base)
@@ -217,7 +218,7 @@ def build_spec(argv: list[str]) -> tuple[SweepSpec, dict | None, bool]:
     spec = SweepSpec(options, setting=setting.name,
                      modules=setting_modules(options.setting, options.setting_modules),
                      partitions=tuple(setting.partitions), modes=modes, base=base, space=space,
-                     first=first_point(space, base, setting.default_sigma, modes),
+                     first=first_point(space, base, modes),
                      ood_sets=split.ood_sets, backbone=backbone)
     if manifest:
         changed = differences(manifest, spec)
@@ -278,10 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _interrupted(done: int, total: int, storage: str, name: str) -> NoReturn:
-    resume = ["python", "-m", "tune.sweep", "--storage", storage, "--name", name, "--resume"]
-    print(f"interrupted after {done} of {total} configurations; continue with: "
-          f"{shlex.join(resume)}", file=sys.stderr, flush=True)
-    raise SystemExit(130)
+    exit_interrupted(f"after {done} of {total} configurations",
+                     ["python", "-m", "tune.sweep", "--storage", storage, "--name", name,
+                      "--resume"])
 
 
 def _write_report(experiment: str, study_storage: str | None) -> str:

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import functools
 import json
-import pickle
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,68 +30,26 @@ import torch
 from pyarrow.fs import FileType
 from ray import tune
 
-from cmg.backbone import BackboneSpec
 from cmg.config import DataConfig, RunConfig, apply_overrides, cell_config
 from cmg.data import get_setting, import_setting_modules, make_split
 from cmg.pipeline import flat_metrics, result_dict
-from cmg.results import (CONTEXT_FILE, ROWS_FILE, TRIAL_FILE, TUNE_KEYS, head_file,
-                         partition_mean_std, scores_file)
+from cmg.results import (ROWS_FILE, TRIAL_FILE, TUNE_KEYS, head_file, partition_mean_std,
+                         scores_file)
 from cmg.scores import score_table, to_parquet_bytes
 from cmg.stage1 import TrainingDiverged
 from cmg.stage2 import run_stage2
 from tune.artifacts import ArtifactStore, put_bytes
-from tune.space import Param, to_overrides
+from tune.space import to_overrides
 from tune.shared_stage1 import SharedStage1, get_leases, node_id
+from tune.spec import SweepSpec
 
 DIVERGED_FILE = "diverged.txt"  # in a trial folder: why its configuration diverged
 
 
-@dataclass(frozen=True)
-class SweepContext:
-    """What every trial of a sweep shares (passed with tune.with_parameters)."""
-
-    setting: str
-    budget: str
-    base: RunConfig
-    space: dict[str, Param]
-    partitions: tuple[int, ...]
-    store_uri: str
-    data_root: str
-    use_gpu: bool
-    threads: int
-    ood_datasets: str = "all"  # Setting 2: the OOD sets to evaluate on
-    ood_sets: tuple[tuple[str, int, int], ...] = ()  # Setting 2: their layout, as the driver found it
-    backbone: BackboneSpec | None = None  # an external model in place of the stage-1 classifier
-    name: str = ""  # the experiment's name: stage-1 models it trains record "NAME/TRIAL_ID"
-    compile_model: bool = False  # torch.compile stage-1 training (--compile)
-    setting_modules: tuple[str, ...] = ()  # imported before the setting is looked up (user's own)
-    # tune.replicate: each partition seeded on its own (cmg.config.cell_config), split included
-    cell_seeds: bool = False
-
-
-
-
-def write_context(experiment: str, ctx: SweepContext, resources: dict, max_failures: int) -> None:
-    """Keep the sweep's context, trial resources and retries in the experiment folder, so that
-    `tune.replicate` runs more trials exactly like the sweep's."""
-    blob = pickle.dumps({"ctx": ctx, "resources": resources, "max_failures": max_failures})
-    ArtifactStore(experiment).write_bytes("", CONTEXT_FILE, blob)
-
-
-def read_context(experiment: str) -> dict[str, Any]:
-    """`write_context`'s dict: {"ctx", "resources", "max_failures"}."""
-    from analysis.trials import NotAnExperiment
-
-    store = ArtifactStore(experiment)
-    if not store.exists("", CONTEXT_FILE):
-        raise NotAnExperiment(f"{experiment} has no {CONTEXT_FILE}: pass a folder that "
-                              "tune.sweep wrote (STORAGE/NAME), from this version on")
-    return pickle.loads(store.read_bytes("", CONTEXT_FILE))
-
-
-def _device(ctx: SweepContext) -> torch.device:
-    torch.set_num_threads(max(1, ctx.threads))
-    return torch.device("cuda" if ctx.use_gpu and torch.cuda.is_available() else "cpu")
+def _device(spec: SweepSpec, gpus: float) -> torch.device:
+    """The trial's device, with torch's threads set to the trial's CPUs."""
+    torch.set_num_threads(max(1, int(spec.options.cpus_per_trial)))
+    return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
 
 
 @functools.lru_cache(maxsize=5)
@@ -102,50 +58,48 @@ def _split(setting: str, partition: int, data: DataConfig, device: str, data_roo
     return make_split(setting, partition, data, data_root, ood_datasets=ood_datasets).to(device)
 
 
-def split_for(ctx: SweepContext, partition: int, device: torch.device,
+def split_for(spec: SweepSpec, partition: int, device: torch.device,
               data: DataConfig | None = None):
     """The partition's tensors on the device (split by `data`, default the sweep's), loaded once
     per worker process."""
-    import_setting_modules(ctx.setting_modules)  # a user's setting registers itself on import
-    split = _split(ctx.setting, partition, data or ctx.base.data, str(device), ctx.data_root,
-                   ctx.ood_datasets)
-    if split.ood_sets != ctx.ood_sets:  # this node's data root differs from the driver's
+    import_setting_modules(spec.modules)  # a user's setting registers itself on import
+    split = _split(spec.setting, partition, data or spec.base.data, str(device),
+                   spec.options.data_root, spec.options.ood_dataset)
+    if split.ood_sets != spec.ood_sets:  # this node's data root differs from the driver's
         raise RuntimeError(f"OOD sets on this node {split.ood_sets} differ from the driver's "
-                           f"{ctx.ood_sets}; give every node the same data")
+                           f"{spec.ood_sets}; give every node the same data")
     return split
 
 
-def shared_stage1(ctx: SweepContext) -> SharedStage1:
-    """The sweep's stage-1 store, this trial training what is missing (its lease holder, and
-    `trained_by: NAME/TRIAL_ID` in the models' meta.json)."""
-    owner = f"{ctx.name}/{tune.get_context().get_trial_id() or 'driver'}"
-    return SharedStage1(ArtifactStore(ctx.store_uri), get_leases(ctx.store_uri), owner,
-                        ctx.backbone, ctx.compile_model)
+def shared_stage1(spec: SweepSpec, owner: str) -> SharedStage1:
+    """The sweep's stage-1 store, the caller training what is missing: its lease holder, and
+    `trained_by: NAME/OWNER` in the models' meta.json."""
+    return SharedStage1(ArtifactStore(spec.stage1_store), get_leases(spec.stage1_store),
+                        f"{spec.options.name}/{owner}", spec.backbone, spec.options.compile)
 
 
-def stage1_task(ctx: SweepContext, kind: str, partition: int, cfg: RunConfig) -> dict[str, Any]:
+def stage1_task(spec: SweepSpec, gpus: float, kind: str, partition: int,
+                cfg: RunConfig) -> dict[str, Any]:
     """A prewarm task (tune.prewarm): train one stage-1 model, "classifier" or "cvae", of `cfg`
     for a partition, unless the store has it; its lease holder is NAME/prewarm-KIND-pN."""
-    device = _device(ctx)
-    split = split_for(ctx, partition, device, cfg.data)
-    shared = SharedStage1(ArtifactStore(ctx.store_uri), get_leases(ctx.store_uri),
-                          f"{ctx.name}/prewarm-{kind}-p{partition}", ctx.backbone,
-                          ctx.compile_model)
+    device = _device(spec, gpus)
+    split = split_for(spec, partition, device, cfg.data)
+    shared = shared_stage1(spec, f"prewarm-{kind}-p{partition}")
     trained, seconds = shared.ensure_one(kind, split, cfg, device)
     return {"kind": kind, "partition": partition, "trained": trained, "seconds": seconds,
             "node_id": node_id()}
 
 
-def trial_record(ctx: SweepContext, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+def trial_record(spec: SweepSpec, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     """`trial.json`: what it takes to rebuild a trial's detector or rerun one of its partitions."""
-    import_setting_modules(ctx.setting_modules)  # a user's setting registers itself on import
-    return {"setting": ctx.setting, "family": get_setting(ctx.setting).family,
-            "budget": ctx.budget, "device": device.type, "threads": torch.get_num_threads(),
-            "config": cfg.to_dict(),
-            "partitions": list(ctx.partitions), "stage1_store": ctx.store_uri,
-            "data_root": ctx.data_root, "ood_datasets": ctx.ood_datasets,
-            "backbone": ({"path": ctx.backbone.path, **ctx.backbone.identity()}
-                         if ctx.backbone else None)}
+    import_setting_modules(spec.modules)  # a user's setting registers itself on import
+    return {"setting": spec.setting, "family": get_setting(spec.setting).family,
+            "budget": spec.options.budget, "device": device.type,
+            "threads": torch.get_num_threads(), "config": cfg.to_dict(),
+            "partitions": list(spec.partitions), "stage1_store": spec.stage1_store,
+            "data_root": spec.options.data_root, "ood_datasets": spec.options.ood_dataset,
+            "backbone": ({"path": spec.backbone.path, **spec.backbone.identity()}
+                         if spec.backbone else None)}
 
 
 def running_aggregate(records: list[dict[str, float]]) -> dict[str, float]:
@@ -157,10 +111,13 @@ def running_aggregate(records: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
-    """One configuration, stage 2 on every partition in order; a report after each."""
-    device = _device(ctx)
-    cfg = apply_overrides(ctx.base, to_overrides(config, ctx.space))
+def stage2_trainable(config: dict[str, Any], spec: SweepSpec, gpus: float,
+                     cell_seeds: bool = False) -> None:
+    """One configuration of SPEC, stage 2 on every partition in order, a report after each;
+    `gpus`: the trial's (resolved against the cluster). `cell_seeds` (tune.replicate): each
+    partition seeded on its own (cmg.config.cell_config), the split included."""
+    device = _device(spec, gpus)
+    cfg = apply_overrides(spec.base, to_overrides(config, spec.space))
     done: list[dict[str, Any]] = []
     heads: dict[int, dict[str, torch.Tensor]] = {}  # partition -> selected stage-2 head
     checkpoint = tune.get_checkpoint()
@@ -173,16 +130,16 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     storage = tune.get_context().get_storage()  # the trial folder on the sweep's storage
     trial_fs, trial_path = storage.storage_filesystem, storage.trial_fs_path
     put_bytes(trial_fs, f"{trial_path}/{TRIAL_FILE}",
-              json.dumps(trial_record(ctx, cfg, device)).encode())
+              json.dumps(trial_record(spec, cfg, device)).encode())
     diverged = f"{trial_path}/{DIVERGED_FILE}"  # a diverged configuration diverges again:
     if trial_fs.get_file_info(diverged).type != FileType.NotFound:  # Tune's retry fails at once
         with trial_fs.open_input_stream(diverged) as reason:
             raise TrainingDiverged(reason.readall().decode())
-    shared = shared_stage1(ctx)
-    for partition in ctx.partitions[len(done):]:
+    shared = shared_stage1(spec, tune.get_context().get_trial_id() or "driver")
+    for partition in spec.partitions[len(done):]:
         started = time.perf_counter()
-        cell = cell_config(cfg, partition) if ctx.cell_seeds else cfg
-        split = split_for(ctx, partition, device, cell.data)
+        cell = cell_config(cfg, partition) if cell_seeds else cfg
+        split = split_for(spec, partition, device, cell.data)
         try:
             models = shared.ensure(split, cell, device)
             stage1_s = time.perf_counter() - started
@@ -206,7 +163,7 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
         done.append(record)
         record["row"] = {  # the full row: in ROWS_FILE, and in the checkpoint for a retry
             "trial_id": tune.get_context().get_trial_id(),
-            "partitions_done": len(done), "partitions_total": len(ctx.partitions),
+            "partitions_done": len(done), "partitions_total": len(spec.partitions),
             "partition": partition,
             **record["metrics"], **running_aggregate([r["metrics"] for r in done]),
             "stage1_key": str(models.keys), "stage1_trained": record["stage1_trained"],
@@ -218,7 +175,7 @@ def stage2_trainable(config: dict[str, Any], ctx: SweepContext) -> None:
             "restored_partitions": restored,
         }
         # (a partition restored from a checkpoint written before ROWS_FILE existed has no row
-        # here: its full row is in result.json, where analysis.trials finds it)
+        # here: its full row is in result.json, where cmg.results.Experiment.rows finds it)
         put_bytes(trial_fs, f"{trial_path}/{ROWS_FILE}",
                   "".join(json.dumps(r["row"]) + "\n" for r in done if "row" in r).encode())
         with tempfile.TemporaryDirectory() as folder:

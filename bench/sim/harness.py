@@ -117,7 +117,7 @@ class TrialLog:
 @dataclass(frozen=True)
 class StandIn:
     """The stand-in training: `part_s` seconds per partition, the real files and reports.
-    `make(ctx)` is what `tune.driver.run_sweep(..., trial_fn=...)` takes."""
+    `make(spec, gpus)` is what `tune.driver.run_sweep(..., trial_fn=...)` takes."""
 
     part_s: float
     log_dir: Path  # one TrialLog JSON per trial run (the loopback nodes share this disk)
@@ -129,15 +129,16 @@ class StandIn:
     # None: no stage 1 (the trial process then imports neither torch nor the project's tune/)
     stage1: "Stage1StandIn | None" = None
 
-    def make(self, ctx) -> Callable[[dict], None]:
-        """The trial function for the sweep context `ctx` (its partitions; with `stage1`, what
-        the trial's stage-1 keys need: setting, base config, space, store, name)."""
+    def make(self, spec, gpus: float) -> Callable[[dict], None]:
+        """The trial function for the sweep `spec` (tune.spec.SweepSpec: its partitions; with
+        `stage1`, what the trial's stage-1 keys need: setting, base config, space, store,
+        name)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        standin, partitions = self, tuple(ctx.partitions)
-        where = (Stage1Where(ctx.setting, ctx.base, ctx.space, ctx.store_uri, ctx.name)
-                 if self.stage1 else None)
+        standin, partitions = self, tuple(spec.partitions)
+        where = (Stage1Where(spec.setting, spec.base, spec.space, spec.stage1_store,
+                             spec.options.name) if self.stage1 else None)
 
-        def stage2_trainable(config: dict) -> None:  # Tune names trial folders after it
+        def stage2_trainable(config: dict) -> None:
             standin.run_trial(config, partitions, where)
 
         return stage2_trainable
@@ -244,9 +245,10 @@ class Stage1StandIn:
     train_s: float
     log_dir: Path
 
-    def __call__(self, ctx, kind: str, partition: int, cfg) -> dict:  # a prewarm task
-        owner = f"{ctx.name}/prewarm-{kind}-p{partition}"
-        return {"trained": self.ensure(ctx.setting, ctx.store_uri, kind, partition, cfg, owner)}
+    def __call__(self, spec, gpus: float, kind: str, partition: int, cfg) -> dict:  # prewarm
+        owner = f"{spec.options.name}/prewarm-{kind}-p{partition}"
+        return {"trained": self.ensure(spec.setting, spec.stage1_store, kind, partition, cfg,
+                                       owner)}
 
     def for_trial(self, where: Stage1Where, config: dict, partition: int, owner: str) -> None:
         from cmg.config import apply_overrides

@@ -39,7 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     from tune.driver import run_sweep
     from tune.sweep import build_spec
-    from tune.trainables import read_context
 
     gpus = NODES * GPUS_PER_NODE
     share = [] if args.gpus_per_trial is None else ["--gpus-per-trial", str(args.gpus_per_trial)]
@@ -54,10 +53,9 @@ def run(args: argparse.Namespace) -> dict:
                 str(Path(work) / "storage"), "--name", "placement", "--num-samples", str(gpus),
                 *share])
             summary = run_sweep(spec, trial_fn=standin.make)
-        resources = read_context(spec.experiment)["resources"]  # the share the sweep chose
         logs = trial_logs(standin.log_dir)
     return {"gpus": gpus, "nodes": NODES, "trials": len(logs),
-            "gpus_per_trial": resources["gpu"], "default_share": args.gpus_per_trial is None,
+            "gpus_per_trial": summary["resources"]["gpu"],  # the share the sweep chose "default_share": args.gpus_per_trial is None,
             "part_s": args.part_s,
             "trials_complete": summary["trials"]["complete"], **occupancy(logs)}
 

@@ -70,10 +70,6 @@ class Setting:
         return self.class_names[class_id] if self.class_names else str(class_id)
 
     @property
-    def default_sigma(self) -> float:
-        return DEFAULT_SIGMA[self.family]
-
-    @property
     def image_shape(self) -> tuple[int, int, int]:
         return IMAGE_SHAPE[self.family]
 
