@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from analysis.artifacts import score_columns
+from analysis.trial_files import score_columns
 from analysis.trials import is_complete, leaderboard
 from cmg.results import BASELINES
 from cmg.errors import atomic_write

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.artifacts import load_scores, load_trial_record, reproduce_command
+from analysis.trial_files import load_scores, load_trial_record, reproduce_command
 from analysis.figures import (history_figure, importance_figure, params_figure,
                               partitions_figure, roc_figure, save_png, scores_figure)
 from analysis.replicates import load_replicates, replicate_markdown, replicate_table

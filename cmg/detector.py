@@ -38,7 +38,7 @@ from cmg.config import RunConfig
 from cmg.errors import _umask, fail
 from cmg.metrics import SCORES, cmg_score
 from cmg.models import ind_logits
-from cmg.scores import selected_head
+from cmg.score_table import selected_head
 from cmg.stage1 import load_stage1_model
 from cmg.stage2 import _frozen, extract_features
 

@@ -71,7 +71,7 @@ def test_missing_experiment_is_a_clear_error(tmp_path):
         load_trials(tmp_path)
 
 
-ANALYSIS = ["analysis", "analysis.artifacts", "analysis.figures", "analysis.replicates",
+ANALYSIS = ["analysis", "analysis.trial_files", "analysis.figures", "analysis.replicates",
             "analysis.report", "analysis.study", "analysis.trials"]
 CONTRACT = ["cmg.results", "cmg.errors", "cmg.config"]  # what analysis may use of the project
 

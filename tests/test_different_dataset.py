@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from analysis.artifacts import load_scores
+from analysis.trial_files import load_scores
 from analysis.figures import roc_figure
 from analysis.report import write_report
 from analysis.trials import trial_rows

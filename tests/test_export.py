@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from analysis.artifacts import load_scores, load_trial_record, reproduce_command, score_columns
+from analysis.trial_files import load_scores, load_trial_record, reproduce_command, score_columns
 from analysis.figures import roc_figure, scores_figure
 from analysis.trials import aggregate, leaderboard, load_trials, trial_rows
 from cmg.checkpoint import load_checkpoint
@@ -28,7 +28,7 @@ from cmg.detector import Detector
 from cmg.metrics import SCORES
 from cmg.run import build_parser as run_parser
 from cmg.score import main as score_main
-from cmg.scores import ind_threshold
+from cmg.score_table import ind_threshold
 from conftest import ROOT
 
 

@@ -27,7 +27,7 @@ from cmg.detector import SCALING, write_detector
 from cmg.errors import (OneLineParser, command_parser, ensure_writable_dir, exit_on_usage_error,
                         fail)
 from cmg.results import Experiment, NotAnExperiment, TrialFolder, head_file, scores_file
-from cmg.scores import ind_threshold
+from cmg.score_table import ind_threshold
 from tune.artifacts import ArtifactStore, Stage1Keys
 
 STAGE1_KEEP = ("format", "version", "kind", "setting", "partition", "family", "num_classes",

@@ -13,7 +13,7 @@ trial restored from its checkpoint when it (re)started (`restored_partitions`).
 Each trial folder (on the sweep's storage, local or a pyarrow URI) also holds `trial.json` (the
 trial's resolved RunConfig, setting, budget, stage-1 store and data: what `tune.export` and the
 report's reproduce command need) and `scores/partition-N.parquet` (every evaluated image's
-scores, `cmg.scores`); the checkpoint keeps each partition's selected stage-2 head
+scores, `cmg.score_table`); the checkpoint keeps each partition's selected stage-2 head
 (`head-partition-N.pt`), so the winning detector can be exported.
 """
 
@@ -35,7 +35,7 @@ from cmg.data import get_setting, import_setting_modules, make_split
 from cmg.pipeline import flat_metrics, result_dict
 from cmg.results import (ROWS_FILE, TRIAL_FILE, TUNE_KEYS, head_file, partition_mean_std,
                          scores_file)
-from cmg.scores import score_table, to_parquet_bytes
+from cmg.score_table import score_table, to_parquet_bytes
 from cmg.stage1 import TrainingDiverged
 from cmg.stage2 import run_stage2
 from tune.artifacts import ArtifactStore, put_bytes

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
-from analysis.artifacts import load_scores, load_trial_record
+from analysis.trial_files import load_scores, load_trial_record
 from cmg.config import DEFAULT_SIGMA, RunConfig
 from cmg.metrics import maxlogit_score, ood_metrics
 from cmg.pipeline import load_partition
