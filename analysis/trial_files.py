@@ -64,7 +64,12 @@ def reproduce_command(trial: dict[str, Any], partition: int) -> str:
     threads = [f"OMP_NUM_THREADS={trial['threads']}"] if trial["device"] == "cpu" else []
     command = [*threads, "python", "-m", "cmg.run", "--setting", trial["setting"],
                "--partition", str(partition), "--mode", mode, "--budget", budget,
-               "--seed", str(seed), "--device", trial["device"], "--data-root", trial["data_root"]]
+               "--seed", str(seed), "--device", trial["device"]]
+    # the --data-root the sweep was given, as typed (none: the default); records written before
+    # it was kept hold only the resolved folder
+    root = trial["data_root_given"] if "data_root_given" in trial else trial["data_root"]
+    if root is not None:
+        command += ["--data-root", root]
     if trial.get("ood_datasets") not in (None, "all"):
         command += ["--ood-dataset", trial["ood_datasets"]]
     if trial.get("backbone"):

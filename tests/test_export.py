@@ -52,6 +52,10 @@ def test_reproduce_command_rebuilds_the_trials_exact_config():
     assert (partition, str(device), args.data_root) == (4, "cpu", "/data root")
     assert cfg.to_dict() == config
     assert command.count("--set") == 5  # only what differs from the budget (seeds: --seed)
+    # the data root as the sweep was given it: none given, none shown (no machine's folder)
+    assert "--data-root" not in reproduce_command({**trial, "data_root_given": None}, 4)
+    relative = shlex.split(reproduce_command({**trial, "data_root_given": "data"}, 4))
+    assert relative[relative.index("--data-root") + 1] == "data"
 
 
 def test_ind_threshold_accepts_95_percent_of_ind():

@@ -20,7 +20,7 @@ def _spec(storage: str, partitions=(1, 2)) -> SweepSpec:
     """A sweep of the smoke budget's default space over PARTITIONS (every option at its
     default)."""
     options = SweepOptions.from_dict({**vars(build_parser().parse_args([])), "storage": storage,
-                                      "name": "x", "data_root": ""})
+                                      "name": "x", "data_root": "", "data_root_given": None})
     return SweepSpec(options, setting="same_dataset_mnist", modules=(), partitions=partitions,
                      modes=("CMG-energy",), base=BASE, space=default_space(BASE), first={})
 

@@ -155,7 +155,8 @@ def test_the_manifest_loads_into_the_spec_that_made_it_in_either_format(interrup
     # the rest resolves as the sweep resolved it
     old = {k: v for k, v in manifest.items()
            if k not in ("format", "setting", "modules", "modes", "first", "backbone")}
-    old["options"] = {k: v for k, v in manifest["options"].items() if k != "select_on"}
+    old["options"] = {k: v for k, v in manifest["options"].items()
+                      if k not in ("select_on", "data_root_given")}
     assert spec_from_manifest(old) == spec
     with pytest.raises(NotAnExperiment, match="format 3"):
         spec_from_manifest({**manifest, "format": 3})

@@ -41,7 +41,7 @@ PACKAGE = "cmg-sweep"
 ROOT = Path(__file__).resolve().parents[1]
 # options that may change between runs of one sweep: where and how long it runs, what it prints
 # and where it sends its metrics
-FREE = {"storage", "name", "address", "data_root", "download", "prewarm", "report", "quiet",
+FREE = {"storage", "name", "address", "data_root", "data_root_given", "download", "prewarm", "report", "quiet",
         "num_samples", "time_budget", "loggers"}
 # compared through what they resolve to (the space, the RunConfig), not as typed
 RESOLVED = {"space", "overrides"}
@@ -61,7 +61,8 @@ def spec_from_manifest(manifest: dict[str, Any]) -> SweepSpec:
     from tune.space import first_point, mode_choices
 
     base = RunConfig.from_dict(manifest["run_config"])
-    options = SweepOptions.from_dict({"select_on": base.data.val_ood, **manifest["options"]})
+    options = SweepOptions.from_dict({"select_on": base.data.val_ood, "data_root_given": None,
+                                      **manifest["options"]})
     setting = load_setting(options.setting, options.setting_modules)
     base = resolve_family_defaults(base, setting.family)  # format 1 left sigma None
     modes, space = mode_choices(options.mode), space_from_dict(manifest["space"])

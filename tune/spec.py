@@ -51,7 +51,10 @@ class SweepOptions:
     address: str | None
     loggers: tuple[str, ...]
     prewarm: bool
-    data_root: str  # resolved
+    data_root: str  # resolved: where every trial reads the data
+    # --data-root as typed (None: the default, $CMG_DATA_ROOT or ./datasets): what the report's
+    # reproduce line shows, so that it names no folder of the machine the sweep ran on
+    data_root_given: str | None
     download: bool
     ood_dataset: str
     backbone: str | None  # the --backbone path

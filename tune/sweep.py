@@ -208,8 +208,10 @@ def build_spec(argv: list[str]) -> tuple[SweepSpec, dict | None, bool]:
     if args.num_samples < 1:
         fail("--num-samples must be at least 1")
     data_root = str(resolve_data_root(args.data_root))
+    data_root_given = (args.data_root if "data_root" in given
+                       else manifest["options"].get("data_root_given") if manifest else None)
     options = SweepOptions.from_dict({**vars(args), "storage": storage, "name": name,
-                                      "data_root": data_root})
+                                      "data_root": data_root, "data_root_given": data_root_given})
     _check_resources(options)
     first_partition = min(setting.partitions)
     split = make_split(setting, first_partition, base.data, data_root, options.download,

@@ -97,7 +97,8 @@ def trial_record(spec: SweepSpec, cfg: RunConfig, device: torch.device) -> dict[
             "budget": spec.options.budget, "device": device.type,
             "threads": torch.get_num_threads(), "config": cfg.to_dict(),
             "partitions": list(spec.partitions), "stage1_store": spec.stage1_store,
-            "data_root": spec.options.data_root, "ood_datasets": spec.options.ood_dataset,
+            "data_root": spec.options.data_root, "data_root_given": spec.options.data_root_given,
+            "ood_datasets": spec.options.ood_dataset,
             "backbone": ({"path": spec.backbone.path, **spec.backbone.identity()}
                          if spec.backbone else None)}
 
