@@ -106,7 +106,9 @@ def _read_report(report: Path) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.Data
     except FileNotFoundError as err:
         fail(f"{err.filename} not found: pass a report folder of a replicated sweep "
              "(python -m tune.replicate, then python -m analysis.report)")
-    manifest = report / "manifest.json"
+    # a published folder holds a copy of the manifest; EXPERIMENT/report has it one level up
+    manifest = next((m for m in (report / "manifest.json", report.parent / "manifest.json")
+                     if m.exists()), report / "manifest.json")
     val_ood = (json.loads(manifest.read_text())["run_config"]["data"].get("val_ood", "unseen")
                if manifest.exists() else "unseen")
     trials = report / "trials.parquet"

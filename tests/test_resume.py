@@ -151,6 +151,9 @@ def test_the_manifest_loads_into_the_spec_that_made_it_in_either_format(interrup
     manifest = json.loads((interrupted["experiment"] / "manifest.json").read_text())
     spec = build_spec([*interrupted["args"], "--resume"])[0]  # as the command line resolves it
     assert manifest["format"] == 2 and spec_from_manifest(manifest) == spec
+    earlier = {**manifest, "options": {k: v for k, v in manifest["options"].items()
+                                       if k != "data_root_given"}}  # before that option
+    assert spec_from_manifest(earlier) == spec
     # format 1 (before the spec was whole): options, space and RunConfig, no --select-on yet;
     # the rest resolves as the sweep resolved it
     old = {k: v for k, v in manifest.items()

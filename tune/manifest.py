@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # and where it sends its metrics
 FREE = {"storage", "name", "address", "data_root", "data_root_given", "download", "prewarm", "report", "quiet",
         "num_samples", "time_budget", "loggers"}
+# options a manifest written before they existed lacks, with what a sweep then did
+ADDED_OPTIONS = {"data_root_given": None}  # (select_on: the run config's data.val_ood)
 # compared through what they resolve to (the space, the RunConfig), not as typed
 RESOLVED = {"space", "overrides"}
 
@@ -51,8 +53,9 @@ def spec_from_manifest(manifest: dict[str, Any]) -> SweepSpec:
     """The SweepSpec a manifest records (format 1: resolved from its options as the sweep did);
     NotAnExperiment for a format this version does not know."""
     version = manifest.get("format", 1)
-    if version == MANIFEST_FORMAT:
-        return SweepSpec.from_dict(manifest)
+    if version == MANIFEST_FORMAT:  # options added since format 2 began take their old meaning
+        return SweepSpec.from_dict({**manifest, "options": {**ADDED_OPTIONS,
+                                                            **manifest["options"]}})
     if version != 1:
         raise NotAnExperiment(f"manifest.json has format {version}; this cmg-sweep reads "
                               f"formats 1 and {MANIFEST_FORMAT}: upgrade it")
@@ -61,7 +64,7 @@ def spec_from_manifest(manifest: dict[str, Any]) -> SweepSpec:
     from tune.space import first_point, mode_choices
 
     base = RunConfig.from_dict(manifest["run_config"])
-    options = SweepOptions.from_dict({"select_on": base.data.val_ood, "data_root_given": None,
+    options = SweepOptions.from_dict({"select_on": base.data.val_ood, **ADDED_OPTIONS,
                                       **manifest["options"]})
     setting = load_setting(options.setting, options.setting_modules)
     base = resolve_family_defaults(base, setting.family)  # format 1 left sigma None
