@@ -10,7 +10,8 @@ and `tune` reads its own experiments (replicate, export, resume) through the sam
             partitions.jsonl                                     every partition's full row
             trial.json                                           the trial's resolved config
             scores/partition-N.parquet                           every evaluated image's scores
-            checkpoint_XXXXXX/partitions.json, head-partition-N.pt
+            heads/partition-N.pt                                 the selected stage-2 head
+            checkpoint_XXXXXX/partitions.json                    the partitions done
         replicate/run-<time>/replicate-<number>-<trial id>/      (tune.replicate)
 
     exp = Experiment.open("s3://bucket/sweeps/NAME")     # NotAnExperiment if it cannot be read
@@ -93,7 +94,13 @@ def scores_file(partition: int) -> str:
 
 
 def head_file(partition: int) -> str:
-    """A partition's selected stage-2 head (a state dict) inside a trial's checkpoint."""
+    """A partition's selected stage-2 head (a state dict), inside its trial's folder."""
+    return f"heads/partition-{partition}.pt"
+
+
+def checkpoint_head_file(partition: int) -> str:
+    """Where experiments written before `head_file` kept a head: inside each checkpoint (every
+    report then persisted every head the trial had, up to 5 MB, while the trial waited)."""
     return f"head-partition-{partition}.pt"
 
 

@@ -26,7 +26,8 @@ from cmg.data import get_setting
 from cmg.detector import SCALING, write_detector
 from cmg.errors import (OneLineParser, command_parser, ensure_writable_dir, exit_on_usage_error,
                         fail)
-from cmg.results import Experiment, NotAnExperiment, TrialFolder, head_file, scores_file
+from cmg.results import (Experiment, NotAnExperiment, TrialFolder, checkpoint_head_file,
+                         head_file, scores_file)
 from cmg.score_table import ind_threshold
 from tune.artifacts import ArtifactStore, Stage1Keys
 
@@ -104,8 +105,11 @@ def export(experiment: str, out: str | Path, trial_id: str | None = None) -> lis
         if scores.empty:
             fail(f"trial {trial_id} has no scores of partition {p} ({scores_file(p)}); was it "
                  "run by this version of tune.sweep?")
-        head = torch.load(io.BytesIO(exp.read_bytes(checkpoint, head_file(p))),
-                          weights_only=True)
+        try:
+            head_bytes = exp.read_bytes(folder.name, head_file(p))
+        except NotAnExperiment:  # written before heads had their own files
+            head_bytes = exp.read_bytes(checkpoint, checkpoint_head_file(p))
+        head = torch.load(io.BytesIO(head_bytes), weights_only=True)
         classifier = None
         if trial["backbone"] is None:
             key = Stage1Keys.parse(record["stage1_key"]).classifier

@@ -13,13 +13,15 @@ trial restored from its checkpoint when it (re)started (`restored_partitions`).
 Each trial folder (on the sweep's storage, local or a pyarrow URI) also holds `trial.json` (the
 trial's resolved RunConfig, setting, budget, stage-1 store and data: what `tune.export` and the
 report's reproduce command need) and `scores/partition-N.parquet` (every evaluated image's
-scores, `cmg.score_table`); the checkpoint keeps each partition's selected stage-2 head
-(`head-partition-N.pt`), so the winning detector can be exported.
+scores, `cmg.score_table`) and `heads/partition-N.pt` (the selected stage-2 head, so the winning
+detector can be exported). The checkpoint holds only the partitions done (a few KB: tune.report
+waits while it is persisted; the heads were in it once, up to 5 MB a report).
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import tempfile
 import time
@@ -120,13 +122,10 @@ def stage2_trainable(config: dict[str, Any], spec: SweepSpec, gpus: float,
     device = _device(spec, gpus)
     cfg = apply_overrides(spec.base, to_overrides(config, spec.space))
     done: list[dict[str, Any]] = []
-    heads: dict[int, dict[str, torch.Tensor]] = {}  # partition -> selected stage-2 head
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             done = json.loads((Path(folder) / "partitions.json").read_text())
-            heads = {r["partition"]: torch.load(Path(folder) / head_file(r["partition"]),
-                                                 weights_only=True) for r in done}
     restored = len(done)
     storage = tune.get_context().get_storage()  # the trial folder on the sweep's storage
     trial_fs, trial_path = storage.storage_filesystem, storage.trial_fs_path
@@ -156,7 +155,9 @@ def stage2_trainable(config: dict[str, Any], spec: SweepSpec, gpus: float,
                             cfg.stage2.mode)
         put_bytes(trial_fs, f"{trial_path}/{scores_file(partition)}", to_parquet_bytes(table))
         seconds["scores"] = time.perf_counter() - scores_started
-        heads[partition] = result.head
+        head = io.BytesIO()
+        torch.save(result.head, head)
+        put_bytes(trial_fs, f"{trial_path}/{head_file(partition)}", head.getvalue())
         record = {"partition": partition, "stage1_key": str(models.keys),
                   "stage1_trained": models.trained, "selected_epoch": result.selected_epoch,
                   "metrics": flat_metrics(result_dict(split, cell, result, seconds)),
@@ -179,9 +180,7 @@ def stage2_trainable(config: dict[str, Any], spec: SweepSpec, gpus: float,
         # here: its full row is in result.json, where cmg.results.Experiment.rows finds it)
         put_bytes(trial_fs, f"{trial_path}/{ROWS_FILE}",
                   "".join(json.dumps(r["row"]) + "\n" for r in done if "row" in r).encode())
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as folder:  # a few KB: tune.report persists it
             (Path(folder) / "partitions.json").write_text(json.dumps(done))
-            for p, head in heads.items():
-                torch.save(head, Path(folder) / head_file(p))
             tune.report({k: record["row"][k] for k in TUNE_KEYS},
                         checkpoint=tune.Checkpoint.from_directory(folder))

@@ -18,10 +18,11 @@ Real: the driver (`tune.sweep.build_spec` + `tune.driver.run_sweep`: Ray Tune, t
 searcher and its journal, the scheduler, checkpoints, result files, the stage-1 lease actor) and
 the cluster (a head with 0 CPUs, N raylets with logical CPUs and GPUs: no hardware needed).
 Stand-in: the training. Each trial sleeps `part_s` per partition, then writes what the real
-trial writes, of the real sizes (`trial.json`, a scores file per partition, its rows file, a
-checkpoint holding every finished partition's head), and reports to Tune what
+trial writes, of the real sizes (`trial.json`, a scores file and a head file per partition, its
+rows file, a checkpoint of the partitions done), and reports to Tune what
 `tune.trainables.stage2_trainable` reports (`full_report=True`: every key, as the sweep did
-before `cmg.results.TUNE_KEYS`). It imports neither torch nor the project's trainables, so a
+before `cmg.results.TUNE_KEYS`; `heads_in_checkpoint=True`: every finished partition's head in
+each checkpoint, as it did before heads got their own files). It imports neither torch nor the project's trainables, so a
 trial process stays small (~0.25 GB).
 The stand-in times each `tune.report` call (how long the trial blocks) and its own start and end;
 the scenario turns those into slot gaps, block times and throughput.
@@ -43,8 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from cmg.results import (ALL_METRICS, ROWS_FILE, TRIAL_FILE, TUNE_KEYS, head_file,
-                         partition_mean_std, scores_file)
+from cmg.results import (ALL_METRICS, ROWS_FILE, TRIAL_FILE, TUNE_KEYS, checkpoint_head_file,
+                         head_file, partition_mean_std, scores_file)
 
 # a lost node is noticed within ~3 s (as tests/test_cluster.py does), not Ray's default 30 s
 FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
@@ -125,6 +126,9 @@ class StandIn:
     head_bytes: int = HEAD_BYTES
     # report the whole row to Tune, as the sweep did before cmg.results.TUNE_KEYS (a baseline)
     full_report: bool = False
+    # every finished partition's head in each checkpoint, as the sweep did before heads got
+    # their own files (a baseline: tune.report then persisted up to 5 MB per report)
+    heads_in_checkpoint: bool = False
     # stage 1 before each partition, as the real trial does (waits for, or trains, its models);
     # None: no stage 1 (the trial process then imports neither torch nor the project's tune/)
     stage1: "Stage1StandIn | None" = None
@@ -171,6 +175,8 @@ class StandIn:
             time.sleep(self.part_s)
             parts[-1] = (parts[-1][0], time.time())
             _put(trial_fs, f"{trial_path}/{scores_file(partition)}", bytes(self.scores_bytes))
+            if not self.heads_in_checkpoint:
+                _put(trial_fs, f"{trial_path}/{head_file(partition)}", bytes(self.head_bytes))
             done.append({"partition": partition,
                          "metrics": {m: quality for m in ALL_METRICS}})
             done[-1]["row"] = _row(done, len(partitions), context.get_trial_id(), node, restored)
@@ -178,8 +184,9 @@ class StandIn:
                  "".join(json.dumps(r["row"]) + "\n" for r in done).encode())
             with tempfile.TemporaryDirectory() as folder:
                 (Path(folder) / "partitions.json").write_text(json.dumps(done))
-                for r in done:
-                    (Path(folder) / head_file(r["partition"])).write_bytes(bytes(self.head_bytes))
+                for r in done if self.heads_in_checkpoint else ():
+                    (Path(folder) / checkpoint_head_file(r["partition"])).write_bytes(
+                        bytes(self.head_bytes))
                 row = done[-1]["row"]
                 metrics = row if self.full_report else {k: row[k] for k in TUNE_KEYS}
                 called = time.time()

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also report_block_p95_s of every K trials, in start order")
     parser.add_argument("--full-report", action="store_true",
                         help="trials report every key to Tune, as before cmg.results.TUNE_KEYS")
+    parser.add_argument("--heads-in-checkpoint", action="store_true",
+                        help="every finished partition's head in each checkpoint, as before "
+                             "heads got their own files in the trial folder")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -48,7 +51,8 @@ def run(args: argparse.Namespace) -> dict:
              "--sample-every 0 or more")
     with tempfile.TemporaryDirectory(prefix="cmg-sim-") as work:
         standin = StandIn(part_s=args.part_s, log_dir=Path(work) / "logs",
-                          full_report=args.full_report)
+                          full_report=args.full_report,
+                          heads_in_checkpoint=args.heads_in_checkpoint)
         with SimCluster(nodes=args.nodes) as cluster:
             slots = cluster.slots(cpus_per_trial=1, gpus_per_trial=GPUS_PER_TRIAL)
             sweep = run_sim_sweep(cluster, standin, Path(work) / "storage", args.trials,
@@ -56,6 +60,7 @@ def run(args: argparse.Namespace) -> dict:
         logs = trial_logs(standin.log_dir)
         result = {"nodes": args.nodes, "slots": slots, "trials": args.trials,
                   "part_s": args.part_s, "full_report": args.full_report,
+                  "heads_in_checkpoint": args.heads_in_checkpoint,
                   "trial_runs": len(logs),
                   "trials_complete": sweep.summary["trials"]["complete"],
                   "wall_s": round(sweep.wall_s, 1), "host_cpu_busy": round(sweep.host_busy, 3),
