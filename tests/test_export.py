@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,26 @@ def test_export_writes_the_best_trial_on_validation(smoke_sweep, exported):
     assert "optimizer" not in state and state["partition"] == 2
     assert set(torch.load(exported / "partition-2" / "head.pt", weights_only=True)) == {
         "hidden.weight", "hidden.bias", "out.weight", "out.bias"}
+
+
+def test_an_experiment_with_heads_in_its_checkpoints_still_exports(smoke_sweep, exported,
+                                                                   tmp_path):
+    """Before heads had their own files, each checkpoint held every finished head."""
+    from tune.export import export
+
+    trial = json.loads((exported / "partition-1" / "detector.json").read_text())["source"]
+    old = tmp_path / "old"
+    folder = next(smoke_sweep["experiment"].glob(f"trial-*-{trial['trial_id']}"))
+    shutil.copytree(folder, old / folder.name)
+    checkpoint = sorted((old / folder.name).glob("checkpoint_*"))[-1]
+    for head in sorted((old / folder.name / "heads").glob("partition-*.pt")):
+        head.rename(checkpoint / f"head-{head.name}")
+    (old / folder.name / "heads").rmdir()
+    written = export(str(old), tmp_path / "detector", trial["trial_id"])
+    assert [p.name for p in written] == [f"partition-{p}" for p in range(1, 6)]
+    for p in (1, 5):
+        assert (tmp_path / "detector" / f"partition-{p}" / "head.pt").read_bytes() == (
+            exported / f"partition-{p}" / "head.pt").read_bytes()
 
 
 def test_exporting_into_a_used_folder_is_one_line_and_changes_nothing(smoke_sweep, exported):
