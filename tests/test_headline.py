@@ -19,8 +19,8 @@ from analysis.replicates import holm
 from cmg.results import ARMS, BASELINES, REPLICATES_FILE
 from conftest import ROOT, run_main
 
-# (trial, arm, seed, partition) -> test AUROC; a baseline b is 0.01 * (its index + 1) below the
-# tuned configuration's CMG in the same cell; every FPR95 is 1 - AUROC
+# (trial, arm, seed, partition) -> test AUROC; a baseline b is 0.01 * (its index + 1) + 0.002 *
+# seed below the tuned configuration's CMG in the same cell; every FPR95 is 1 - AUROC
 AUROC = {("a1", "mixed", 1, 1): 0.96, ("a1", "mixed", 1, 2): 0.90,
          ("a1", "mixed", 2, 1): 0.98, ("a1", "mixed", 2, 2): 0.94,
          ("a1", "single", 1, 1): 0.95, ("a1", "single", 1, 2): 0.91,
@@ -40,8 +40,8 @@ def _report(folder, val_ood: str = "unseen", shift: float = 0.0):
         a = a + shift if (trial, arm) == ("a1", "mixed") else a
         rows.append({"source_trial": trial, "arm": arm, "seed": seed, "partition": partition,
                      "test_auroc": a, "test_fpr95": 1 - a,
-                     **{f"{b}_test_{m}": (tuned - 0.01 * (k + 1) if m == "auroc"
-                                          else 1 - tuned + 0.01 * (k + 1))
+                     **{f"{b}_test_{m}": (tuned - 0.01 * (k + 1) - 0.002 * seed if m == "auroc"
+                                          else 1 - tuned + 0.01 * (k + 1) + 0.002 * seed)
                         for k, b in enumerate(BASELINES) for m in ("auroc", "fpr95")}})
     pd.DataFrame(rows).to_csv(folder / REPLICATES_FILE, index=False)
     # d0 is the first trial (the defaults); a1 the best complete one on validation; c2 is
@@ -70,7 +70,7 @@ def test_headline_numbers_by_hand(tmp_path):
     assert tuned["ci_low"] == pytest.approx(statistics.fmean(seed_means) - half)
     assert score_summary(cells[DEFAULTS])["fpr95"] == pytest.approx(
         1 - statistics.fmean([0.95, 0.91, 0.93, 0.92]))
-    assert score_summary(cells["max-softmax"])["auroc"] == pytest.approx(tuned["auroc"] - 0.01)
+    assert score_summary(cells["max-softmax"])["auroc"] == pytest.approx(tuned["auroc"] - 0.013)
     # over head re-training only, paired: seed 1 lifts 0.06 and 0.04, seed 2 0.05 and 0.04
     paired = [statistics.fmean([0.06, 0.04]), statistics.fmean([0.05, 0.04])]
     over = lift(cells[TUNED], cells[ARMS["none"]])
@@ -78,7 +78,7 @@ def test_headline_numbers_by_hand(tmp_path):
     assert over["ci_high"] == pytest.approx(
         statistics.fmean(paired) + stats.t.ppf(0.975, 1) * statistics.stdev(paired) / 2 ** 0.5)
     assert over["p"] == pytest.approx(stats.ttest_1samp(paired, 0.0).pvalue)
-    assert lift(cells[TUNED], cells["max-logit"])["mean"] == pytest.approx(0.03)
+    assert lift(cells[TUNED], cells["max-logit"])["mean"] == pytest.approx(0.033)
 
 
 def test_two_selections_share_one_holm_family(tmp_path):
