@@ -10,7 +10,6 @@ filesystem URI (`s3://bucket/sweeps/NAME`, `file:///...`), while the sweep runs 
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -21,10 +20,6 @@ from cmg.results import (ALL_METRICS, BASELINES, OOD_SET_METRIC, ROW_INFO, TRIAL
 
 __all__ = ["NotAnExperiment", "aggregate", "is_complete", "json_lines", "leaderboard",
            "load_trials", "trial_rows"]
-
-# trials read at once: each is 3 small requests, which on S3 wait far longer than they compute
-READERS = 32
-
 
 def load_trials(experiment: str | Path | Experiment, kind: str = TRIAL_KIND,
                 partitions: int | None = None) -> pd.DataFrame:
@@ -39,16 +34,15 @@ def load_trials(experiment: str | Path | Experiment, kind: str = TRIAL_KIND,
     one row with partition NaN. A partition reported twice (a retried trial) is one row, its
     last report; a report still being written is left out. `kind`: whose trial folders to read
     (tune.replicate's, REPLICATE_KIND, are in EXPERIMENT/replicate/run-*). Trials are read
-    READERS at a time (thousands of trials on S3 are thousands of requests)."""
+    several at a time (`Experiment.each`: thousands of trials on S3 are thousands of requests)."""
     exp = experiment if isinstance(experiment, Experiment) else Experiment.open(experiment)
     folders = exp.trials(kind)
     if not folders:
         raise NotAnExperiment(f"{exp.location} holds no sweep trials ({kind}-* folders); pass "
                               "the folder that tune.sweep wrote (STORAGE/NAME)")
     partitions = exp.partitions() or partitions
-    with ThreadPoolExecutor(max_workers=READERS) as pool:  # map keeps the folders' order
-        per_trial = pool.map(lambda f: _trial_records(exp, f, partitions), folders)
-        return pd.DataFrame.from_records([r for records in per_trial for r in records])
+    per_trial = exp.each(lambda f: _trial_records(exp, f, partitions), folders)
+    return pd.DataFrame.from_records([r for records in per_trial for r in records])
 
 
 def _trial_records(exp: Experiment, folder: TrialFolder, partitions: int | None) -> list[dict]:

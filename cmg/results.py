@@ -30,8 +30,11 @@ import json
 import math
 import re
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
+
+T = TypeVar("T")
 
 METRIC_NAMES = ("auroc", "aupr_in", "aupr_out", "fpr95", "ind_acc")
 # The baseline scores every result carries beside CMG's (their functions: cmg.metrics.SCORES),
@@ -86,6 +89,8 @@ TRIAL_FILE = "trial.json"
 # A trial's full rows, one JSON line per partition done (rewritten whole after each partition);
 # experiments written before it have them in Tune's result.json instead
 ROWS_FILE = "partitions.jsonl"
+# trial folders an experiment reader reads at once (Experiment.each)
+READERS = 32
 
 
 def scores_file(partition: int) -> str:
@@ -203,18 +208,15 @@ class Experiment:
         return "/".join([self.root, *parts])
 
     def read_bytes(self, *parts: str) -> bytes:
-        try:
-            with self.filesystem.open_input_stream(self.path(*parts)) as stream:
-                return stream.read()
-        except (FileNotFoundError, OSError):
+        data = self._read(self.path(*parts))
+        if data is None:
             raise NotAnExperiment(f"{self.path(*parts)} is missing; was it written by "
-                                  "tune.sweep?") from None
+                                  "tune.sweep?")
+        return data
 
     def read_text(self, *parts: str) -> str | None:
-        try:
-            return self.read_bytes(*parts).decode()
-        except NotAnExperiment:
-            return None
+        data = self._read(self.path(*parts))
+        return None if data is None else data.decode()
 
     def read_json(self, *parts: str) -> Any:
         text = self.read_text(*parts)
@@ -232,22 +234,17 @@ class Experiment:
     def folders(self, *parts: str) -> list[str]:
         """The paths of the sub-folders of the experiment (or of its folder PARTS), sorted;
         empty if it does not exist."""
-        from pyarrow import fs as pafs
-
-        try:
-            infos = self.filesystem.get_file_info(pafs.FileSelector(self.path(*parts),
-                                                                    allow_not_found=True))
-        except OSError as err:
-            raise NotAnExperiment(f"cannot list {self.location}: {err}") from None
-        return sorted(i.path for i in infos if i.type == pafs.FileType.Directory)
+        return self._list(parts, directories=True)
 
     def files(self, *parts: str) -> list[str]:
         """The paths of the files in a sub-folder (empty if it does not exist), sorted."""
-        from pyarrow import fs as pafs
+        return self._list(parts, directories=False)
 
-        infos = self.filesystem.get_file_info(pafs.FileSelector(self.path(*parts),
-                                                                allow_not_found=True))
-        return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+    def each(self, read: Callable[[TrialFolder], T], folders: list[TrialFolder]) -> list[T]:
+        """`read(folder)` of every folder, in order, READERS at a time: each trial is a few small
+        requests, which on S3 wait far longer than they compute."""
+        with ThreadPoolExecutor(max_workers=READERS) as pool:
+            return list(pool.map(read, folders))
 
     def trials(self, kind: str = TRIAL_KIND) -> list[TrialFolder]:
         """The trial folders of `kind` (TRIAL_KIND, or REPLICATE_KIND in a replicate run), in
@@ -293,9 +290,10 @@ class Experiment:
     def ranked(self) -> list[TrialFolder]:
         """The complete trials, best mean validation AUROC over the partitions first: the
         selection (never a test metric), as analysis.trials.leaderboard ranks them."""
+        trials = self.trials()
         scored = [(partition_mean_std(r["val_auroc"] for r in rows)[0], folder)
-                  for folder in self.trials()
-                  if (rows := self.complete_rows(folder)) is not None]
+                  for folder, rows in zip(trials, self.each(self.complete_rows, trials))
+                  if rows is not None]
         return [folder for _, folder in sorted(scored, key=lambda pair: -pair[0])]
 
     def params(self, folder: TrialFolder) -> dict[str, Any]:
@@ -315,11 +313,27 @@ class Experiment:
         return json.loads(text)
 
     def _text(self, path: str) -> str | None:
+        data = self._read(path)
+        return None if data is None else data.decode()
+
+    def _read(self, path: str) -> bytes | None:
+        """The file at PATH on the experiment's filesystem; None if it cannot be read."""
         try:
             with self.filesystem.open_input_stream(path) as stream:
-                return stream.read().decode()
+                return stream.read()
         except (FileNotFoundError, OSError):
             return None
+
+    def _list(self, parts: tuple[str, ...], directories: bool) -> list[str]:
+        from pyarrow import fs as pafs
+
+        try:
+            infos = self.filesystem.get_file_info(pafs.FileSelector(self.path(*parts),
+                                                                    allow_not_found=True))
+        except OSError as err:
+            raise NotAnExperiment(f"cannot list {self.location}: {err}") from None
+        kind = pafs.FileType.Directory if directories else pafs.FileType.File
+        return sorted(i.path for i in infos if i.type == kind)
 
 
 def trial_rows(folder: Any) -> list[dict]:

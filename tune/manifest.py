@@ -41,8 +41,8 @@ PACKAGE = "cmg-sweep"
 ROOT = Path(__file__).resolve().parents[1]
 # options that may change between runs of one sweep: where and how long it runs, what it prints
 # and where it sends its metrics
-FREE = {"storage", "name", "address", "data_root", "data_root_given", "download", "prewarm", "report", "quiet",
-        "num_samples", "time_budget", "loggers"}
+FREE = {"storage", "name", "address", "data_root", "data_root_given", "download", "prewarm",
+        "report", "quiet", "num_samples", "time_budget", "loggers"}
 # options a manifest written before they existed lacks, with what a sweep then did
 ADDED_OPTIONS = {"data_root_given": None}  # (select_on: the run config's data.val_ood)
 # compared through what they resolve to (the space, the RunConfig), not as typed

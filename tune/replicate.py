@@ -117,10 +117,13 @@ def missing_points(exp: Experiment, top: int, seeds: list[int], with_defaults: b
     chosen = ranked[:top]
     if with_defaults and trials[0] not in chosen:
         chosen.append(trials[0])
-    have = {(p["source_trial"], p["seed"], p.get("arm", "mixed"))
-            for run in exp.replicate_runs() for folder in run.trials(REPLICATE_KIND)
-            if run.complete_rows(folder) is not None
-            for p in [run.params(folder)]}
+    have = set()  # the (configuration, seed, arm) runs a complete replicate trial holds
+    for run in exp.replicate_runs():
+        folders = run.trials(REPLICATE_KIND)
+        for folder, rows in zip(folders, run.each(run.complete_rows, folders)):
+            if rows is not None:
+                p = run.params(folder)
+                have.add((p["source_trial"], p["seed"], p.get("arm", "mixed")))
     points = [{"source_trial": folder.trial_id, "seed": seed, "arm": arm, **exp.params(folder)}
               for seed in seeds for folder in chosen for arm in arms
               if (folder.trial_id, seed, arm) not in have]
