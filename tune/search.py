@@ -26,11 +26,12 @@ What it guarantees, by construction rather than by catching errors:
 from __future__ import annotations
 
 import functools
+import heapq
 import warnings
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
@@ -42,16 +43,81 @@ ORPHAN_REASON = ("orphan: asked by a sweep driver that stopped before Ray Tune s
                  "and no later Ray trial adopted it")
 
 
-def sweep_sampler(seed: int | None) -> optuna.samplers.TPESampler:
+# TPE models at most this many finished trials: the BEST_KEPT best complete ones and the most
+# recent others. An ask reads every trial it models several times over (the search space's
+# groups, the split into good and bad, each group's densities), so its cost, paid inside Ray
+# Tune's driver loop while trials wait in `tune.report`, would grow with the study; bounded, it
+# stays flat past a few hundred trials. TPE weighs older trials down anyway, and its "good" set
+# is at most the 25 best (Optuna's default gamma), which the window always holds.
+TPE_WINDOW = 500
+BEST_KEPT = 25
+_FINISHED = frozenset(s for s in TrialState if s.is_finished())
+
+
+def recent_window(trials: list[FrozenTrial], window: int, maximize: bool) -> list[FrozenTrial]:
+    """`trials` (in study order) as the sweep's TPE models them: all of them while at most
+    `window` are finished; past that, the unfinished ones (running: the constant liar), the
+    BEST_KEPT best complete ones and the most recent other finished ones, `window` in all.
+    Called several times per ask: a few flat passes over the trials, no sort."""
+    finished = [t for t in trials if t.state in _FINISHED]
+    if len(finished) <= window:
+        return trials
+    complete = [t for t in finished if t.state == TrialState.COMPLETE]
+    pick = heapq.nlargest if maximize else heapq.nsmallest
+    keep = {t.number for t in pick(BEST_KEPT, complete, key=lambda t: t.value)}
+    for t in reversed(finished):
+        if len(keep) >= window:
+            break
+        keep.add(t.number)
+    return [t for t in trials if t.number in keep or t.state not in _FINISHED]
+
+
+class _WindowedStudy:
+    """A study whose trials, as a sampler reads them, are `recent_window` of the real ones;
+    everything else is the real study."""
+
+    def __init__(self, study: optuna.Study, window: int):
+        self._study, self._window = study, window
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, *args, **kwargs) -> list[FrozenTrial]:
+        maximize = self._study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+        return recent_window(self._study._get_trials(*args, **kwargs), self._window, maximize)
+
+
+class WindowedTPESampler(optuna.samplers.TPESampler):
+    """Optuna's TPE on `recent_window(trials, window)` of the study: the same draws while at most
+    `window` trials are finished, a flat cost per ask after.
+
+        sampler = WindowedTPESampler(seed=0, window=500, multivariate=True, group=True)
+    """
+
+    def __init__(self, *args, window: int = TPE_WINDOW, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.window = window
+
+    def infer_relative_search_space(self, study, trial):
+        return super().infer_relative_search_space(_WindowedStudy(study, self.window), trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return super().sample_relative(_WindowedStudy(study, self.window), trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return super().sample_independent(_WindowedStudy(study, self.window), trial, param_name,
+                                          param_distribution)
+
+
+def sweep_sampler(seed: int | None) -> WindowedTPESampler:
     """The sweep's TPE, its options chosen here rather than left to the installed Optuna's
     defaults: constant liar (trials still RUNNING count as bad, so 64 trials at once spread out
-    instead of piling on one point), multivariate (the knobs interact) and grouped (the space is
+    instead of piling on one point), multivariate (the knobs interact), grouped (the space is
     conditional: mixing and energy knobs exist only in some modes, and each group of parameters
-    that appear together is modelled jointly)."""
+    that appear together is modelled jointly), and a window of TPE_WINDOW trials."""
     with warnings.catch_warnings():  # `group` (and, before Optuna 5, the others) are "experimental"
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True,
-                                          group=True)
+        return WindowedTPESampler(seed=seed, constant_liar=True, multivariate=True, group=True)
 
 
 class SweepSearcher(OptunaSearch):

@@ -39,9 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trials RUNNING at once (default 64)")
     parser.add_argument("--mode", default="CMG-energy",
                         help="the sweep's --mode: CMG-energy (default), CMG-softmax or both")
-    parser.add_argument("--sampler", choices=("sweep", "optuna-default"), default="sweep",
-                        help="the sweep's TPE (default), or the plain TPESampler(seed) that "
-                             "Ray's OptunaSearch builds (what the sweep used before)")
+    parser.add_argument("--sampler", choices=("sweep", "unwindowed", "optuna-default"),
+                        default="sweep",
+                        help="the sweep's TPE (default); the same without its window of "
+                             "trials (tune.search.TPE_WINDOW), as before it had one; or the "
+                             "plain TPESampler(seed) that Ray's OptunaSearch builds")
 
 
 def _sizes(text: str) -> list[int]:
@@ -67,7 +69,9 @@ def run(args: argparse.Namespace) -> dict:
                                  "--num-samples", str(sizes[-1]), "--quiet"])
         Path(spec.experiment).mkdir(parents=True)
         searcher = sweep_searcher(spec)
-        if args.sampler == "optuna-default":
+        if args.sampler == "unwindowed":
+            searcher._ot_study.sampler.window = sizes[-1]
+        elif args.sampler == "optuna-default":
             import optuna
 
             searcher._ot_study.sampler = optuna.samplers.TPESampler(seed=spec.options.seed)
