@@ -1,6 +1,7 @@
 """The measurements behind the README's "why" sentences on this result, rerunnable:
 
-    python results/mnist-quick/why.py EXPERIMENT 2420ff69 e9f11b8a > results/mnist-quick/why.json
+    python results/why.py EXPERIMENT TUNED DEFAULTS > results/NAME/why.json
+    python results/why.py experiments/headline/mnist-quick-unseen 936e1b41 5cd2ccf2 > results/mnist-quick-unseen/why.json
 
 For the tuned (first) and the default (second) configuration, on each partition's stage-1
 models of the sweep's own seed (read from the sweep's stage-1 store):
