@@ -25,7 +25,7 @@ import torch
 from scipy.stats import spearmanr
 
 from analysis.trial_files import load_scores, load_trial_record
-from cmg.config import DEFAULT_SIGMA, RunConfig
+from cmg.config import RunConfig, resolve_family_defaults
 from cmg.metrics import maxlogit_score, ood_metrics
 from cmg.pipeline import load_partition
 from cmg.stage1 import load_stage1_model
@@ -54,10 +54,9 @@ def partition_row(record: dict, cfgs: dict[str, RunConfig], partition: int) -> d
              for part, x in (("ind", ind_x), ("ood", ood_x))}
     row = {"partition": partition, "real_auroc": ood_metrics(score["ind"], score["ood"])["auroc"]}
     for name, cfg in cfgs.items():
-        s2 = cfg.stage2
-        sigma = s2.sigma if s2.sigma is not None else DEFAULT_SIGMA[split.family]
+        s2 = resolve_family_defaults(cfg, split.family).stage2
         cvae = _stage1(record, cfg, partition, "cvae", split)
-        pseudo = pseudo_ood_features(classifier, cvae, PSEUDO_IMAGES, s2, sigma,
+        pseudo = pseudo_ood_features(classifier, cvae, PSEUDO_IMAGES, s2, s2.sigma,
                                      torch.Generator().manual_seed(s2.seed))
         pseudo_score = maxlogit_score(classifier.head(pseudo), k)
         row[f"{name}_pseudo_auroc"] = ood_metrics(score["ind"], pseudo_score)["auroc"]
