@@ -102,6 +102,8 @@ def test_two_trials_started_together_train_once(leases, tmp_path, mnist_availabl
     assert [len(store.trainings(key)) for key in keys] == [1, 1]
     assert sum(r.trained for r in results.values()) == 2  # the two models, once each
     assert {r.keys for r in results.values()} == {keys} and set(store.keys()) == set(keys)
+    # a published model keeps no per-epoch checkpoint beside it
+    assert not any(store.exists(key, f"partial/{kind}.pt") for key, kind in zip(keys, keys._fields))
 
 
 class StoreWithStaleMisses(ArtifactStore):

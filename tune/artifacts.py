@@ -15,8 +15,8 @@ complete; ``ROOT/format.json`` names the store's format. The features depend on 
 are evaluated (different_dataset) and on what validation OOD is (`--select-on`), the models do
 not: another layout has its own ``features-<layout hash>.pt`` (`features_name`), computed from the
 stored classifier by the first trial that needs it, so neither ever retrains stage 1. ``ROOT/KEY/partial/``
-holds the per-epoch checkpoints of a training in progress, so a trial that moves to another node
-continues from its last epoch. ``ROOT/KEY/trainings/`` logs every training of the key that started
+holds the per-epoch checkpoint of a training in progress, so a trial that moves to another node
+continues from its last epoch; publishing deletes it (the published model supersedes it). ``ROOT/KEY/trainings/`` logs every training of the key that started
 (one file each, `ArtifactStore.trainings`): one entry per key unless a training was interrupted
 and resumed. Every file is written to a temporary name and moved into place.
 """
@@ -140,6 +140,11 @@ class ArtifactStore:
     def read_bytes(self, key: str, name: str) -> bytes:
         with self.fs.open_input_stream(self.path(key, name)) as f:
             return f.read()
+
+    def delete(self, key: str, name: str) -> None:
+        """Remove KEY/NAME if it is there."""
+        if self.exists(key, name):
+            self.fs.delete_file(self.path(key, name))
 
     def put_file(self, key: str, name: str, local: str | os.PathLike) -> None:
         self.write_bytes(key, name, Path(local).read_bytes())

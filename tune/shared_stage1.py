@@ -401,4 +401,5 @@ class SharedStage1:
                 "trained_by": self.owner, "compiled": self.compile_model,
                 **({"backbone": backbone.identity()} if backbone and kind == "classifier"
                    else {})})
+            store.delete(key, f"partial/{kind}.pt")  # superseded: it only doubled the store's size
         return time.time() - started
