@@ -14,11 +14,12 @@ Layout: ``ROOT/CLASSIFIER_KEY/{classifier.pt or backbone.pt, features.pt, meta.j
 complete; ``ROOT/format.json`` names the store's format. The features depend on which OOD sets
 are evaluated (different_dataset) and on what validation OOD is (`--select-on`), the models do
 not: another layout has its own ``features-<layout hash>.pt`` (`features_name`), computed from the
-stored classifier by the first trial that needs it, so neither ever retrains stage 1. ``ROOT/KEY/partial/``
-holds the per-epoch checkpoint of a training in progress, so a trial that moves to another node
-continues from its last epoch; publishing deletes it (the published model supersedes it). ``ROOT/KEY/trainings/`` logs every training of the key that started
-(one file each, `ArtifactStore.trainings`): one entry per key unless a training was interrupted
-and resumed. Every file is written to a temporary name and moved into place.
+stored classifier by the first trial that needs it, so neither ever retrains stage 1.
+``ROOT/KEY/partial/`` holds the per-epoch checkpoint of a training in progress, so a trial that
+moves to another node continues from its last epoch; publishing deletes it (the published model
+supersedes it). ``ROOT/KEY/trainings/`` logs every training of the key that started (one file
+each, `ArtifactStore.trainings`): one entry per key unless a training was interrupted and
+resumed. Every file is written to a temporary name and moved into place.
 """
 
 from __future__ import annotations
