@@ -10,11 +10,13 @@ A detector folder (written by `python -m tune.export`, through `write_detector`)
     detector.json   format and version, setting, partition, IND class ids and names, mode, the
                     full configuration, the input (shape, uint8, scaling), the CMG threshold at
                     95% IND true-positive rate on the validation images, and the trial's metrics
-    classifier.pt   the frozen stage-1 classifier (a cmg checkpoint; absent with a backbone, which
-                    detector.json names by path and sha256 instead)
+    classifier.pt   the frozen stage-1 classifier (a cmg checkpoint), or with a backbone:
+    backbone.pt     a copy of the backbone file this partition's trial used (detector.json names it
+                    relative to the folder, with its sha256), so the folder travels alone
     head.pt         the stage-2 head selected on validation (a state dict)
     README.md       how to load and use it
 
+Paths in detector.json are relative to the folder: copy or move it anywhere, to any machine.
 Everything loads with `torch.load(weights_only=True)`. `is_ood` is `cmg > threshold`; every score
 is "higher = more OOD"; `pred_class` is the original class id of the most likely IND class
 (from the stage-2 head's K IND logits). The baselines come from the stage-1 head, as in a sweep.
@@ -33,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cmg.backbone import BackboneSpec, file_sha256
+from cmg.backbone import file_sha256, load_backbone
 from cmg.config import RunConfig
 from cmg.errors import _umask, fail
 from cmg.metrics import SCORES, cmg_score
@@ -44,7 +46,7 @@ from cmg.stage2 import _frozen, extract_features
 
 FORMAT = "cmg-detector"
 VERSION = 1
-META, CLASSIFIER, HEAD = "detector.json", "classifier.pt", "head.pt"
+META, CLASSIFIER, BACKBONE, HEAD = "detector.json", "classifier.pt", "backbone.pt", "head.pt"
 SCALING = "uint8 pixels divided by 255 (no mean/std; a backbone normalises inside its model)"
 
 
@@ -66,6 +68,18 @@ def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def backbone_file(folder: Path, meta: dict[str, Any]) -> Path:
+    """The detector's backbone file: `backbone.pt` in the folder. A detector exported before
+    backbones were copied names the sweep's absolute path, which resolves to itself here; one
+    whose path has `{partition}` in it has a hash over every partition's file that no single
+    file can match, so it must be exported again."""
+    path = meta["backbone"]["path"]
+    if "{partition}" in path:
+        fail(f"{folder} names its backbone as {path} (exported before detectors held their "
+             "backbone); export it again with python -m tune.export, which copies it in")
+    return folder / path
+
+
 class Detector:
     """A loaded detector; `score` runs it on images in batches on its device."""
 
@@ -82,11 +96,12 @@ class Detector:
         k = len(meta["ind_classes"])
         if meta.get("backbone"):
             b = meta["backbone"]
-            if not Path(b["path"]).is_file() or file_sha256(b["path"]) != b["sha256"]:
-                fail(f"backbone {b['path']} is missing or is not the file this detector was "
-                     f"trained with (sha256 {b['sha256'][:12]}...); put that file there")
-            classifier = BackboneSpec(b["path"], b["format"], b["sha256"]).load(
-                k, meta["family"], meta["config"]["classifier"]["head_width"], device)
+            path = backbone_file(folder, meta)
+            if not path.is_file() or file_sha256(path) != b["sha256"]:
+                fail(f"backbone {path} is missing or is not the file this detector was trained "
+                     f"with (sha256 {b['sha256'][:12]}...); export the detector again")
+            classifier = load_backbone(path, b["format"], k, meta["family"],
+                                       meta["config"]["classifier"]["head_width"], device)
         else:
             classifier = load_stage1_model(folder / CLASSIFIER, "classifier", device=device)
         try:
@@ -149,10 +164,11 @@ def readme_text(meta: dict[str, Any]) -> str:
 
 
 def write_detector(folder: str | os.PathLike, meta: dict[str, Any],
-                   head_state: dict[str, torch.Tensor],
-                   classifier_state: dict[str, Any] | None) -> Path:
+                   head_state: dict[str, torch.Tensor], classifier_state: dict[str, Any] | None,
+                   backbone: bytes | None = None) -> Path:
     """Write a detector folder all at once (built beside it, then renamed into place);
-    `classifier_state` is a stage-1 classifier checkpoint's content (None with a backbone)."""
+    `classifier_state` is a stage-1 classifier checkpoint's content, or with a backbone None and
+    `backbone` the backbone file's bytes (meta["backbone"]["path"] is then BACKBONE)."""
     folder = Path(folder)
     if folder.exists():
         fail(f"{folder} exists; choose another --out or delete it")
@@ -163,6 +179,8 @@ def write_detector(folder: str | os.PathLike, meta: dict[str, Any],
         torch.save(head_state, tmp / HEAD)
         if classifier_state is not None:
             torch.save(classifier_state, tmp / CLASSIFIER)
+        if backbone is not None:
+            (tmp / BACKBONE).write_bytes(backbone)
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "README.md").write_text(readme_text(meta))
         tmp.chmod(0o777 & ~_umask())

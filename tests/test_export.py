@@ -20,17 +20,20 @@ from sklearn.metrics import roc_auc_score
 from analysis.trial_files import load_scores, load_trial_record, reproduce_command, score_columns
 from analysis.figures import roc_figure, scores_figure
 from analysis.trials import aggregate, leaderboard, load_trials, trial_rows
+from cifar_data import build_cifar_data_root
 from cmg.checkpoint import load_checkpoint
 from cmg.cli import setup_run
 from cmg.config import DataConfig, budget_config
 from cmg.data import make_split
 from cmg.data.sources import MNIST_FILES, _find_mnist_dir, _idx_path, load_mnist, resolve_data_root
 from cmg.detector import Detector
+from cmg.errors import UsageError
 from cmg.metrics import SCORES
 from cmg.run import build_parser as run_parser
 from cmg.score import main as score_main
 from cmg.score_table import ind_threshold
-from conftest import ROOT
+from conftest import ROOT, SWEEP_SMOKE, run_sweep
+from test_backbone import csi_state_dict
 
 
 def best_trial(experiment: Path) -> str:
@@ -280,3 +283,56 @@ def test_score_command_rejects_bad_input_in_one_line_without_a_csv(exported, tmp
     assert "export it again" in _one_line_error([str(old), str(tmp_path / "rgb.npy"), "--out",
                                                  str(out)], capsys)
     assert not out.exists() and not list(tmp_path.glob(".scores.csv.*"))
+
+
+# -- a detector with a backbone: a sweep of its own ---------------------------------------------
+
+@pytest.mark.slow
+def test_a_detector_with_a_backbone_scores_the_same_after_a_move_without_the_sweep(
+        tmp_path, monkeypatch):
+    """Export a CSI-backbone sweep's detector (`{partition}` in --backbone, as docs/csi.md
+    recommends), move the folder elsewhere, delete the backbone file, the sweep and its stage-1
+    store: it loads from a relative path and scores bitwise what it scored before the move, which
+    is what the trial scored."""
+    data_root = build_cifar_data_root(tmp_path / "data")
+    backbone = tmp_path / "models" / "csi_p1.model"
+    backbone.parent.mkdir()
+    torch.save(csi_state_dict(), backbone)
+    space = tmp_path / "space.yaml"
+    space.write_text("epochs: 1\nood_per_batch: 64\nlatent_dim: 32\n")
+    proc = run_sweep("--setting", "different_dataset", "--backbone",
+                     str(tmp_path / "models" / "csi_p{partition}.model"), "--backbone-format",
+                     "csi", "--num-samples", "1", "--storage", str(tmp_path / "sweeps"),
+                     "--name", "b", "--space", str(space), "--data-root", str(data_root),
+                     "--no-report", *SWEEP_SMOKE, "--set", "cvae.batch_size=100",
+                     "--set", "data.train_limit=100", "--set", "data.eval_limit=32")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from tune.export import export
+
+    experiment = tmp_path / "sweeps" / "b"
+    [folder] = export(str(experiment), tmp_path / "detector")
+    meta = json.loads((folder / "detector.json").read_text())
+    assert meta["backbone"]["path"] == "backbone.pt"  # relative to the folder: no machine's path
+    assert meta["backbone"]["sweep"]["path"] == str(tmp_path / "models" / "csi_p{partition}.model")
+    assert (folder / "backbone.pt").read_bytes() == backbone.read_bytes()  # partition 1's file
+    split = make_split("different_dataset", 1, DataConfig(**meta["config"]["data"]), data_root)
+    images = torch.cat([split.test_ind_x, split.test_ood_x])
+    before = Detector.load(folder).score(images)
+    scores = load_scores(experiment, meta["source"]["trial_id"])
+    test = scores[scores["split"] == "test"]
+    assert len(test) == len(images)
+    for column in ("cmg", *SCORES):  # what the trial scored, as the MNIST detector above
+        np.testing.assert_allclose(before[column], test[column], rtol=1e-4, atol=1e-5)
+
+    moved = Path(shutil.move(folder, tmp_path / "elsewhere" / "partition-1"))
+    backbone.unlink()
+    shutil.rmtree(tmp_path / "sweeps")  # the experiment and the stage-1 store
+    monkeypatch.chdir(moved.parent)
+    after = Detector.load("partition-1").score(images)
+    pd.testing.assert_frame_equal(after, before, check_exact=True)  # same files, same kernels
+
+    damaged = bytearray((moved / "backbone.pt").read_bytes())
+    damaged[-1] ^= 1
+    (moved / "backbone.pt").write_bytes(bytes(damaged))
+    with pytest.raises(UsageError, match="not the file this detector was trained with"):
+        Detector.load(moved)

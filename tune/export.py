@@ -4,16 +4,19 @@
     python -m tune.export s3://bucket/sweeps/NAME --trial 3f2a1_00004 --out detector
 
 The trial is the best complete configuration on validation (`cmg.results.Experiment.ranked`,
-never the test set) unless --trial names one. For each partition the trial finished, DIR/partition-N/ gets
-the stage-2 head selected on validation (from the trial's checkpoint), the frozen stage-1
-classifier (from the sweep's stage-1 store; with a backbone, its path and sha256), and
-detector.json with the threshold at 95% IND true-positive rate on the validation images (from the
-trial's scores/partition-N.parquet). Load one with `cmg.detector.Detector.load(DIR/partition-N)`
-or score files with `python -m cmg.score DIR/partition-N INPUT`.
+never the test set) unless --trial names one. For each partition the trial finished,
+DIR/partition-N/ gets the stage-2 head selected on validation (the trial's heads/partition-N.pt),
+the frozen stage-1 classifier or, with a backbone, a copy of the partition's backbone file (both
+from the sweep's stage-1 store, where the trials read them), and detector.json with the
+threshold at 95% IND true-positive rate on the validation images (from the trial's
+scores/partition-N.parquet). Each folder holds all it needs (detector.json names its files
+relative to the folder): copy it to any machine with cmg installed, then
+`cmg.detector.Detector.load(DIR/partition-N)` or `python -m cmg.score DIR/partition-N INPUT`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sys
@@ -23,7 +26,7 @@ from typing import Any
 import pandas as pd
 import torch
 from cmg.data import get_setting
-from cmg.detector import SCALING, write_detector
+from cmg.detector import BACKBONE, SCALING, write_detector
 from cmg.errors import (OneLineParser, command_parser, ensure_writable_dir, exit_on_usage_error,
                         fail)
 from cmg.results import (Experiment, NotAnExperiment, TrialFolder, checkpoint_head_file,
@@ -61,8 +64,16 @@ def latest_checkpoint(exp: Experiment, folder: TrialFolder) -> str:
     return checkpoints[-1].removeprefix(exp.root + "/")
 
 
+def backbone_meta(trial: dict[str, Any], backbone: bytes | None) -> dict[str, Any] | None:
+    """detector.json's backbone: its copy in the folder, and what the sweep was given."""
+    if backbone is None:
+        return None
+    return {"path": BACKBONE, "format": trial["backbone"]["format"],
+            "sha256": hashlib.sha256(backbone).hexdigest(), "sweep": trial["backbone"]}
+
+
 def detector_meta(trial: dict[str, Any], record: dict[str, Any], scores: pd.DataFrame,
-                  source: dict[str, Any]) -> dict[str, Any]:
+                  source: dict[str, Any], backbone: bytes | None) -> dict[str, Any]:
     setting = get_setting(trial["setting"])
     ind = setting.ind_classes(record["partition"])
     val_ind = scores[(scores["split"] == "val") & (scores["kind"] == "ind")]
@@ -74,7 +85,7 @@ def detector_meta(trial: dict[str, Any], record: dict[str, Any], scores: pd.Data
         "threshold": ind_threshold(val_ind["cmg"], 0.95),
         "threshold_rule": "is_ood = cmg > threshold; 95% of the validation IND images score "
                           "at or below it",
-        "metrics": record["metrics"], "backbone": trial["backbone"],
+        "metrics": record["metrics"], "backbone": backbone_meta(trial, backbone),
         "source": {**source, "stage1_key": record["stage1_key"],
                    "selected_epoch": record["selected_epoch"]},
     }
@@ -110,15 +121,17 @@ def export(experiment: str, out: str | Path, trial_id: str | None = None) -> lis
         except NotAnExperiment:  # written before heads had their own files
             head_bytes = exp.read_bytes(checkpoint, checkpoint_head_file(p))
         head = torch.load(io.BytesIO(head_bytes), weights_only=True)
-        classifier = None
+        key = Stage1Keys.parse(record["stage1_key"]).classifier
+        classifier, backbone = None, None
         if trial["backbone"] is None:
-            key = Stage1Keys.parse(record["stage1_key"]).classifier
             state = torch.load(io.BytesIO(store.read_bytes(key, "classifier.pt")),
                                weights_only=True)
             classifier = {k: state[k] for k in STAGE1_KEEP}
+        else:  # the partition's file ({partition} resolved), as the sweep published it
+            backbone = store.read_bytes(key, "backbone.pt")
         meta = detector_meta(trial, record, scores, {"experiment": experiment,
-                                                     "trial_id": trial_id})
-        detectors.append((out / f"partition-{p}", meta, head, classifier))
+                                                     "trial_id": trial_id}, backbone)
+        detectors.append((out / f"partition-{p}", meta, head, classifier, backbone))
     return [write_detector(*detector) for detector in detectors]
 
 
