@@ -1,8 +1,8 @@
 """The reference's conditional VAEs (layer for layer, with its defects 4 and 6 fixed: see
 docs/design.md). The encoder does not see the label; the decoder is conditioned on a class
 embedding (a Linear map of a one-hot over the K IND classes), so stage 2 can decode from *mixed*
-embeddings. MNIST: 2 strided convs in, 2 transposed convs out (13.1M parameters); CIFAR: a
-ResNet-18 encoder, a decoder of 2 residual blocks and 3 transposed convs (33.9M).
+embeddings. MNIST: 2 strided convs in, 2 transposed convs out (13.2M parameters: 13,249,185 at
+K = 6); CIFAR: a ResNet-18 encoder, a decoder of 2 residual blocks and 3 transposed convs (33.9M).
 
     cvae = build_cvae("mnist", num_classes=6)
     recon, mu, logvar = cvae(x, y)
