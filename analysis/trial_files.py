@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from cmg.config import budget_config, seed_overrides
+from cmg.config import RunConfig, budget_config, seed_overrides
 from cmg.results import Experiment, scores_file
 
 SCORE_INFO = ("split", "kind", "label", "partition")  # the columns that are not scores
@@ -53,7 +53,8 @@ def reproduce_command(trial: dict[str, Any], partition: int) -> str:
     configuration: every knob that differs from the budget's defaults becomes a `--set`, and
     on a CPU the trial's thread count is pinned (OMP_NUM_THREADS): float sums, hence the
     trained models, depend on it."""
-    config, budget = trial["config"], trial["budget"]
+    # through RunConfig: a record from before a knob existed says what its run used
+    config, budget = RunConfig.from_dict(trial["config"]).to_dict(), trial["budget"]
     seed = config["stage2"]["seed"]
     seeds = seed_overrides(seed)
     mode = config["stage2"]["mode"]

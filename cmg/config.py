@@ -80,6 +80,11 @@ class Stage2Config:
     m_out_percentile: float = 80.0
     m_in: float | None = None  # a fixed margin overrides the percentile
     m_out: float | None = None
+    # label smoothing of the IND cross-entropy (over the K IND classes, as stage 1's). None: stage
+    # 1's `classifier.label_smoothing`, resolved when the config is built (resolve_family_defaults),
+    # so that re-training the head does not undo stage 1's smoothing, which by itself moves
+    # max-logit-type scores and would pass for an effect of the pseudo-OOD
+    label_smoothing: float | None = None
     # what the head trains against: "mixed" (CMG), or a control arm on the same stage-1 models:
     # "single" (one class per condition), "noise" (uniform images), "none" (no pseudo-OOD: the
     # head re-trained on IND cross-entropy alone). Names: cmg.results.ARMS
@@ -121,7 +126,11 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        return cls(**{name: kind(**d[name]) for name, kind in SECTIONS.items()})
+        """A config as `to_dict` wrote it. A record from before `stage2.label_smoothing` existed
+        gets 0.0: its stage 2 trained without smoothing."""
+        stage2 = {"label_smoothing": 0.0, **d["stage2"]}
+        return cls(**{name: kind(**(stage2 if name == "stage2" else d[name]))
+                      for name, kind in SECTIONS.items()})
 
 
 SECTIONS = {"classifier": ClassifierConfig, "cvae": CVAEConfig, "stage2": Stage2Config,
@@ -265,14 +274,17 @@ def budget_config(budget: str, family: str = "mnist", overrides=()) -> RunConfig
 
 
 def resolve_family_defaults(cfg: RunConfig, family: str) -> RunConfig:
-    """`cfg` with each knob whose default depends on the model family, and that is still None,
-    set to that default: stage2.sigma <- DEFAULT_SIGMA[family]. A value already set (an override)
-    is kept. The one place such a default is resolved; `budget_config` calls it."""
+    """`cfg` with each knob whose default is not a constant, and that is still None, set to it:
+    stage2.sigma <- DEFAULT_SIGMA[family], stage2.label_smoothing <- classifier.label_smoothing.
+    A value already set (an override) is kept. The one place such a default is resolved;
+    `budget_config` calls it."""
     if family not in DEFAULT_SIGMA:
         fail(f"unknown model family '{family}'; choose one of {', '.join(DEFAULT_SIGMA)}")
-    if cfg.stage2.sigma is not None:
-        return cfg
-    return replace(cfg, stage2=replace(cfg.stage2, sigma=DEFAULT_SIGMA[family]))
+    s2 = cfg.stage2
+    return replace(cfg, stage2=replace(
+        s2, sigma=DEFAULT_SIGMA[family] if s2.sigma is None else s2.sigma,
+        label_smoothing=(cfg.classifier.label_smoothing if s2.label_smoothing is None
+                         else s2.label_smoothing)))
 
 
 def validate(cfg: RunConfig) -> None:
@@ -289,6 +301,8 @@ def validate(cfg: RunConfig) -> None:
         (0 <= s2.m_in_percentile <= 100 and 0 <= s2.m_out_percentile <= 100,
          "margin percentiles must lie in [0, 100]"),
         (s2.sigma is None or s2.sigma > 0, "stage2.sigma must be positive"),
+        (s2.label_smoothing is None or 0.0 <= s2.label_smoothing < 1.0,
+         "stage2.label_smoothing must lie in [0, 1)"),
         (cfg.classifier.schedule in ("constant", "onecycle")
          and cfg.cvae.schedule in ("constant", "onecycle"),
          "schedule must be 'constant' or 'onecycle'"),

@@ -28,7 +28,7 @@ from cmg.metrics import SCORES, cmg_score, energy_score, evaluate_logits
 from cmg.models import CVAE, Classifier
 from cmg.progress import Progress
 from cmg.precision import inference_autocast
-from cmg.stage1 import TrainingDiverged
+from cmg.stage1 import TrainingDiverged, ind_smoothed_cross_entropy
 
 CHUNK = 1024  # pseudo-OOD images generated per call (fixes how the random stream is drawn)
 # images per frozen-network forward pass: on a CPU, batches of 128 keep the activations in cache
@@ -112,12 +112,13 @@ def ood_target(n: int, k: int, device: torch.device) -> torch.Tensor:
 def step_loss(head: torch.nn.Module, feats_in: torch.Tensor, labels_in: torch.Tensor,
               feats_out: torch.Tensor, k: int, cfg: Stage2Config,
               margins: dict[str, float]) -> torch.Tensor:
-    """One fine-tuning step's loss: cross-entropy of the IND batch, plus (CMG-softmax) the
-    pseudo-OOD batch's cross-entropy against the extra class, or (CMG-energy) the weighted
-    energy hinges with the margins of `energy_margins`; without pseudo-OOD (the head-only
-    control) the cross-entropy alone."""
+    """One fine-tuning step's loss: cross-entropy of the IND batch (smoothed over the K IND
+    classes by `cfg.label_smoothing`, as stage 1 trained), plus (CMG-softmax) the pseudo-OOD
+    batch's cross-entropy against the extra class, or (CMG-energy) the weighted energy hinges
+    with the margins of `energy_margins`; without pseudo-OOD (the head-only control) the
+    cross-entropy alone."""
     logits_in = head(feats_in)
-    loss = F.cross_entropy(logits_in, labels_in)
+    loss = ind_smoothed_cross_entropy(logits_in, labels_in, k, cfg.label_smoothing or 0.0)
     if not len(feats_out):
         return loss
     logits_out = head(feats_out)
@@ -186,6 +187,10 @@ def run_stage2(classifier: Classifier, cvae: CVAE, split: Split, cfg: Stage2Conf
         raise ValueError("stage2.sigma is None: build the config with cmg.config.budget_config, "
                          "or pass it through cmg.config.resolve_family_defaults, which sets the "
                          "model family's default (DEFAULT_SIGMA)")
+    if cfg.label_smoothing is None:
+        raise ValueError("stage2.label_smoothing is None: build the config with "
+                         "cmg.config.budget_config (or resolve_family_defaults), which sets "
+                         "stage 1's classifier.label_smoothing")
     device = torch.device(device)
     k = split.num_classes
     sigma = cfg.sigma

@@ -1,6 +1,7 @@
 """The lines that make CMG CMG, pinned in-process in milliseconds: the energy loss computed by hand,
 the margins as numpy percentiles, one fine-tuning step's direction in both modes, CMG-softmax's
-extra class, sigma at generation, and who may take over a stage-1 lease.
+extra class, stage 2's cross-entropy smoothed as stage 1's, sigma at generation, and who may take
+over a stage-1 lease.
 
     .venv/bin/python -m pytest -q -n 0 -m method
 """
@@ -14,12 +15,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cmg.config import CVAEConfig, Stage2Config
+from cmg.config import CVAEConfig, RunConfig, Stage2Config, budget_config
 from cmg.generate import generate_pseudo_ood
 from cmg.metrics import energy_score, softmax_ood_score
 from cmg.models.classifier import Head
 from cmg.models.cvae import CVAE, MnistDecoder, MnistEncoder
-from cmg.stage2 import _energy_loss, energy_margins, ood_target, step_loss
+from cmg.stage2 import _energy_loss, energy_margins, ood_target, run_stage2, step_loss
 from tune.shared_stage1 import GRANTED, HELD, LEASE_SECONDS, PUBLISHED, LeaseTable
 
 pytestmark = pytest.mark.method
@@ -148,6 +149,51 @@ def test_the_softmax_ood_target_is_the_extra_class_k():
     log_p = torch.log_softmax(logits_out.double(), dim=1)
     by_hand = -log_p[torch.arange(4), labels_in].mean() - log_p[:, K].mean()
     assert float(loss) == pytest.approx(float(by_hand), rel=1e-5)
+
+
+def test_stage2_cross_entropy_is_smoothed_over_the_ind_classes_as_stage1_was():
+    """The IND term of every stage-2 step, by hand: -(1 - e) log p_y - e/K sum_{c<K} log p_c over
+    the K + 1 outputs (the OOD slot gets no smoothing), e = stage 1's label smoothing unless
+    stage2.label_smoothing says otherwise."""
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5, 0.0, 1.0, 3.0],
+                           [0.0, 1.5, 0.0, 0.0, -2.0, 0.0, -1.0]])
+    labels = torch.tensor([0, 1])
+    log_p = torch.log_softmax(logits.double(), dim=1)
+    nll = -log_p[torch.arange(2), labels]  # 3.5325 - 2 and 2.1955 - 1.5 nats
+    assert nll.tolist() == pytest.approx([1.5325, 0.6955], abs=1e-4)
+    empty = torch.empty(0, K + 1)
+    head = torch.nn.Identity()
+    for e in (0.0, 0.1, 0.3):
+        cfg = Stage2Config(mode="CMG-softmax", label_smoothing=e)
+        by_hand = ((1 - e) * nll - e * log_p[:, :K].mean(dim=1)).mean()
+        # the head-only control: the IND term alone
+        assert float(step_loss(head, logits, labels, empty, K, cfg, {})) == pytest.approx(
+            float(by_hand), rel=1e-6)
+        # CMG-softmax: plus the pseudo-OOD term against class K, which is never smoothed
+        with_ood = step_loss(head, logits, labels, logits, K, cfg, {})
+        assert float(with_ood) == pytest.approx(float(by_hand - log_p[:, K].mean()), rel=1e-6)
+    # smoothing 0.1 moves this batch's loss by +0.1583: no test of the loss misses it
+    smoothed = step_loss(head, logits, labels, empty, K, Stage2Config(label_smoothing=0.1), {})
+    plain = step_loss(head, logits, labels, empty, K, Stage2Config(label_smoothing=0.0), {})
+    assert float(smoothed - plain) == pytest.approx(0.1583, abs=1e-4)
+
+
+def test_stage2_label_smoothing_defaults_to_stage1s_and_a_knob_overrides_it():
+    quick = budget_config("quick")
+    assert quick.classifier.label_smoothing == quick.stage2.label_smoothing == 0.1
+    assert budget_config("smoke").stage2.label_smoothing == 0.0  # stage 1 smooths nothing there
+    assert budget_config("quick", overrides=["stage2.label_smoothing=0"]
+                         ).stage2.label_smoothing == 0
+    assert budget_config("quick", overrides=["classifier.label_smoothing=0.2"]
+                         ).stage2.label_smoothing == 0.2
+    # a record from before the knob (no key) trained stage 2 without smoothing, and says so
+    old = quick.to_dict()
+    del old["stage2"]["label_smoothing"]
+    assert RunConfig.from_dict(old).stage2.label_smoothing == 0.0
+    assert RunConfig.from_dict(quick.to_dict()) == quick
+    # unresolved, stage 2 refuses to guess
+    with pytest.raises(ValueError, match="label_smoothing is None"):
+        run_stage2(None, None, None, Stage2Config(sigma=1.0))
 
 
 class LatentRecordingCVAE(CVAE):
