@@ -2,13 +2,17 @@
 first), offline; broken copies fail; and the files keep the promises the README makes."""
 
 import copy
+import importlib.metadata
 import re
+import tomllib
 
 import pytest
 import ray
 import yaml
 from click import ClickException
 from jsonschema import ValidationError
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from conftest import ROOT
@@ -138,3 +142,70 @@ def test_the_aws_launch_command_leaves_placement_to_the_node_types():
     assert args.address == "auto" and args.gpus_per_trial is None and args.max_concurrent is None
     types = load("cluster.yaml")["available_node_types"]
     assert all(t["min_workers"] == 0 for t in types.values() if t["resources"].get("GPU"))
+
+
+def node_python(config: dict) -> Version:
+    """The Python a config declares for its nodes: the `-pyXY` of Ray's image in its `docker:`
+    section (every command runs in that image), or the `sys.version_info >= (X, Y)` that its
+    first setup command checks on each machine (provider: local)."""
+    docker = config.get("docker") or {}
+    images = {docker.get(k) for k in ("image", "head_image", "worker_image")} - {None}
+    images |= {t["docker"].get(k) for t in config.get("available_node_types", {}).values()
+               for k in ("image", "worker_image") if t.get("docker", {}).get(k)}
+    if images:
+        found = {re.search(r":[^:]*-py(\d)(\d+)\b", image) for image in images}
+        assert None not in found, f"an image without a -pyXY tag: {sorted(images)}"
+        (declared,) = {f"{m.group(1)}.{m.group(2)}" for m in found}  # one Python on every node
+        return Version(declared)
+    checked = re.search(r"sys\.version_info >= \((\d+), (\d+)\)", config["setup_commands"][0])
+    assert checked, "the config declares no Python for its nodes (a -pyXY image, or a check)"
+    return Version(f"{checked.group(1)}.{checked.group(2)}")
+
+
+def pinned_packages() -> dict[str, str]:
+    """requirements-cluster.txt's pins, {name without extras: version}."""
+    return {re.sub(r"\[.*\]", "", name): version for name, version in
+            (line.split("==") for line in (ROOT / "requirements-cluster.txt").read_text()
+             .splitlines() if "==" in line and not line.startswith("#"))}
+
+
+def python_misfits(python: Version) -> list[str]:
+    """Each pin, and the project itself, whose Requires-Python refuses PYTHON: the pins' from
+    their installed metadata (scripts/setup.sh installs exactly the pinned versions)."""
+    misfits = []
+    for name, version in pinned_packages().items():
+        installed = importlib.metadata.metadata(name)
+        assert installed["Version"] == version, (
+            f"{name} {installed['Version']} is installed, {version} is pinned: bash scripts/setup.sh")
+        requires = installed["Requires-Python"] or ""
+        if not SpecifierSet(requires).contains(python):
+            misfits.append(f"{name}=={version} (Requires-Python {requires})")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    if not SpecifierSet(project).contains(python):
+        misfits.append(f"cmg-sweep (requires-python {project})")
+    return misfits
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_pin_installs_on_the_python_the_nodes_run(name):
+    python = node_python(load(name))
+    assert python >= Version("3.11")
+    assert python_misfits(python) == [], f"{name}: nodes run Python {python}"
+
+
+def test_a_python_too_old_for_the_pins_is_named():
+    """The Ubuntu 22.04 deep-learning image's own Python (3.10), as a Ray image tag: the check
+    names the pins that would stop `pip install -r` on it, and the project."""
+    config = load("cluster.yaml")
+    config["docker"]["image"] = config["docker"]["image"].replace("-py311-", "-py310-")
+    misfits = python_misfits(node_python(config))
+    for name in ("numpy", "pandas", "scipy", "scikit-learn", "matplotlib", "pyarrow",
+                 "cmg-sweep"):
+        assert any(m.startswith(f"{name}") for m in misfits), (name, misfits)
+
+
+def test_the_oldest_python_the_project_admits_installs_every_pin():
+    """pyproject.toml's requires-python floor is a Python every pinned version supports."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    (floor,) = [s.version for s in SpecifierSet(project) if s.operator == ">="]
+    assert python_misfits(Version(floor)) == [], f"requires-python {project}"
