@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from cmg.config import budget_config, cell_seed
 from tune.artifacts import ArtifactStore, stage1_keys
 from tune.prewarm import every_partition, missing_jobs, reachable_configs
@@ -72,3 +74,52 @@ def test_a_replicate_point_runs_each_partition_on_its_own_seed_and_split():
     mixed = point_cells({**point, "arm": "mixed"}, spec)
     assert [stage1_keys(spec.setting, p, c) for p, c in mixed] == [
         stage1_keys(spec.setting, p, c) for p, c in cells]
+
+
+@pytest.mark.slow  # about a minute: a 2-node Ray, 2 stand-in trainings of 15 s
+def test_on_a_cold_cluster_the_search_waits_until_every_stage1_task_holds_its_gpu(tmp_path):
+    """No GPU up: the prewarm's tasks are pending, and so are any trials that would start now; a
+    trial could take the first GPU and train a model inside its slot. So the search waits (the
+    wait returned at once before: 2 models, fewer than the 5 slots of the node types) until a GPU
+    node is up and each model left is in training under its lease, where a trial would wait."""
+    import threading
+    import time
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from bench.sim.harness import Stage1StandIn
+    from tune.prewarm import Prewarm
+    from tune.shared_stage1 import create_leases
+
+    spec = _spec(str(tmp_path), partitions=(1,))
+    space = {k: p for k, p in spec.space.items() if not p.key.startswith("cvae.")}
+    cells = every_partition(spec, reachable_configs(BASE, space))  # 1 classifier, 1 CVAE
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
+                                                            "include_dashboard": False})
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        leases = create_leases(spec.stage1_store)
+        prewarm = Prewarm(spec, cells, cpus=1, gpus=1,
+                          task=Stage1StandIn(train_s=15, log_dir=tmp_path / "logs"))
+        (tmp_path / "logs").mkdir()
+        assert prewarm.submit(quiet=True) == 2
+        keys = [job.key for job in prewarm.jobs]
+        returned = threading.Event()
+        waiting = threading.Thread(target=lambda: (prewarm.wait_for_slots(5), returned.set()))
+        waiting.start()
+        assert not returned.wait(6)  # cold: no GPU, both tasks pending, no trial may start
+        assert ray.get(leases.taken.remote(keys)) == [False, False]
+        cluster.add_node(num_cpus=2, num_gpus=2)  # the first GPU node boots
+        assert returned.wait(240)
+        # the moment trials may start: each model is published or in training under its lease
+        assert ray.get(leases.taken.remote(keys)) == [True, True]
+        assert not any(ArtifactStore(spec.stage1_store).exists(key) for key in keys)  # training
+        assert prewarm.finish() == []
+        store = ArtifactStore(spec.stage1_store)
+        assert [[r["owner"] for r in store.trainings(key)] for key in keys] == [
+            ["x/prewarm-classifier-p1"], ["x/prewarm-cvae-p1"]]
+        waiting.join()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

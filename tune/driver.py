@@ -49,6 +49,7 @@ class SweepProgress(tune.Callback):
         self.bar = Progress(label, total, quiet, every=0, done_before=finished)
         self.partitions = partitions
         self.quiet, self.finished, self.best = quiet, finished, best
+        self.failures: set[str] = set()  # the error lines printed
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if not self.quiet:
@@ -77,7 +78,20 @@ class SweepProgress(tune.Callback):
         self._finish(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        why = _error_line(trial)
+        if why not in self.failures:  # once per cause, whatever --quiet says: 64 trials on a
+            self.failures.add(why)  # node without CUDA fail alike
+            print(f"[trial {trial.trial_id}] failed: {why}", file=sys.stderr, flush=True)
         self._finish(trial)
+
+
+def _error_line(trial) -> str:
+    """The last line of a failed trial's error (Ray's traceback ends with the exception), from
+    the driver's copy of its error file (the storage's comes with the next sync)."""
+    path = trial.error_file
+    text = Path(path).read_text() if path and os.path.exists(path) else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no error recorded"
 
 
 def _trained_by(store_uri: str, name: str) -> dict[str, int]:

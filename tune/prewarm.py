@@ -5,14 +5,20 @@ partition): `reachable_configs` enumerates the stage-1 knobs of the space that t
 (choices, a fixed value, a small integer range; a continuous one keeps the base value, and a trial
 that draws another trains that model itself). `Prewarm` submits one Ray task per missing model,
 partition by partition (so the first partition's models are ready first), each with its own
-resources: a whole GPU where there are GPUs, a trial's CPUs. The search starts as soon as fewer
-models are left than such tasks run at once: from then on a task's slot would idle, so trials take
-it; the trials that reach a model still in training wait for it under its lease (train once).
+resources: a whole GPU where there are GPUs, a trial's CPUs. The search starts once fewer models
+are left than such tasks run at once (from then on a task's slot would idle, so trials take it)
+and every model left is in training: its task holds the key's lease. Ray has no priorities
+between tasks and trials, so a trial submitted while a stage-1 task still waits for a GPU (on a
+cold cluster, until the first GPU node boots) could take that GPU first and train the model inside
+its slot. Holding the trials back costs nothing on a warm cluster and, on a cold one, only the
+minutes until the tasks' nodes are up (the autoscaler sees the tasks' demand first); the trials
+that reach a model still in training then wait for it under its lease (train once), on GPUs no
+stage-1 task needs.
 
     cells = every_partition(spec, reachable_configs(spec.base, spec.space))
     prewarm = Prewarm(spec, cells, cpus=1, gpus=0)
     prewarm.submit(quiet=False)           # "[sweep] training 15 stage-1 models (...)"
-    prewarm.wait_for_slots(slots=2)       # returns with at most 1 model left in training
+    prewarm.wait_for_slots(slots=2)       # returns with at most 1 model left, in training
     ...                                   # the search
     prewarm.finish()                      # the rest; a failed model: one line, not an error
 
@@ -108,7 +114,7 @@ class Prewarm:
     jobs: list[Job] = field(default_factory=list)
     _pending: dict = field(default_factory=dict)  # ObjectRef -> Job
     _bar: Progress | None = None
-    _failed: list[str] = field(default_factory=list)
+    _failed: list[tuple[str, str]] = field(default_factory=list)  # (model, cause)
 
     def submit(self, quiet: bool) -> int:
         """Start a task for every missing model; returns how many."""
@@ -137,22 +143,33 @@ class Prewarm:
         return len(self.jobs)
 
     def wait_for_slots(self, slots: int) -> None:
-        """Return once fewer than `slots` models are left (from then on a slot would idle)."""
-        while len(self._pending) >= max(1, slots):
+        """Return once fewer than `slots` models are left (from then on a slot would idle) and
+        each of them is in training (its key published or its lease held: a trial that needs it
+        waits instead of training it)."""
+        from tune.shared_stage1 import get_leases
+
+        leases = get_leases(self.spec.stage1_store)
+        while len(self._pending) >= max(1, slots) or not all(ray.get(leases.taken.remote(
+                [job.key for job in self._pending.values()]))):
             self._collect(timeout=1.0)
 
     def finish(self) -> list[str]:
         """Wait for the models still in training (models no trial needed: the search is over);
-        returns a line per model that failed."""
-        if not self._pending:
-            return self._failed
-        _, training = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
-        if training:
-            self._bar.update(len(self.jobs) - len(self._pending), force=True,
-                             waiting=f"for {len(training)} models no trial needed")
-        while self._pending:
-            self._collect(timeout=1.0, show=bool(training))
-        return self._failed
+        returns a line per cause of failure (20 models on a node without CUDA: one line)."""
+        if self._pending:
+            _, training = ray.wait(list(self._pending), num_returns=len(self._pending),
+                                   timeout=0)
+            if training:
+                self._bar.update(len(self.jobs) - len(self._pending), force=True,
+                                 waiting=f"for {len(training)} models no trial needed")
+            while self._pending:
+                self._collect(timeout=1.0, show=bool(training))
+        causes: dict[str, list[str]] = {}
+        for model, cause in self._failed:
+            causes.setdefault(cause, []).append(model)
+        return [f"stage-1 {models[0]} failed: {cause}" if len(models) == 1 else
+                f"{len(models)} stage-1 models failed ({models[0]} and {len(models) - 1} more): "
+                f"{cause}" for cause, models in causes.items()]
 
     def _collect(self, timeout: float, show: bool = True) -> None:
         done, _ = ray.wait(list(self._pending), num_returns=1, timeout=timeout)
@@ -162,8 +179,8 @@ class Prewarm:
                 ray.get(ref)
             except ray.exceptions.RayTaskError as err:
                 cause = str(err.cause if err.cause is not None else err).strip().splitlines()
-                self._failed.append(f"stage-1 {job.kind} of partition {job.partition} ({job.key})"
-                                    f" failed: {cause[-1] if cause else type(err).__name__}")
+                self._failed.append((f"{job.kind} of partition {job.partition} ({job.key})",
+                                     cause[-1] if cause else type(err).__name__))
             finished = len(self.jobs) - len(self._pending)
             if show:
                 self._bar.update(finished, force=True, models=f"{finished}/{len(self.jobs)}",

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from pyarrow.fs import FileType
 from ray import tune
@@ -48,10 +49,26 @@ from tune.spec import SweepSpec
 DIVERGED_FILE = "diverged.txt"  # in a trial folder: why its configuration diverged
 
 
+class NoCuda(RuntimeError):
+    """Ray gave this process GPUs and torch sees none: it would train on the CPU, the most
+    expensive way for a GPU cluster to fail."""
+
+
 def _device(spec: SweepSpec, gpus: float) -> torch.device:
-    """The trial's device, with torch's threads set to the trial's CPUs."""
+    """The trial's device, with torch's threads set to the trial's CPUs. A trial (or a prewarm
+    task) given GPUs on a node where torch has no CUDA fails here, before any training, in one
+    line: a driver too old for torch's CUDA, a CPU-only torch, a node without its GPUs."""
     torch.set_num_threads(max(1, int(spec.options.cpus_per_trial)))
-    return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
+    if gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = (f"built for CUDA {torch.version.cuda}" if torch.version.cuda
+                 else "a CPU-only build")
+        raise NoCuda(f"given {gpus:g} GPU on node "
+                     f"{ray.util.get_node_ip_address()} but torch {torch.__version__} ({build}) "
+                     "finds no CUDA device there: check `nvidia-smi` on that node (an NVIDIA "
+                     "driver too old for this CUDA?), or run with --gpus-per-trial 0")
+    return torch.device("cuda")
 
 
 @functools.lru_cache(maxsize=5)
