@@ -1,7 +1,9 @@
 """The headline result of replicated sweeps: tuned CMG against its control arms, CMG with the
 reference's defaults and the baselines of the same classifiers, over independent seeds, for
-each way the configuration was selected; and the lifts that answer the questions, with
-Holm-adjusted p-values and a verdict sentence each.
+each way the configuration was selected; and the lifts that answer the questions, each with its
+Holm-adjusted t-test, an exact sign-flip test, the smallest lift the design detects and, where no
+lift is shown, the largest one the data leave open; a verdict sentence each; and every searched
+knob of a selected configuration that sits on an edge of its range (analysis.edges).
 
     python -m analysis.headline results/mnist-quick-unseen results/mnist-quick-blind
     python -m analysis.headline REPORT [REPORT ...] --readme README.md   # and put it there
@@ -10,8 +12,11 @@ Each REPORT is a report folder (python -m analysis.report) of a sweep replicated
 `python -m tune.replicate EXPERIMENT --top 1 --seeds 5 --with-defaults` (every control arm by
 default). It reads only the folder's files: `summary.csv` names the configurations,
 `replicates.csv` holds their seed replicates, `trials.parquet` the selection seed's run and
-`manifest.json` (if there) what selection saw (`data.val_ood`). The tuned configuration is the
-sweep's best complete one on validation (never on test); the defaults are its first trial.
+`manifest.json` (if there) what selection saw (`data.val_ood`) and the searched space. The tuned
+configuration is the sweep's best complete one on validation (never on test); the defaults are its
+first trial. A control arm is compared as its replicates ran it: at its own tuned configuration
+(a source trial of its own, from a sweep of that arm) where there is one, else at tuned CMG's
+knobs, and its label says which.
 Every number in the table is a test metric of a new seed; the sweep's own seed, on which the
 configuration was selected, is shown apart and tested in nothing.
 """
@@ -26,7 +31,9 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
-from analysis.replicates import holm, t_interval
+from analysis.edges import EDGE, edges
+from analysis.replicates import (detectable_effect, equivalence_bound, holm, min_sign_flip_p,
+                                 seeds_for_exact, sign_flip_p, t_interval)
 from cmg.errors import OneLineParser, atomic_write, command_parser, exit_on_usage_error, fail
 from cmg.results import ARMS, BASELINES, REPLICATES_FILE
 
@@ -35,18 +42,24 @@ END = "<!-- headline: end -->"
 # the sweep's first trial: the reference's stage-2 knobs (sigma, mixing, margins, lr, pseudo-OOD per
 # batch) at the budget's epochs, with distinct classes; not the reference's full recipe
 TUNED, DEFAULTS = "CMG, tuned", "CMG, first trial"
+AT_CMGS = "at tuned CMG's knobs"  # a control arm run at CMG's configuration, not at its own
+CONTROLS = tuple(a for a in ARMS if a != "mixed")
 SELECTIONS = {"unseen": "selected on held-out images of the unseen classes",
               "rotated": "selected blind (rotated IND validation images)"}
 # the questions, each a lift of tuned CMG over one score, fixed before reading any number:
-# (question, the score CMG is compared with)
-QUESTIONS = (("Does class mixing add anything beyond pseudo-OOD without it?", ARMS["single"]),
-             ("Does CMG add anything beyond re-training the head?", ARMS["none"]),
-             ("Does tuned CMG beat max-logit?", BASELINES["maxlogit"]),
-             ("Does tuning beat the reference's defaults?", DEFAULTS))
+# (question, the score CMG is compared with: a control arm, a baseline or "defaults")
+QUESTIONS = (("Does class mixing add anything beyond pseudo-OOD without it?", "single"),
+             ("Does CMG add anything beyond uniform-noise pseudo-OOD?", "noise"),
+             ("Does CMG add anything beyond re-training the head?", "none"),
+             ("Does tuned CMG beat max-logit?", "maxlogit"),
+             ("Does tuning beat the reference's defaults?", "defaults"))
+ALPHA, POWER = 0.05, 0.8  # the family's level (Holm) and the power of the detectable effect
 
 
 def chosen_trials(summary: pd.DataFrame) -> tuple[str, str]:
-    """(the best complete configuration on mean validation AUROC, the sweep's first trial)."""
+    """(the best complete configuration on mean validation AUROC, the sweep's first trial): of
+    CMG's study, EXPERIMENT itself (tune.sweep --arms keeps each control arm's study apart, in
+    EXPERIMENT/arm-<arm>)."""
     complete = summary[summary["status"] == "complete"]
     if complete.empty:
         raise ValueError("the sweep has no complete configuration")
@@ -54,10 +67,52 @@ def chosen_trials(summary: pd.DataFrame) -> tuple[str, str]:
     return tuned, summary.sort_values("trial_number")["trial_id"].iloc[0]
 
 
-def score_cells(replicates: pd.DataFrame, tuned: str, defaults: str) -> dict[str, pd.DataFrame]:
-    """{score: its test auroc and fpr95 per (seed, partition) cell}: tuned CMG, its control arms
-    (those run), the defaults' CMG and the baselines of the tuned runs' classifiers; only the
-    cells that every score ran."""
+def _params(replicates: pd.DataFrame, source: str) -> dict:
+    """The searched knobs a configuration's replicates ran ({name: value}, drawn ones only)."""
+    rows = replicates[replicates["source_trial"] == source]
+    if rows.empty:
+        return {}
+    return {k.removeprefix("param_"): v for k, v in rows.iloc[0].items()
+            if k.startswith("param_") and pd.notna(v)}
+
+
+def arm_configurations(replicates: pd.DataFrame, tuned: str,
+                       defaults: str) -> dict[str, tuple[str, bool]]:
+    """{control arm: (the configuration its replicates ran, whether it is the arm's own)}: the
+    arm's own tuned configuration (a source trial other than CMG's) where one was replicated,
+    else tuned CMG's; arms not replicated are left out. An arm's own first trial, replicated
+    beside its best, is told apart by holding the first trial's knobs."""
+    df = replicates.assign(arm=replicates["arm"] if "arm" in replicates else "mixed")
+    first = _params(df, defaults)
+    out = {}
+    for arm in CONTROLS:
+        sources = list(dict.fromkeys(df.loc[df["arm"] == arm, "source_trial"]))
+        own = [s for s in sources if s not in (tuned, defaults)]
+        if len(own) > 1:
+            own = [s for s in own if any(first.get(k) != v
+                                         for k, v in _params(df, s).items())] or own
+        if len(own) > 1:
+            raise ValueError(f"arm '{arm}' has replicates of several configurations "
+                             f"({', '.join(own)}): replicate one best configuration per arm")
+        if own or tuned in sources:
+            out[arm] = (own[0], True) if own else (tuned, False)
+    return out
+
+
+def labels(arms: dict[str, tuple[str, bool]]) -> dict[str, str]:
+    """{score key: the label tables print}: tuned CMG, each arm run (tuned, or at CMG's knobs),
+    the first trial and the baselines."""
+    return {"mixed": TUNED,
+            **{arm: f"{ARMS[arm]}, {'tuned' if own else AT_CMGS}"
+               for arm, (_, own) in arms.items()},
+            "defaults": DEFAULTS, **BASELINES}
+
+
+def score_cells(replicates: pd.DataFrame, tuned: str, defaults: str,
+                arms: dict[str, tuple[str, bool]]) -> dict[str, pd.DataFrame]:
+    """{score key: its test auroc and fpr95 per (seed, partition) cell}: tuned CMG ("mixed"),
+    each control arm of `arms` (`arm_configurations`), the defaults' CMG ("defaults") and the
+    baselines of the tuned runs' classifiers (BASELINES' keys); only the cells every score ran."""
     df = replicates.assign(arm=replicates["arm"] if "arm" in replicates else "mixed")
     runs = {(trial, arm): rows.set_index(["seed", "partition"])
             for (trial, arm), rows in df.groupby(["source_trial", "arm"])}
@@ -66,17 +121,17 @@ def score_cells(replicates: pd.DataFrame, tuned: str, defaults: str) -> dict[str
         raise ValueError(f"no replicates of {', '.join(missing)}: run tune.replicate with "
                          "--with-defaults")
     mixed = runs[(tuned, "mixed")]
-    out = {TUNED: mixed[["test_auroc", "test_fpr95"]]}
-    for arm in (a for a in ARMS if a != "mixed" and (tuned, a) in runs):
-        out[ARMS[arm]] = runs[(tuned, arm)][["test_auroc", "test_fpr95"]]
-    out[DEFAULTS] = runs[(defaults, "mixed")][["test_auroc", "test_fpr95"]]
-    for b, label in BASELINES.items():
-        out[label] = mixed[[f"{b}_test_auroc", f"{b}_test_fpr95"]]
-    cells = out[TUNED].index
+    out = {"mixed": mixed[["test_auroc", "test_fpr95"]]}
+    for arm, (source, _) in arms.items():
+        out[arm] = runs[(source, arm)][["test_auroc", "test_fpr95"]]
+    out["defaults"] = runs[(defaults, "mixed")][["test_auroc", "test_fpr95"]]
+    for b in BASELINES:
+        out[b] = mixed[[f"{b}_test_auroc", f"{b}_test_fpr95"]]
+    cells = out["mixed"].index
     for frame in out.values():
         cells = cells.intersection(frame.index)
-    return {label: frame.loc[cells.sort_values()].set_axis(["auroc", "fpr95"], axis=1)
-            for label, frame in out.items()}
+    return {key: frame.loc[cells.sort_values()].set_axis(["auroc", "fpr95"], axis=1)
+            for key, frame in out.items()}
 
 
 def score_summary(cells: pd.DataFrame) -> dict[str, float]:
@@ -89,17 +144,23 @@ def score_summary(cells: pd.DataFrame) -> dict[str, float]:
 
 def lift(tuned: pd.DataFrame, other: pd.DataFrame) -> dict[str, float]:
     """Tuned CMG's test AUROC minus `other`'s, paired within (seed, partition): the mean over
-    the cells, the 95% t-interval over the seed-level means and the two-sided one-sample
-    t-test of those means against 0."""
+    the cells; over the n seed-level means, their sd, the 95% t-interval, the two-sided
+    one-sample t-test against 0 (`p`), the exact sign-flip p (`p_exact`) and the upper end of
+    the 90% t-interval (`upper`: no larger lift is left open, TOST style)."""
     per_seed = (tuned["auroc"] - other["auroc"]).groupby(level="seed").mean()
     low, high = t_interval(per_seed)
     p = float(stats.ttest_1samp(per_seed, 0.0).pvalue) if len(per_seed) > 1 else float("nan")
     return {"mean": (tuned["auroc"] - other["auroc"]).mean(), "ci_low": low, "ci_high": high,
-            "p": p}
+            "p": p, "p_exact": sign_flip_p(per_seed), "n": len(per_seed),
+            "sd": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else float("nan"),
+            "upper": equivalence_bound(per_seed)}
 
 
-def _read_report(report: Path) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
-    """(what selection saw, summary.csv, replicates.csv, trials.parquet or None)."""
+def _read_report(report: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """(manifest.json or {}, summary.csv, replicates.csv, trials.parquet or None)."""
+    if not report.is_dir():
+        fail(f"{report} is not a folder: pass report folders (python -m analysis.report "
+             "EXPERIMENT writes EXPERIMENT/report) of replicated sweeps")
     try:
         summary = pd.read_csv(report / "summary.csv", dtype={"trial_id": str})
         replicates = pd.read_csv(report / REPLICATES_FILE, dtype={"source_trial": str})
@@ -108,97 +169,149 @@ def _read_report(report: Path) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.Data
              "(python -m tune.replicate, then python -m analysis.report)")
     # a published folder holds a copy of the manifest; EXPERIMENT/report has it one level up
     manifest = next((m for m in (report / "manifest.json", report.parent / "manifest.json")
-                     if m.exists()), report / "manifest.json")
-    val_ood = (json.loads(manifest.read_text())["run_config"]["data"].get("val_ood", "unseen")
-               if manifest.exists() else "unseen")
+                     if m.exists()), None)
     trials = report / "trials.parquet"
-    return val_ood, summary, replicates, pd.read_parquet(trials) if trials.exists() else None
+    return (json.loads(manifest.read_text()) if manifest else {}, summary, replicates,
+            pd.read_parquet(trials) if trials.exists() else None)
 
 
 def headline(reports: list[str | Path]) -> dict:
-    """Every report's chosen trials, score summaries, selection-seed AUROC and lifts, with
-    Holm's adjustment over all the lifts of all the reports (the family: QUESTIONS that were
-    run, per selection)."""
+    """Every report's chosen trials, score summaries, selection-seed AUROC, lifts and edges, with
+    Holm's adjustment (of the t-tests and, apart, of the exact tests) over all the lifts of all
+    the reports (the family: QUESTIONS that were run, per selection), and each lift's detectable
+    effect at Holm's strictest step, ALPHA / the family's size."""
     out = []
     for report in map(Path, reports):
-        val_ood, summary, replicates, trials = _read_report(report)
+        manifest, summary, replicates, trials = _read_report(report)
         try:
             tuned, defaults = chosen_trials(summary)
-            cells = score_cells(replicates, tuned, defaults)
+            arms = arm_configurations(replicates, tuned, defaults)
+            cells = score_cells(replicates, tuned, defaults, arms)
         except ValueError as err:
             fail(f"{report}: {err}")
         seed_run = (trials.loc[trials["trial_id"] == tuned, "test_auroc"].mean()
                     if trials is not None else float("nan"))
-        index = cells[TUNED].index
+        index = cells["mixed"].index
+        configurations = {"mixed": tuned, **{arm: s for arm, (s, own) in arms.items() if own}}
+        names = labels(arms)
         out.append({
-            "report": report, "selection": val_ood, "tuned": tuned, "defaults": defaults,
+            "report": report, "tuned": tuned, "defaults": defaults, "labels": names,
+            "selection": manifest.get("run_config", {}).get("data", {}).get("val_ood", "unseen"),
             "seeds": index.get_level_values("seed").nunique(),
             "partitions": index.get_level_values("partition").nunique(),
-            "scores": {label: score_summary(c) for label, c in cells.items()},
+            "scores": {key: score_summary(c) for key, c in cells.items()},
             "selection_seed": seed_run,
-            "lifts": {versus: lift(cells[TUNED], cells[versus]) for _, versus in QUESTIONS
-                      if versus in cells}})
+            "lifts": {versus: lift(cells["mixed"], cells[versus]) for _, versus in QUESTIONS
+                      if versus in cells},
+            "edges": {(names[key], source): found for key, source in configurations.items()
+                      if (found := edges(_params(replicates, source), manifest.get("space")))}})
     lifts = [one for r in out for one in r["lifts"].values()]
-    for one, adjusted in zip(lifts, holm([one["p"] for one in lifts])):
-        one["p_holm"] = adjusted
-    return {"reports": out, "family": sum(one["p"] == one["p"] for one in lifts)}
+    family = sum(one["p"] == one["p"] for one in lifts)
+    for key in ("p", "p_exact"):
+        for one, adjusted in zip(lifts, holm([one[key] for one in lifts])):
+            one[f"{key}_holm"] = adjusted
+    for one in lifts:
+        one["detectable"] = detectable_effect(one["sd"], one["n"], ALPHA / max(family, 1), POWER)
+    return {"reports": out, "family": family}
 
 
-def _verdict(versus: str, one: dict) -> str:
-    """The answer the numbers give, read at Holm-adjusted 0.05."""
+def _verdict(one: dict) -> str:
+    """The answer the numbers give, read at Holm-adjusted ALPHA; "does not" carries the largest
+    lift left open and the smallest the design detects."""
     numbers = (f"{one['mean']:+.4f} [{one['ci_low']:+.4f}, {one['ci_high']:+.4f}], Holm p "
-               f"{one['p_holm']:.3g}")
-    if one["p_holm"] == one["p_holm"] and one["p_holm"] < 0.05:
-        return f"yes, {numbers}" if one["mean"] > 0 else f"no, CMG is below it: {numbers}"
-    return f"does not, {numbers}"
+               f"{one['p_holm']:.3g}, exact p {one['p_exact']:.3g} "
+               f"(Holm {one['p_exact_holm']:.3g})")
+    if one["p_holm"] == one["p_holm"] and one["p_holm"] < ALPHA:
+        exact = "" if one["p_exact_holm"] < ALPHA else ", not shown by the exact test"
+        return (f"yes, {numbers}{exact}" if one["mean"] > 0
+                else f"no, CMG is below it: {numbers}{exact}")
+    return (f"does not, {numbers}: no more than {one['upper']:+.4f} AUROC (90% upper bound), "
+            f"and the design detects {one['detectable']:.4f} at {POWER:.0%} power")
+
+
+def _exact_note(result: dict) -> str:
+    """A sentence when too few seeds let the exact test pass Holm's strictest step, else ""."""
+    step = ALPHA / max(result["family"], 1)
+    seeds = min((one["n"] for r in result["reports"] for one in r["lifts"].values()), default=0)
+    if not seeds or min_sign_flip_p(seeds) <= step:
+        return ""
+    return (f" With {seeds} seeds the exact test cannot go below 2/2^{seeds} = "
+            f"{min_sign_flip_p(seeds):.3g}, above Holm's strictest step {ALPHA}/"
+            f"{result['family']} = {step:.3g}, so it can show no lift and every \"yes\" rests on "
+            f"the t-test's normality; {seeds_for_exact(step)} seeds would let it.")
+
+
+def _edge_line(runs: list[dict]) -> list[str]:
+    """One item naming every selected configuration's knobs on an edge of the searched range
+    (within analysis.edges.EDGE of it); none: no line at all."""
+    found = [f"{SELECTIONS.get(r['selection'], r['selection'])}, {label} (trial `{source}`): "
+             + "; ".join(edge.line() for edge in edges_)
+             for r in runs for (label, source), edges_ in r["edges"].items()]
+    if not found:
+        return []
+    return [f"- **Selected configurations on an edge of the searched range** (within "
+            f"{EDGE:.0%} of it, in log space for log knobs; the range, not the method, may have "
+            "stopped the search): " + "; ".join(found) + "."]
+
+
+def _lift_cell(one: dict) -> str:
+    return (f"{one['mean']:+.4f} [{one['ci_low']:+.4f}, {one['ci_high']:+.4f}], p {one['p']:.3g} "
+            f"({one['p_holm']:.3g}), exact {one['p_exact']:.3g} ({one['p_exact_holm']:.3g}), "
+            f"detectable {one['detectable']:.4f}, upper {one['upper']:+.4f}")
 
 
 def headline_markdown(reports: list[str | Path]) -> str:
-    """The headline of the report folders, as Markdown: the scores table (one column per
-    selection), the selection seeds apart, the lifts and one verdict per question."""
+    """The headline of the report folders, as Markdown: the scores and the lifts (one column per
+    selection), the selection seeds apart, one verdict per question and the configurations on an
+    edge of their range."""
     result = headline(reports)
     runs = result["reports"]
     column = {id(r): f"{SELECTIONS.get(r['selection'], r['selection'])}, trial `{r['tuned']}`"
               for r in runs}
-    labels = list(dict.fromkeys(label for r in runs for label in r["scores"]))
-    table = [{"test AUROC [95% CI over seeds] / FPR95": label,
+
+    def label(key: str) -> str:  # an arm tuned under one selection may run at CMG's in another
+        return " / ".join(dict.fromkeys(r["labels"][key] for r in runs if key in r["labels"]))
+
+    table = [{"test AUROC [95% CI over seeds] / FPR95": label(key),
               **{column[id(r)]: (f"{s['auroc']:.4f} [{s['ci_low']:.4f}, {s['ci_high']:.4f}] / "
-                                 f"{s['fpr95']:.3f}" if (s := r["scores"].get(label)) else "not run")
-                 for r in runs}} for label in labels]
+                                 f"{s['fpr95']:.3f}" if (s := r["scores"].get(key)) else "not run")
+                 for r in runs}}
+             for key in dict.fromkeys(key for r in runs for key in r["scores"])]
     lift_rows, verdicts, not_run = [], [], []
     for question, versus in QUESTIONS:
-        answers = []
-        for r in runs:
-            one = r["lifts"].get(versus)
-            if one is None:
-                continue
-            where = SELECTIONS.get(r["selection"], r["selection"])
-            lift_rows.append({"tuned CMG minus": versus, "selection": where,
-                              "lift (mean)": f"{one['mean']:+.4f}",
-                              "95% CI over seeds": f"[{one['ci_low']:+.4f}, {one['ci_high']:+.4f}]",
-                              "p (Holm)": f"{one['p']:.3g} ({one['p_holm']:.3g})"})
-            answers.append(f"{where}: {_verdict(versus, one)}")
-        if answers:
-            verdicts.append(f"- **{question}** " + "; ".join(answers) + ".")
-        else:
+        asked = [r for r in runs if versus in r["lifts"]]
+        if not asked:  # its score was not replicated (an arm, or the first trial)
             not_run.append(question)
-    if not_run:  # its score was not replicated (an arm, or the first trial)
+            continue
+        lift_rows.append({"tuned CMG minus": label(versus),
+                          **{column[id(r)]: (_lift_cell(r["lifts"][versus]) if r in asked
+                                             else "not run") for r in runs}})
+        verdicts.append(f"- **{question}** " + "; ".join(
+            f"{SELECTIONS.get(r['selection'], r['selection'])}: {_verdict(r['lifts'][versus])}"
+            for r in asked) + ".")
+    if not_run:
         verdicts.append(f"- Not run in these replicates, so not answered: {' '.join(not_run)}")
     first = runs[0]
     seeds = ", ".join(f"{SELECTIONS.get(r['selection'], r['selection'])}: "
                       f"{r['selection_seed']:.4f}" for r in runs)
+    step = ALPHA / max(result["family"], 1)
     return "\n".join([
         f"Mean over {first['seeds']} new seeds x {first['partitions']} partitions, every (seed, "
         "partition) cell seeded on its own; the first trial is "
         + ", ".join(f"`{r['defaults']}`" for r in runs)
         + " (the reference's stage-2 knobs at the budget's epochs, distinct classes); the "
-        "baselines are those of the tuned runs' classifiers. Tuned CMG on the seed it was "
-        f"selected on (the sweep's own run, in no test): {seeds}. Lifts are paired within (seed, "
-        "partition); p: t-test of the seed-level mean lifts against 0, Holm-adjusted over the "
-        f"{result['family']} lifts of the second table.", "",
+        "baselines are those of the tuned runs' classifiers; a control arm is \"tuned\" when its "
+        "own sweep chose its configuration, else it ran at tuned CMG's knobs. Tuned CMG on the "
+        f"seed it was selected on (the sweep's own run, in no test): {seeds}. Lifts (second "
+        "table) are paired within (seed, partition) and read over the seed-level mean lifts: the "
+        "mean [95% CI]; p, the t-test against 0 (Holm-adjusted over the "
+        f"{result['family']} lifts); exact, the sign-flip p over every assignment of signs (Holm "
+        f"alike); detectable, the lift found with {POWER:.0%} power at Holm's strictest step "
+        f"({step:.3g}, two-sided t); upper, the largest lift the data leave open (the 90% CI's "
+        "upper end, TOST at 0.05)." + _exact_note(result), "",
         pd.DataFrame(table).to_markdown(index=False, disable_numparse=True), "",
         pd.DataFrame(lift_rows).to_markdown(index=False, disable_numparse=True), "",
-        *verdicts])
+        *verdicts, *_edge_line(runs)])
 
 
 def readme_section(text: str, table: str) -> str:

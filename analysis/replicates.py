@@ -17,17 +17,21 @@ within (seed, partition): the same stage-1 models. Columns:
 - `seed_ci_low/high`: 95% t-interval over those seed-level means;
 - for lifts, `p`: two-sided one-sample t-test of the seed-level mean lifts against 0, and
   `p_holm`: Holm's step-down adjustment over the configuration's lifts (the family, fixed in
-  advance: every score in the table); `verdict` reads `p_holm` at 0.05.
+  advance: every score in the table); `p_exact`: the exact sign-flip p of the same means (no
+  normality assumed); `upper`: the 90% t-interval's upper end, the largest lift the data leave
+  open; `verdict` reads `p_holm` at 0.05, and a "does not" carries `upper`.
 Seeds are the independent units: a seed's cells share nothing, but the partitions share IND
 classes, so no interval over partitions is given.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import optimize, stats
 
 from analysis.trials import NotAnExperiment, load_trials
 from cmg.results import ARMS, BASELINES, HEAD_BASELINES, REPLICATE_KIND, Experiment
@@ -71,6 +75,63 @@ def t_interval(values: pd.Series) -> tuple[float, float]:
         return float("nan"), float("nan")
     half = stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / n ** 0.5
     return values.mean() - half, values.mean() + half
+
+
+def sign_flip_p(values: pd.Series | list[float]) -> float:
+    """The exact two-sided sign-flip (permutation) p of "the mean of `values` is 0", for paired
+    differences symmetric about 0 under the null: the fraction of all 2^n assignments of signs to
+    the n values whose |sum| reaches the observed |sum| (NaN for none). No normality assumed, but
+    it cannot go below 2 / 2^n (`min_sign_flip_p`). Costs 2^n sums: fine to ~24 values."""
+    x = np.asarray(values, dtype=float)
+    if not len(x):
+        return float("nan")
+    observed = abs(x.sum()) * (1 - 1e-12)  # ties (a sign flip of a 0, equal values) count
+    bits = np.arange(len(x))
+    hits, total, chunk = 0, 2 ** len(x), 2 ** 16
+    for start in range(0, total, chunk):
+        flips = (np.arange(start, min(start + chunk, total))[:, None] >> bits) & 1
+        hits += int(np.count_nonzero(np.abs((1 - 2 * flips) @ x) >= observed))
+    return hits / total
+
+
+def min_sign_flip_p(n: int) -> float:
+    """The smallest exact sign-flip p that n values can give: 2 / 2^n (all signs alike)."""
+    return 2 / 2 ** n
+
+
+def seeds_for_exact(alpha: float) -> int:
+    """The fewest values whose exact sign-flip test can reach `alpha` (2 / 2^n <= alpha)."""
+    return math.ceil(math.log2(2 / alpha) - 1e-12)
+
+
+def detectable_effect(sd: float, n: int, alpha: float, power: float = 0.8) -> float:
+    """The minimal detectable effect of the design: the true mean difference that a two-sided
+    one-sample t-test of n values with sample sd `sd` finds at level `alpha` with probability
+    `power` (the noncentral t, exact under normality; NaN for n < 2 or no sd)."""
+    if n < 2 or not sd > 0:
+        return float("nan")
+    df, crit = n - 1, stats.t.ppf(1 - alpha / 2, n - 1)
+
+    def shortfall(effect: float) -> float:
+        nc = effect * math.sqrt(n) / sd
+        # the wrong-direction tail is below alpha / 2; scipy's nct gives NaN far out in it
+        wrong_way = float(np.nan_to_num(stats.nct.cdf(-crit, df, nc)))
+        return stats.nct.sf(crit, df, nc) + wrong_way - power
+
+    high = sd
+    while shortfall(high) < 0:
+        high *= 2
+    return float(optimize.brentq(shortfall, 0.0, high, xtol=sd * 1e-9))
+
+
+def equivalence_bound(values: pd.Series) -> float:
+    """The largest mean difference the data do not rule out, TOST style: the upper end of the
+    90% two-sided t-interval of the mean of `values` (a one-sided test at 0.05 rejects every
+    larger difference). NaN for fewer than two values."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    return float(values.mean() + stats.t.ppf(0.95, n - 1) * values.std(ddof=1) / n ** 0.5)
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -140,9 +201,11 @@ def replicate_table(df: pd.DataFrame, only: list[str] | None = None,
             row = {"configuration": source, "score": label, "seeds": len(per_seed),
                    "partitions": values.index.get_level_values("partition").nunique(),
                    "mean": values.mean(), "seed_sd": per_seed.std(ddof=1),
-                   "seed_ci_low": low, "seed_ci_high": high, "p": float("nan")}
+                   "seed_ci_low": low, "seed_ci_high": high, "p": float("nan"),
+                   "p_exact": float("nan"), "upper": float("nan")}
             if label.startswith("lift") and len(per_seed) > 1:
-                row["p"] = float(stats.ttest_1samp(per_seed, 0.0).pvalue)
+                row.update(p=float(stats.ttest_1samp(per_seed, 0.0).pvalue),
+                           p_exact=sign_flip_p(per_seed), upper=equivalence_bound(per_seed))
             rows.append(row)
         adjusted = holm([r["p"] for r in rows[first:]])
         for row, p_holm in zip(rows[first:], adjusted):
@@ -157,7 +220,8 @@ def _selection_row(selection: pd.DataFrame, source: str) -> dict:
     return {"configuration": source, "score": SELECTION_ROW, "seeds": 1,
             "partitions": len(values), "mean": values.mean(), "seed_sd": float("nan"),
             "seed_ci_low": float("nan"), "seed_ci_high": float("nan"), "p": float("nan"),
-            "p_holm": float("nan"), "verdict": ""}
+            "p_exact": float("nan"), "upper": float("nan"), "p_holm": float("nan"),
+            "verdict": ""}
 
 
 def _verdict(row: dict) -> str:
@@ -166,7 +230,9 @@ def _verdict(row: dict) -> str:
     versus = row["score"].removeprefix("lift vs ")
     if row["p_holm"] == row["p_holm"] and row["p_holm"] < 0.05:
         return f"CMG {'beats' if row['mean'] > 0 else 'is below'} {versus}"
-    return f"CMG does not beat {versus} (not shown at Holm-adjusted 0.05)"
+    bound = ("" if pd.isna(row["upper"])
+             else f"; no more than {row['upper']:+.4f} AUROC, the 90% upper bound")
+    return f"CMG does not beat {versus} (not shown at Holm-adjusted 0.05{bound})"
 
 
 def _span(low: float, high: float, sign: bool) -> str:
@@ -190,11 +256,13 @@ def replicate_markdown(table: pd.DataFrame) -> str:
             "95% CI over seeds": _span(row.seed_ci_low, row.seed_ci_high,
                                        row.score.startswith("lift")),
             "p (Holm)": "" if pd.isna(row.p_holm) else f"{row.p:.3g} ({row.p_holm:.3g})",
+            "exact p": "" if pd.isna(row.p_exact) else f"{row.p_exact:.3g}",
             "verdict": row.verdict,
         } for row in group.itertuples(index=False)]
         parts += [f"Configuration of trial `{source}`: {first.seeds} seeds x {first.partitions} "
                   "partitions, every cell seeded on its own; lifts paired within seed and "
-                  "partition, p-values from the seed-level means, Holm-adjusted over the "
-                  "table's lifts.", "",
+                  "partition, p-values from the seed-level means (t-test, Holm-adjusted over "
+                  "the table's lifts; exact: the sign-flip test over every assignment of "
+                  "signs).", "",
                   pd.DataFrame(lines).to_markdown(index=False, disable_numparse=True), ""]
     return "\n".join(parts).rstrip()

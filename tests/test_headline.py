@@ -1,23 +1,31 @@
 """The headline (analysis.headline) from report folders: numbers by hand (scores, intervals over
 seeds, lifts paired within (seed, partition), their t-tests and Holm's adjustment over every
-selection), a column per selection, the control arms, verdicts that say "does not", the README
-section between its markers, and refusals."""
+selection; the exact sign-flip p, the detectable effect and the equivalence bound), a column per
+selection, the control arms at their own tuned configurations or at CMG's, verdicts that say "does
+not" with a bound, configurations on an edge of the range, the README section between its
+markers, and refusals."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import statistics
 
+import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.headline import (DEFAULTS, END, QUESTIONS, START, TUNED, chosen_trials, headline,
-                               headline_markdown, lift, score_cells, score_summary)
-from analysis.replicates import holm
+from analysis.headline import (END, QUESTIONS, START, arm_configurations, chosen_trials,
+                               headline, headline_markdown, labels, lift, score_cells,
+                               score_summary)
+from analysis.replicates import (detectable_effect, equivalence_bound, holm, min_sign_flip_p,
+                                 replicate_table, seeds_for_exact, sign_flip_p)
+from cmg.config import budget_config
 from cmg.results import ARMS, BASELINES, REPLICATES_FILE
 from conftest import ROOT, run_main
+from tune.space import default_space
 
 # (trial, arm, seed, partition) -> test AUROC; a baseline b is 0.01 * (its index + 1) + 0.002 *
 # seed below the tuned configuration's CMG in the same cell; every FPR95 is 1 - AUROC
@@ -25,21 +33,32 @@ AUROC = {("a1", "mixed", 1, 1): 0.96, ("a1", "mixed", 1, 2): 0.90,
          ("a1", "mixed", 2, 1): 0.98, ("a1", "mixed", 2, 2): 0.94,
          ("a1", "single", 1, 1): 0.95, ("a1", "single", 1, 2): 0.91,
          ("a1", "single", 2, 1): 0.97, ("a1", "single", 2, 2): 0.93,
+         ("a1", "noise", 1, 1): 0.94, ("a1", "noise", 1, 2): 0.90,
+         ("a1", "noise", 2, 1): 0.95, ("a1", "noise", 2, 2): 0.92,
          ("a1", "none", 1, 1): 0.90, ("a1", "none", 1, 2): 0.86,
          ("a1", "none", 2, 1): 0.93, ("a1", "none", 2, 2): 0.90,
          ("d0", "mixed", 1, 1): 0.95, ("d0", "mixed", 1, 2): 0.91,
          ("d0", "mixed", 2, 1): 0.93, ("d0", "mixed", 2, 2): 0.92}
 
 
-def _report(folder, val_ood: str = "unseen", shift: float = 0.0):
-    """A report folder of a replicated sweep: tuned a1 with two control arms, defaults d0."""
+# the knobs each configuration ran (param_* columns of replicates.csv): a1's lr is 3% of the
+# default space's two decades above 1e-5, on its low edge; d0 holds the first trial's
+PARAMS = {"a1": {"lr": 1.1552e-5, "sigma": 2.0, "mask_prob": 0.5},
+          "d0": {"lr": 1e-4, "sigma": 3.0, "mask_prob": 0.5}}
+
+
+def _report(folder, val_ood: str = "unseen", shift: float = 0.0, auroc: dict = AUROC,
+            params: dict = PARAMS):
+    """A report folder of a replicated sweep: tuned a1 with three control arms, defaults d0,
+    its manifest recording the quick budget's default space."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for (trial, arm, seed, partition), a in AUROC.items():
+    for (trial, arm, seed, partition), a in auroc.items():
         tuned = AUROC[("a1", "mixed", seed, partition)] + shift
         a = a + shift if (trial, arm) == ("a1", "mixed") else a
         rows.append({"source_trial": trial, "arm": arm, "seed": seed, "partition": partition,
                      "test_auroc": a, "test_fpr95": 1 - a,
+                     **{f"param_{k}": v for k, v in params.get(trial, {}).items()},
                      **{f"{b}_test_{m}": (tuned - 0.01 * (k + 1) - 0.002 * seed if m == "auroc"
                                           else 1 - tuned + 0.01 * (k + 1) + 0.002 * seed)
                         for k, b in enumerate(BASELINES) for m in ("auroc", "fpr95")}})
@@ -54,31 +73,143 @@ def _report(folder, val_ood: str = "unseen", shift: float = 0.0):
                    "val_auroc_mean": 0.99}]).to_csv(folder / "summary.csv", index=False)
     pd.DataFrame([{"trial_id": "a1", "partition": p, "test_auroc": 0.97 + 0.01 * p}
                   for p in (1, 2)]).to_parquet(folder / "trials.parquet")
+    space = {n: dataclasses.asdict(p) for n, p in default_space(budget_config("quick")).items()}
     (folder / "manifest.json").write_text(json.dumps({"run_config": {"data": {
-        "val_ood": val_ood}}}))
+        "val_ood": val_ood}}, "space": space}))
     return folder
 
 
 def test_headline_numbers_by_hand(tmp_path):
-    df = pd.read_csv(_report(tmp_path) / REPLICATES_FILE)
-    cells = score_cells(df, "a1", "d0")
-    assert list(cells) == [TUNED, ARMS["single"], ARMS["none"], DEFAULTS, *BASELINES.values()]
-    tuned = score_summary(cells[TUNED])
+    df = pd.read_csv(_report(tmp_path) / REPLICATES_FILE, dtype={"source_trial": str})
+    arms = arm_configurations(df, "a1", "d0")
+    assert arms == {"single": ("a1", False), "noise": ("a1", False), "none": ("a1", False)}
+    cells = score_cells(df, "a1", "d0", arms)
+    assert list(cells) == ["mixed", "single", "noise", "none", "defaults", *BASELINES]
+    assert labels(arms)["none"] == f"{ARMS['none']}, at tuned CMG's knobs"
+    tuned = score_summary(cells["mixed"])
     seed_means = [(0.96 + 0.90) / 2, (0.98 + 0.94) / 2]
     half = stats.t.ppf(0.975, 1) * statistics.stdev(seed_means) / 2 ** 0.5
     assert tuned["auroc"] == pytest.approx(statistics.fmean(seed_means))
     assert tuned["ci_low"] == pytest.approx(statistics.fmean(seed_means) - half)
-    assert score_summary(cells[DEFAULTS])["fpr95"] == pytest.approx(
+    assert score_summary(cells["defaults"])["fpr95"] == pytest.approx(
         1 - statistics.fmean([0.95, 0.91, 0.93, 0.92]))
-    assert score_summary(cells["max-softmax"])["auroc"] == pytest.approx(tuned["auroc"] - 0.013)
+    assert score_summary(cells["msp"])["auroc"] == pytest.approx(tuned["auroc"] - 0.013)
     # over head re-training only, paired: seed 1 lifts 0.06 and 0.04, seed 2 0.05 and 0.04
     paired = [statistics.fmean([0.06, 0.04]), statistics.fmean([0.05, 0.04])]
-    over = lift(cells[TUNED], cells[ARMS["none"]])
+    over = lift(cells["mixed"], cells["none"])
     assert over["mean"] == pytest.approx(statistics.fmean(paired))
     assert over["ci_high"] == pytest.approx(
         statistics.fmean(paired) + stats.t.ppf(0.975, 1) * statistics.stdev(paired) / 2 ** 0.5)
     assert over["p"] == pytest.approx(stats.ttest_1samp(paired, 0.0).pvalue)
-    assert lift(cells[TUNED], cells["max-logit"])["mean"] == pytest.approx(0.033)
+    # both seed lifts positive: 2 of the 4 sign assignments reach |0.05 + 0.045|
+    assert over["p_exact"] == 0.5 and over["n"] == 2
+    assert over["sd"] == pytest.approx(statistics.stdev(paired))
+    assert over["upper"] == pytest.approx(stats.t.interval(
+        0.90, 1, loc=statistics.fmean(paired), scale=stats.sem(paired))[1])
+    assert lift(cells["mixed"], cells["maxlogit"])["mean"] == pytest.approx(0.033)
+
+
+def test_the_exact_sign_flip_p_by_hand():
+    # seed lifts 3, 1, 2, -1 (sum 5): of the 16 sign assignments, |sum| >= 5 for +-(3+1+2+1) = 7,
+    # +-(3+1+2-1) = 5 and +-(3-1+2+1) = 5: 6 of 16
+    assert sign_flip_p([3.0, 1.0, 2.0, -1.0]) == 6 / 16
+    # all one sign: only it and its mirror image reach the sum, the floor 2 / 2^n
+    assert sign_flip_p([0.4, 0.1, 0.3, 0.2, 0.5]) == min_sign_flip_p(5) == 2 / 32 == 0.0625
+    assert sign_flip_p([1.0, -1.0]) == 1.0  # the sum 0: every assignment reaches it
+    # 2 / 2^n <= 0.05 / m: 8 questions need 9 seeds, 4 need 8, one 6
+    assert [seeds_for_exact(0.05 / m) for m in (8, 10, 4, 1)] == [9, 9, 8, 6]
+
+
+def test_the_detectable_effect_has_the_power_it_claims():
+    """80% power, two-sided, at Holm's strictest step: by scipy's noncentral t, by simulation,
+    and, for many seeds, the normal approximation."""
+    sd, n, alpha = 0.00034, 5, 0.05 / 8
+    effect = detectable_effect(sd, n, alpha)
+    crit, nc = stats.t.ppf(1 - alpha / 2, n - 1), effect * n ** 0.5 / sd
+    assert stats.nct.sf(crit, n - 1, nc) == pytest.approx(0.8, abs=1e-6)
+    assert effect == pytest.approx(0.00101, abs=1e-5)  # the issue's 0.0010 (unseen) ...
+    assert detectable_effect(0.00060, 5, alpha) == pytest.approx(0.00179, abs=1e-5)  # ... 0.0018
+    rng = np.random.default_rng(0)
+    draws = rng.normal(effect, sd, size=(100_000, n))
+    assert float((stats.ttest_1samp(draws, 0.0, axis=1).pvalue < alpha).mean()) == pytest.approx(
+        0.8, abs=0.005)
+    normal = (stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(0.8)) * sd / 400 ** 0.5
+    assert detectable_effect(sd, 400, alpha) == pytest.approx(normal, rel=0.01)
+    assert np.isnan(detectable_effect(sd, 1, alpha))
+
+
+def test_the_equivalence_bound_is_the_90_percent_upper_end():
+    values = pd.Series([0.001, -0.0005, 0.0002, 0.0004, -0.0001])
+    high = stats.t.interval(0.90, 4, loc=values.mean(), scale=stats.sem(values))[1]
+    assert equivalence_bound(values) == pytest.approx(high)
+    # TOST: the one-sided t-test of "the lift is at least the bound" sits exactly at 0.05
+    assert stats.ttest_1samp(values, high, alternative="less").pvalue == pytest.approx(0.05)
+
+
+def test_the_reports_replicate_table_carries_the_exact_p_and_the_bound(tmp_path):
+    df = pd.read_csv(_report(tmp_path) / REPLICATES_FILE, dtype={"source_trial": str})
+    table = replicate_table(df, only=["a1"]).set_index("score")
+    single = table.loc[f"lift vs {ARMS['single']}"]
+    # seed lifts (0.01 - 0.01) / 2 = 0 and (0.01 + 0.01) / 2 = 0.01: the 0's sign is moot, so
+    # all four sign assignments reach |sum| = 0.01
+    assert single["p_exact"] == 1.0
+    assert single["upper"] == pytest.approx(equivalence_bound(pd.Series([0.0, 0.01])))
+    assert single["verdict"] == (f"CMG does not beat {ARMS['single']} (not shown at "
+                                 f"Holm-adjusted 0.05; no more than {single['upper']:+.4f} AUROC, "
+                                 "the 90% upper bound)")
+    assert pd.isna(table.loc["CMG", "p_exact"])  # a score, not a lift
+
+
+def test_a_does_not_verdict_carries_its_bound_and_few_seeds_say_so(tmp_path):
+    text = headline_markdown([_report(tmp_path / "u")])
+    family = len(QUESTIONS)
+    assert (f"With 2 seeds the exact test cannot go below 2/2^2 = 0.5, above Holm's strictest "
+            f"step 0.05/{family} = 0.01, so it can show no lift") in text
+    assert f"{seeds_for_exact(0.05 / family)} seeds would let it" in text
+    result = headline([_report(tmp_path / "u")])
+    one = result["reports"][0]["lifts"]["single"]
+    assert one["detectable"] == pytest.approx(detectable_effect(one["sd"], 2, 0.05 / family))
+    mixing = next(line for line in text.splitlines() if line.startswith("- **Does class mixing"))
+    assert f"does not, {one['mean']:+.4f}" in mixing
+    assert f"no more than {one['upper']:+.4f} AUROC (90% upper bound)" in mixing
+    assert f"the design detects {one['detectable']:.4f} at 80% power" in mixing
+
+
+def test_each_arm_is_compared_at_its_own_tuned_configuration(tmp_path):
+    """Replicates of a sweep per arm: the unmixed arm ran its own best (s7) and its own first
+    trial (s0, the first trial's knobs) on the same cells; CMG's knobs are not run for it."""
+    own = {k: v for k, v in AUROC.items() if k[:2] != ("a1", "single")}
+    own.update({("s7", "single", seed, p): AUROC[("a1", "mixed", seed, p)] - 0.01 * p - 0.002 * seed
+                for seed in (1, 2) for p in (1, 2)})
+    own.update({("s0", "single", seed, p): 0.5 for seed in (1, 2) for p in (1, 2)})
+    params = {**PARAMS, "s7": {"lr": 1e-3, "sigma": 2.0}, "s0": {"lr": 1e-4, "sigma": 3.0}}
+    report = _report(tmp_path / "u", auroc=own, params=params)
+    df = pd.read_csv(report / REPLICATES_FILE, dtype={"source_trial": str})
+    arms = arm_configurations(df, "a1", "d0")
+    assert arms["single"] == ("s7", True) and arms["none"] == ("a1", False)
+    run = headline([report])["reports"][0]
+    # lifts 0.012 and 0.022 (seed 1), 0.014 and 0.024 (seed 2): s7's, not s0's
+    assert run["lifts"]["single"]["mean"] == pytest.approx(0.018)
+    text = headline_markdown([report])
+    assert f"| {ARMS['single']}, tuned " in text
+    assert f"| {ARMS['none']}, at tuned CMG's knobs " in text
+    # s7's lr is the top of the range: flagged beside tuned CMG's lr at the bottom
+    assert f"{ARMS['single']}, tuned (trial `s7`): `lr` 0.001 sits at the high end" in text
+    # two configurations of one arm that neither is the first trial: refused, by name
+    params["s0"] = {"lr": 2e-4, "sigma": 3.0}
+    proc = run_main("analysis.headline", str(_report(tmp_path / "v", auroc=own, params=params)))
+    assert proc.returncode == 2 and "several configurations (s7, s0)" in proc.stderr
+
+
+def test_a_selected_configuration_on_a_bound_is_flagged_and_one_inside_is_not(tmp_path):
+    flagged = headline_markdown([_report(tmp_path / "edge")])
+    assert "Selected configurations on an edge of the searched range" in flagged
+    assert ("CMG, tuned (trial `a1`): `lr` 1.16e-05 sits at the low end of [1e-05, 0.001] (3% "
+            "of the range, log scale); widen it with the --space file line `lr: {low: 1.0e-06, "
+            "high: 0.001, log: true}`") in flagged
+    inside = {**PARAMS, "a1": {**PARAMS["a1"], "lr": 1e-4}}
+    silent = headline_markdown([_report(tmp_path / "inside", params=inside)])
+    assert "edge" not in silent and "--space" not in silent
 
 
 def test_two_selections_share_one_holm_family(tmp_path):
@@ -111,12 +242,18 @@ def test_the_readme_section_is_written_between_its_markers(tmp_path):
     assert proc.stdout.strip() in text
     assert "the first trial is `d0`" in text
     assert re.search(r"\| CMG, tuned +\| 0\.9450 \[0\.\d{4}, 1\.\d{4}\] / 0\.055 +\|", text)
-    assert text.count("\n- **") == len(QUESTIONS)  # one verdict per question (all were run)
+    # one verdict per question (all were run), then a1's lr on the edge of its range
+    assert text.count("\n- **Does") == len(QUESTIONS)
+    assert text.count("\n- **Selected configurations on an edge") == 1
 
 
 def test_refusals_name_the_fix(tmp_path):
     proc = run_main("analysis.headline", str(tmp_path))
     assert proc.returncode == 2 and "python -m tune.replicate" in proc.stderr
+    for path in (_report(tmp_path / "r") / REPLICATES_FILE, tmp_path / "missing"):  # no folder
+        proc = run_main("analysis.headline", str(path))
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "is not a folder: pass report folders (python -m analysis.report" in proc.stderr
     readme = tmp_path / "README.md"
     readme.write_text("no markers\n")
     proc = run_main("analysis.headline", str(_report(tmp_path)), "--readme", str(readme))
