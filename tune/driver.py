@@ -183,7 +183,8 @@ def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts, started: flo
     options, experiment, name = spec.options, spec.experiment, spec.options.name
     # judged by the node types an autoscaling cluster can add, not only the nodes up now
     placement = plan_placement(options.cpus_per_trial, options.gpus_per_trial,
-                               options.max_concurrent, options.num_samples)
+                               options.max_concurrent, options.num_samples,
+                               options.wait_for_nodes)
     if not options.quiet and (options.address or placement.gpus):
         for line in placement.lines:
             print(f"[sweep] {line}", flush=True)

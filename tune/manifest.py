@@ -42,9 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # options that may change between runs of one sweep: where and how long it runs, what it prints
 # and where it sends its metrics
 FREE = {"storage", "name", "address", "data_root", "data_root_given", "download", "prewarm",
-        "report", "quiet", "num_samples", "time_budget", "loggers"}
+        "report", "quiet", "num_samples", "time_budget", "loggers", "wait_for_nodes"}
 # options a manifest written before they existed lacks, with what a sweep then did
-ADDED_OPTIONS = {"data_root_given": None}  # (select_on: the run config's data.val_ood)
+ADDED_OPTIONS = {"data_root_given": None,  # (select_on: the run config's data.val_ood)
+                 "wait_for_nodes": 1200.0}
 # compared through what they resolve to (the space, the RunConfig), not as typed
 RESOLVED = {"space", "overrides"}
 

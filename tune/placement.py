@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +114,8 @@ def autoscaler_capacity(gcs_address: str) -> Capacity | None:
 
     reported = state.get_cluster_config()  # autoscaler v2 and KubeRay report it to the GCS
     if reported is not None and reported.node_group_configs:
+        if not any(g.resources for g in reported.node_group_configs):
+            return None  # shapes Ray detects on the machines (provider: local): see below
         return Capacity(tuple(
             NodeShape(g.name or "node", float(g.resources.get("CPU", 0)),
                       float(g.resources.get("GPU", 0)), g.max_count if g.max_count >= 0 else 10**6)
@@ -122,9 +127,14 @@ def autoscaler_capacity(gcs_address: str) -> Capacity | None:
         return capacity_from_config(yaml.safe_load(f))
 
 
-def capacity_from_config(config: dict[str, Any]) -> Capacity:
+def capacity_from_config(config: dict[str, Any]) -> Capacity | None:
     """The node types of an autoscaler configuration (cluster.yaml's layout); the head counts
-    once, each worker type `max_workers` times."""
+    once, each worker type `max_workers` times. None when a node type leaves its resources to
+    Ray's detection on the machine (`resources: {}`: what `ray up` makes of a `provider: local`
+    config, one type `local.cluster.node` for every listed machine): then only the nodes alive
+    tell the cluster's shape."""
+    if any(not t.get("resources") for t in config["available_node_types"].values()):
+        return None
     head = config.get("head_node_type")
     shapes = []
     for name, node_type in config["available_node_types"].items():
@@ -185,9 +195,10 @@ def check_fits(capacity: Capacity, cpus: float, gpus: float) -> None:
 
 
 def plan_placement(cpus: float, gpus: float | None, max_concurrent: int | None,
-                   num_samples: int) -> Placement:
+                   num_samples: int, wait_for_nodes: float | None = None) -> Placement:
     """Resolve a sweep's trial resources against the cluster Ray is connected to (see the
-    module doc); a trial no node can hold is a UsageError."""
+    module doc); a trial no node can hold is a UsageError. On an autoscaling cluster whose nodes
+    up now hold no trial, a deadline of WAIT_FOR_NODES seconds starts (`watch_for_nodes`)."""
     alive = alive_capacity()
     gcs = ray.get_runtime_context().gcs_address
     capacity = autoscaler_capacity(gcs) or alive
@@ -209,7 +220,38 @@ def plan_placement(cpus: float, gpus: float | None, max_concurrent: int | None,
         lines.append(f"waiting for the autoscaler: the nodes up now run {now} of the "
                      f"{max_concurrent} trials; it starts more for the pending ones "
                      "(minutes per node; `ray status` shows them)")
+        if now == 0 and wait_for_nodes:
+            watch_for_nodes(cpus, gpus, wait_for_nodes)
+            lines.append(f"no node up can run a trial yet: the sweep gives up if none joins "
+                         f"within {_duration(wait_for_nodes)} (--wait-for-nodes)")
     return Placement(cpus, gpus, max_concurrent, tuple(lines), _stage1_slots(capacity, cpus, gpus))
+
+
+def watch_for_nodes(cpus: float, gpus: float, deadline: float, poll: float = 2.0) -> None:
+    """Until a node that can run a trial of CPUS and GPUS is alive, for at most DEADLINE
+    seconds: then the driver exits with code 2 and one line naming the likely causes. A
+    daemon thread, because the driver's own thread is inside Ray Tune's loop (or the prewarm's
+    wait) by then, where a trial that no node takes waits forever; os._exit, because an
+    exception raised there would only end this thread."""
+    def watch() -> None:
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if alive_capacity().slots(cpus, gpus):
+                return
+            time.sleep(poll)
+        print(f"error: no node that can run a trial ({cpus:g} CPU, {gpus:g} GPU) joined in "
+              f"{_duration(deadline)}: the autoscaler cannot launch one (an EC2 quota for the "
+              "instance type, spot capacity, the image or its id, the head role's permissions); "
+              "`ray status` and the autoscaler's log (/tmp/ray/session_latest/logs/monitor.*) on "
+              "the head say which; --wait-for-nodes sets the wait", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+
+    threading.Thread(target=watch, name="watch-for-nodes", daemon=True).start()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
 def _stage1_slots(capacity: Capacity, cpus: float, gpus: float) -> int:

@@ -49,6 +49,7 @@ class SweepOptions:
     max_concurrent: int | None
     max_failures: int
     address: str | None
+    wait_for_nodes: float  # seconds an autoscaling cluster has to bring up a node for a trial
     loggers: tuple[str, ...]
     prewarm: bool
     data_root: str  # resolved: where every trial reads the data

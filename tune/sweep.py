@@ -86,6 +86,10 @@ def build_parser() -> OneLineParser:
                         "lost (spot) node costs one; a diverged configuration fails at once")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join, e.g. auto or HOST:6379 (default: a local Ray)")
+    p.add_argument("--wait-for-nodes", default=parse_duration("20m"), metavar="DURATION",
+                   type=parse_duration,
+                   help="on an autoscaling cluster with no node up that can run a trial, exit "
+                        "(code 2) if none joins within this long (default 20m)")
     p.add_argument("--logger", dest="loggers", action="append", default=[], choices=list(LOGGERS),
                    help="also send every trial's configuration and metrics to this tracker "
                         "(repeatable): tensorboard (event files in each trial folder), mlflow "
