@@ -69,6 +69,7 @@ def onprem_as_ray_up_resolves_it(tmp_path, monkeypatch) -> dict:
     return _bootstrap_config(config, no_config_cache=True)
 
 
+@pytest.mark.slow
 def test_onprem_config_is_judged_by_the_live_nodes(tmp_path, monkeypatch):
     """The documented on-prem command leaves the GPU share to the cluster (a whole GPU); an
     explicit --gpus-per-trial 0.25 is taken. Both were refused or zeroed before: `ray up` gives
@@ -110,6 +111,7 @@ def test_onprem_config_is_judged_by_the_live_nodes(tmp_path, monkeypatch):
         plans[None].lines[0]
 
 
+@pytest.mark.slow
 def test_a_cluster_that_never_brings_a_gpu_node_is_given_up_on(tmp_path):
     """cluster.yaml's node types behind a real autoscaler that launches nothing (it updates once
     at start, then after an hour): the sweep says it waits, then exits 2 after --wait-for-nodes
