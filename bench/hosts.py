@@ -194,7 +194,7 @@ class Hosts:
         self._up = True
         ensure_packages()
         clean(self.net)  # what an earlier harness on this NET left after a SIGKILL
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        remove_folder(self.workdir)
         self.workdir.mkdir(parents=True)
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cmg-test-hosts", "-f",
            str(self.key))
@@ -218,6 +218,8 @@ class Hosts:
         for sub in ("tmp", "home/.ssh", "home/.config/pip"):
             (host.folder / sub).mkdir(parents=True, exist_ok=True)
         (host.folder / "tmp").chmod(0o1777)
+        for skel in Path("/etc/skel").iterdir():  # a home as useradd makes it (.bashrc, .profile)
+            shutil.copy(skel, host.folder / "home")
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host.folder / "host_key"))
         shutil.copy(self.key.with_suffix(".pub"), host.folder / "authorized_keys")
         (host.folder / "sshd_config").write_text(self._sshd_config(host))
@@ -309,8 +311,18 @@ class Hosts:
         if self.proxy is not None:
             self.proxy.stop()
         sh("ip", "link", "del", self.bridge, check=False)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        remove_folder(self.workdir)
         atexit.unregister(self.down)
+
+
+def remove_folder(folder: Path) -> None:
+    """Rename FOLDER away at once and delete it in a process of its own: three venvs are ~60k
+    files, minutes of `rm` on a busy machine, which the caller need not wait for."""
+    if folder.exists():
+        trash = folder.with_name(f".trash-{folder.name}-{time.time_ns()}")
+        folder.rename(trash)
+        subprocess.Popen(["rm", "-rf", str(trash)], start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def clean(net: int | None = None) -> list[str]:
