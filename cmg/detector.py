@@ -159,8 +159,10 @@ def readme_text(meta: dict[str, Any]) -> str:
             f"{'x'.join(map(str, meta['input']['shape']))} uint8; threshold "
             f"{meta['threshold']:.6g} (95% of the validation IND images score at or below it).\n\n"
             "Load it with `from cmg.detector import Detector; Detector.load(THIS_FOLDER)"
-            ".score(images)`, or score files with `python -m cmg.score THIS_FOLDER INPUT "
-            "--out scores.csv`.\n")
+            ".score(images)` (images: uint8 pixels 0..255, N x C x H x W), or score files with "
+            "`python -m cmg.score THIS_FOLDER INPUT --out scores.csv`. This folder is the whole "
+            "detector: copy it anywhere the `cmg` package is installed (cmg-sweep's "
+            "docs/detectors.md, \"Using a detector in your project\").\n")
 
 
 def write_detector(folder: str | os.PathLike, meta: dict[str, Any],

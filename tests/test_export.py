@@ -293,7 +293,8 @@ def test_a_detector_with_a_backbone_scores_the_same_after_a_move_without_the_swe
     """Export a CSI-backbone sweep's detector (`{partition}` in --backbone, as docs/csi.md
     recommends), move the folder elsewhere, delete the backbone file, the sweep and its stage-1
     store: it loads from a relative path and scores bitwise what it scored before the move, which
-    is what the trial scored."""
+    is what the trial scored. A detector.json written before backbones were copied (the sweep's
+    absolute path) still loads; one with `{partition}` in that path must be exported again."""
     data_root = build_cifar_data_root(tmp_path / "data")
     backbone = tmp_path / "models" / "csi_p1.model"
     backbone.parent.mkdir()
@@ -331,6 +332,15 @@ def test_a_detector_with_a_backbone_scores_the_same_after_a_move_without_the_swe
     after = Detector.load("partition-1").score(images)
     pd.testing.assert_frame_equal(after, before, check_exact=True)  # same files, same kernels
 
+    old = json.loads((moved / "detector.json").read_text())  # exported before the copy:
+    old["backbone"]["path"] = str(moved / "backbone.pt")  # the sweep's absolute path
+    (moved / "detector.json").write_text(json.dumps(old))
+    pd.testing.assert_frame_equal(Detector.load(moved).score(images), before, check_exact=True)
+    old["backbone"]["path"] = str(tmp_path / "models" / "csi_p{partition}.model")
+    (moved / "detector.json").write_text(json.dumps(old))  # hash over all partitions' files
+    with pytest.raises(UsageError, match="export it again with python -m tune.export"):
+        Detector.load(moved)
+    (moved / "detector.json").write_text(json.dumps(meta))
     damaged = bytearray((moved / "backbone.pt").read_bytes())
     damaged[-1] ^= 1
     (moved / "backbone.pt").write_bytes(bytes(damaged))
