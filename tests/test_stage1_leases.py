@@ -13,13 +13,15 @@ import threading
 import pytest
 import ray
 import torch
+from pyarrow import fs as pafs
 
 from cmg.config import budget_config
 from cmg.data import make_split
 from conftest import ROOT
 from cmg.config import apply_overrides
 from cmg.errors import UsageError
-from tune.artifacts import ArtifactStore, stage1_keys
+from cmg.stage1 import load_stage1_model
+from tune.artifacts import PUBLISHER_FILE, ArtifactStore, stage1_keys
 from tune.shared_stage1 import (PUBLISHED, SharedStage1, Stage1Leases, create_leases, get_leases,
                                 node_id)
 
@@ -186,3 +188,149 @@ def test_the_lease_service_outlives_the_driver_that_started_it(leases, tmp_path)
     assert create_leases(uri)._actor_id.hex() == started_by_other  # get_if_exists: no second one
     with pytest.raises(ValueError):  # another store has its own service (none started yet)
         get_leases(str(tmp_path / "another-store"))
+
+
+class StoreThatLosesTheLeaseInTheLastEpoch(ArtifactStore):
+    """The real store, whose first per-epoch checkpoint (the last epoch: 1 epoch) hands the lease
+    to another owner, as a takeover after missed renewals would; then counts the trainer's looks
+    for the published model while it waits."""
+
+    def __init__(self, uri: str, leases, key: str):
+        super().__init__(uri)
+        self.leases, self.key, self.looks = leases, key, 0
+        self.taken, self.waiting = threading.Event(), threading.Event()
+
+    def put_file(self, key, name, local):
+        super().put_file(key, name, local)
+        if name.startswith("partial/") and not self.taken.is_set():
+            ray.get(self.leases.release.remote(key, "t/first"))
+            assert ray.get(self.leases.acquire.remote(key, "t/other", node_id())) == "granted"
+            self.taken.set()
+
+    def exists(self, key, name="meta.json"):
+        if self.taken.is_set() and name == "meta.json":
+            self.looks += 1
+            if self.looks >= 3:
+                self.waiting.set()
+        return super().exists(key, name)
+
+
+def test_a_trainer_whose_lease_was_taken_in_its_last_epoch_does_not_publish(
+        leases, tmp_path, mnist_available):
+    """Its renewals come every hour here, so only the check at publishing can see it."""
+    cfg = apply_overrides(CFG, {"cvae.seed": 11})  # a key of its own on the module's service
+    split = make_split("same_dataset_mnist", 5, cfg.data)
+    key = stage1_keys(split.setting, 5, cfg).cvae
+    store = StoreThatLosesTheLeaseInTheLastEpoch(str(tmp_path), leases, key)
+    shared = SharedStage1(store, leases, owner="t/first", poll_seconds=0.05, renew_seconds=3600)
+    results = {}
+    trainer = threading.Thread(target=lambda: results.update(
+        trained=shared.ensure_one("cvae", split, cfg, torch.device("cpu"))[0]))
+    trainer.start()
+    assert store.waiting.wait(300)  # it trained to the end, and now waits for "t/other"
+    assert not store.exists(key) and not store.exists(key, PUBLISHER_FILE)  # nothing published
+    ray.get(leases.release.remote(key, "t/other"))  # "t/other" gives up: "t/first" takes over
+    trainer.join(300)
+    assert results == {"trained": True}
+    meta = store.read_json(key)
+    assert meta["trained_by"] == "t/first" and meta["resumed_from"] == {"cvae": 1}
+    assert [r["owner"] for r in store.trainings(key)] == ["t/first", "t/first"]
+
+
+SECOND_USER_CFG = apply_overrides(CFG, {"cvae.seed": 12})  # a key of its own
+LAPTOP = textwrap.dedent("""
+    # a laptop on the cluster's store: no Ray, so no lease service to agree with
+    import sys, torch
+    from cmg.data import make_split
+    from test_stage1_leases import SECOND_USER_CFG as cfg
+    from tune.artifacts import ArtifactStore
+    from tune.shared_stage1 import SharedStage1
+    split = make_split("same_dataset_mnist", 5, cfg.data)
+    shared = SharedStage1(ArtifactStore(sys.argv[1]), None, owner="laptop/t1")
+    print(shared.ensure_one("cvae", split, cfg, torch.device("cpu"))[0])
+""")
+
+
+class StoreThatPausesInTraining(ArtifactStore):
+    """The real store, seen by a trainer paused after its training started until `resume`."""
+
+    def __init__(self, uri: str):
+        super().__init__(uri)
+        self.started, self.resume = threading.Event(), threading.Event()
+
+    def log_training(self, key, record):
+        super().log_training(key, record)
+        self.started.set()
+        assert self.resume.wait(300)
+
+
+def test_a_second_store_user_that_trained_the_same_key_is_refused_and_loads_the_first(
+        leases, tmp_path, mnist_available):
+    """A cluster (this Ray session) and a laptop (another process, no Ray) train the same key at
+    once: their lease services are not the same, so both train; the laptop publishes first, and
+    the cluster's publish is refused (logged), overwriting nothing: it loads the laptop's model."""
+    cfg = SECOND_USER_CFG
+    split = make_split("same_dataset_mnist", 5, cfg.data)
+    key = stage1_keys(split.setting, 5, cfg).cvae
+    store = StoreThatPausesInTraining(str(tmp_path))
+    shared = SharedStage1(store, leases, owner="cluster/t1", poll_seconds=0.05)
+    results = {}
+    trainer = threading.Thread(target=lambda: results.update(
+        trained=shared.ensure_one("cvae", split, cfg, torch.device("cpu"))[0],
+        loaded=shared.ensure(split, cfg, torch.device("cpu")).cvae))
+    trainer.start()
+    try:
+        assert store.started.wait(300)
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+        env.pop("RAY_ADDRESS", None)
+        laptop = subprocess.run([sys.executable, "-c", LAPTOP, str(tmp_path)], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert laptop.returncode == 0 and laptop.stdout.split()[-1] == "True", laptop.stderr
+        published = store.read_bytes(key, "cvae.pt")
+    finally:
+        store.resume.set()
+        trainer.join(300)
+    assert results["trained"] is False  # it trained, and its publish was refused
+    assert store.read_bytes(key, "cvae.pt") == published  # not overwritten
+    meta, claim = store.read_json(key), store.read_json(key, PUBLISHER_FILE)
+    assert meta["trained_by"] == claim["owner"] == "laptop/t1"
+    assert claim["session"].startswith("no-ray/") and claim["digests"] == meta["digests"]
+    refused = [store.read_json(key, f"refused/{info.base_name}") for info in store.fs.get_file_info(
+        pafs.FileSelector(store.path(key, "refused")))]
+    assert [(r["owner"], r["claimed_by"]["owner"]) for r in refused] == [
+        ("cluster/t1", "laptop/t1")]
+    assert sorted(r["owner"] for r in store.trainings(key)) == ["cluster/t1", "laptop/t1"]
+    assert not store.exists(key, "partial/cvae.pt")
+    laptops = load_stage1_model(store.path(key, "cvae.pt"), "cvae", split, torch.device("cpu"),
+                                require_data=False).state_dict()
+    for name, value in results["loaded"].state_dict().items():  # the laptop's model
+        assert torch.equal(value, laptops[name])
+
+
+def test_a_cached_copy_is_checked_against_the_published_digest(
+        leases, tmp_path, mnist_available, monkeypatch):
+    """A node's download cache is keyed by stage-1 key, not by store: a copy of the same key from
+    another store (or from before it was published) is downloaded again; a store file changed
+    after publishing is refused. The store is read as an object store is (through the cache)."""
+    import tune.shared_stage1 as shared_stage1
+
+    monkeypatch.setattr(shared_stage1, "CACHE", tmp_path / "cache")
+    split = make_split("same_dataset_mnist", 5, CFG.data)
+    key = stage1_keys(split.setting, 5, CFG).cvae
+    stores = {}
+    for seed, name in enumerate("ab"):  # two stores, one key, two seeds: different weights
+        stores[name] = ArtifactStore(str(tmp_path / name))
+        SharedStage1(stores[name], None, owner=f"{name}/t1").ensure_one(
+            "cvae", split, apply_overrides(CFG, {"cvae.seed": seed}), torch.device("cpu"), key)
+    a, b = stores["a"], stores["b"]
+    assert a.read_bytes(key, "cvae.pt") != b.read_bytes(key, "cvae.pt")
+    cached = tmp_path / "cache" / "stage1" / key / "cvae.pt"
+    for store in (a, b):
+        store.is_local = False  # read through the download cache, as from s3://
+        path = shared_stage1._fetch(store, key, "cvae.pt")
+        assert path == cached and path.read_bytes() == store.read_bytes(key, "cvae.pt")
+    cached.unlink()
+    b.write_bytes(key, "cvae.pt", a.read_bytes(key, "cvae.pt"))  # changed after publishing
+    with pytest.raises(RuntimeError, match="is not the file published as"):
+        shared_stage1._fetch(b, key, "cvae.pt")
+    assert not cached.exists()

@@ -20,6 +20,12 @@ moves to another node continues from its last epoch; publishing deletes it (the 
 supersedes it). ``ROOT/KEY/trainings/`` logs every training of the key that started (one file
 each, `ArtifactStore.trainings`): one entry per key unless a training was interrupted and
 resumed. Every file is written to a temporary name and moved into place.
+
+Publishing never overwrites: the publisher first claims the key (``KEY/publisher.json``, written
+with `write_new`), and only the claimant writes the model and `meta.json`, which records each
+model file's sha256 (`digests`), so a node's cached copy is checked against what was published.
+A publish that finds another claim (another Ray cluster, or a laptop, on the same store) is
+refused and logged under ``KEY/refused/``.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from cmg.stage1 import data_identity
 
 FORMAT_VERSION = 2  # 2: the classifier and the CVAE under separate keys; 1: one key for both
 FORMAT_FILE = "format.json"  # at the store's root: the format its artifacts are written in
+PUBLISHER_FILE = "publisher.json"  # in KEY/: who publishes the key (written once, first)
 KINDS = ("classifier", "cvae")
 
 
@@ -119,6 +126,12 @@ def put_bytes(filesystem: pafs.FileSystem, target: str, data: bytes) -> None:
     filesystem.move(tmp, target)
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """The sha256 of a file, as `meta.json`'s `digests` record it."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _open(uri: str) -> tuple[pafs.FileSystem, str]:
     return open_storage(uri)
 
@@ -138,6 +151,31 @@ class ArtifactStore:
     def write_bytes(self, key: str, name: str, data: bytes) -> None:
         put_bytes(self.fs, self.path(key, name), data)
 
+    def write_new(self, key: str, name: str, data: bytes) -> bool:
+        """Write KEY/NAME unless it exists; False (nothing written) if it does. On a local folder
+        the check and the write are one atomic step (a hard link of a temporary file fails if
+        the name exists, on any POSIX file system, NFS included). pyarrow's object stores
+        (s3://, gs://) have no conditional write: there it is a check, then an atomic write, and
+        two writers within the same few milliseconds can both write (the later one wins, and
+        read-after-write consistency shows every reader that one); read the file back to see
+        whose it is."""
+        if not self.is_local:
+            if self.exists(key, name):
+                return False
+            self.write_bytes(key, name, data)
+            return True
+        target = Path(self.path(key, name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, target)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+
     def read_bytes(self, key: str, name: str) -> bytes:
         with self.fs.open_input_stream(self.path(key, name)) as f:
             return f.read()
@@ -150,15 +188,26 @@ class ArtifactStore:
     def put_file(self, key: str, name: str, local: str | os.PathLike) -> None:
         self.write_bytes(key, name, Path(local).read_bytes())
 
-    def get_file(self, key: str, name: str, local: str | os.PathLike) -> Path:
-        """A local path to the file: the file itself on a local store, else a cached download."""
+    def get_file(self, key: str, name: str, local: str | os.PathLike,
+                 digest: str | None = None) -> Path:
+        """A local path to the file: the file itself on a local store, else a cached download.
+        With `digest` (its sha256 in `meta.json`), a cached copy that differs (the same key of
+        another store, a copy from before the key was published) is downloaded again, and a
+        download that differs is an error."""
         if self.is_local:
             return Path(self.path(key, name))
         local = Path(local)
+        if local.exists() and digest and file_digest(local) != digest:
+            local.unlink()
         if not local.exists():
             local.parent.mkdir(parents=True, exist_ok=True)
             tmp = local.with_suffix(f".{uuid.uuid4().hex}.tmp")
             tmp.write_bytes(self.read_bytes(key, name))
+            if digest and file_digest(tmp) != digest:
+                tmp.unlink()
+                raise RuntimeError(f"{self.path(key, name)} is not the file published as "
+                                   f"{key} (sha256 {digest[:12]}...): it was changed after "
+                                   "publishing; delete that key's folder to train it again")
             os.replace(tmp, local)
         return local
 

@@ -14,6 +14,16 @@ from the per-epoch checkpoints under ``KEY/partial/`` on the shared store (``par
 names who trains it, and the artifact's ``meta.json`` records the epochs a resumed training
 started from).
 
+Leases are per Ray cluster; the store may be shared by several (two clusters, or a laptop, on
+one `s3://` prefix). So publishing checks twice: the holder asks the service once more that the
+lease is still its own (a lease taken during the last epoch publishes nothing), then claims the
+key in the store (`KEY/publisher.json`, `ArtifactStore.write_new`: atomic on a local folder, a
+check-then-write on an object store) and writes the model only if the claim is its own. A second
+publisher of the key is refused (logged under `KEY/refused/`), discards its model and loads the
+published one. A claim of this same Ray session whose claimant lost its lease (its process died
+between claim and `meta.json`) is taken over. `meta.json` records each model file's sha256, and a
+node's cached download is checked against it.
+
     shared = SharedStage1(store, get_leases(store.uri), owner=trial_id, backbone=None)
     models = shared.ensure(split, cfg, device)  # the classifier's key, then the CVAE's
     models.classifier, models.cvae, models.features, models.trained
@@ -23,10 +33,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import socket
+import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +56,8 @@ from cmg.data import Split
 from cmg.results import is_uri
 from cmg.stage1 import load_stage1_model, train_model
 from cmg.stage2 import FrozenFeatures, freeze_features
-from tune.artifacts import KINDS, ArtifactStore, Stage1Keys, features_name, stage1_keys
+from tune.artifacts import (KINDS, PUBLISHER_FILE, ArtifactStore, Stage1Keys, features_name,
+                            stage1_keys)
 
 LEASE_SECONDS = 15.0  # a lease not renewed for this long is free: its holder's process died
 RENEW_SECONDS = LEASE_SECONDS / 3  # a training holder renews this often (a background thread)
@@ -116,6 +131,14 @@ class LeaseTable:
         self.published.add(key)
         self.leases.pop(key, None)
 
+    def taken(self, keys: list[str]) -> list[bool]:
+        """For each key: published, or held by a live holder (one asking now would wait)."""
+        now, alive = self._clock(), self._alive_nodes()
+        return [key in self.published or (
+                    (lease := self.leases.get(key)) is not None
+                    and now - lease.renewed <= self._lease_seconds and lease.node_id in alive)
+                for key in keys]
+
 
 Stage1Leases = ray.remote(num_cpus=0)(LeaseTable)  # the lease service: LeaseTable as an actor
 NAMESPACE = "cmg-sweep"  # the drivers' Ray namespace, where the lease services are found
@@ -148,8 +171,21 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
+def session_name() -> str:
+    """This Ray cluster's session (one per `ray start --head`; outside Ray, this process): who
+    claims a key in the store, so that another cluster's claim is told apart."""
+    if ray.is_initialized():
+        return ray.get_runtime_context().get_session_name()
+    return f"no-ray/{socket.gethostname()}/{os.getpid()}"
+
+
 class LeaseLost(RuntimeError):
     """Another owner took over this holder's lease: its renewals stopped reaching the service."""
+
+
+class PublishRefused(RuntimeError):
+    """Another publisher (another Ray cluster, or a laptop, on the same store) claimed the key
+    first: this training is discarded and the published model is used."""
 
 
 class Heartbeat:
@@ -184,26 +220,40 @@ class Heartbeat:
                 self.lost.set()
                 return
 
-    def check(self) -> None:
+    def check(self, now: bool = False) -> None:
+        """Raise LeaseLost if a renewal was refused; `now`: ask the service itself (before
+        publishing: the last renewal may be seconds old)."""
+        if now and not self.lost.is_set() and not ray.get(
+                self.leases.renew.remote(self.key, self.owner, node_id())):
+            self.lost.set()
         if self.lost.is_set():
             raise LeaseLost(f"another owner took over stage-1 key {self.key} from {self.owner}")
 
 
+def _no_lease(now: bool = False) -> None:
+    """`train`'s check without a lease service: no other trainer to lose the key to."""
+
+
 def train_once(leases, key: str, owner: str, published: Callable[[], bool],
-               train: Callable[[Callable[[], None]], None], poll_seconds: float = 1.0,
+               train: Callable[[Callable[..., None]], None], poll_seconds: float = 1.0,
                renew_seconds: float = RENEW_SECONDS) -> bool:
     """Run `train(check)` for `key` unless it is published, with one trainer at a time under
     `leases` (None: no other trainer): wait while another owner holds the key, take over once
     that holder is gone, return once the key is published. `train` writes the artifact and calls
-    `check()` after each epoch (it raises LeaseLost if another owner took over, and this call
-    goes back to waiting). `published()` looks in the store. True if this call trained the key.
+    `check()` after each epoch and `check(now=True)` before it publishes (each raises LeaseLost
+    if another owner took over, and this call goes back to waiting); PublishRefused from `train`
+    (another cluster published the key) waits for that artifact instead. `published()` looks in
+    the store. True if this call trained and published the key.
 
         trained = train_once(leases, key, "sweep/t1", lambda: store.exists(key), train)
     """
     if leases is None:
         if published():
             return False
-        train(lambda: None)
+        try:
+            train(_no_lease)
+        except PublishRefused as refused:
+            return _refused(refused, key, published, poll_seconds)
         return True
     while not published():
         answer = ray.get(leases.acquire.remote(key, owner, node_id()))
@@ -218,6 +268,8 @@ def train_once(leases, key: str, owner: str, published: Callable[[], bool],
                         train(heartbeat.check)
             except LeaseLost:
                 continue
+            except PublishRefused as refused:
+                fresh = _refused(refused, key, published, poll_seconds)
             except BaseException:
                 ray.get(leases.release.remote(key, owner))
                 raise
@@ -227,13 +279,22 @@ def train_once(leases, key: str, owner: str, published: Callable[[], bool],
     return False
 
 
-def _await_visible(key: str, published: Callable[[], bool], poll_seconds: float) -> None:
+def _refused(refused: PublishRefused, key: str, published: Callable[[], bool],
+             poll_seconds: float) -> bool:
+    print(f"[stage 1] {refused}", file=sys.stderr, flush=True)
+    _await_visible(key, published, poll_seconds,
+                   f"its claimant never published it: if that cluster is gone, delete "
+                   f"{key}/{PUBLISHER_FILE} from the store")
+    return False
+
+
+def _await_visible(key: str, published: Callable[[], bool], poll_seconds: float,
+                   why: str = "was it deleted? Restart the Ray cluster to forget it") -> None:
     deadline = time.monotonic() + VISIBLE_SECONDS
     while not published():
         if time.monotonic() > deadline:
             raise RuntimeError(f"stage-1 key {key} is published but not in the store after "
-                               f"{VISIBLE_SECONDS:.0f} s: was it deleted? Restart the Ray cluster "
-                               "to forget it")
+                               f"{VISIBLE_SECONDS:.0f} s: {why}")
         time.sleep(poll_seconds)
 
 
@@ -262,10 +323,9 @@ def _cached(slot: tuple[str, ...], load: Callable[[], Any]) -> Any:
     return _LOADED[slot]
 
 
-def _publish_features(store: ArtifactStore, key: str, split: Split, cfg: RunConfig,
-                      classifier: torch.nn.Module) -> FrozenFeatures:
-    """Compute the frozen network's features for the split's OOD-set layout and store them.
-    Two trials that do this at once write the same content; the last move wins."""
+def _features(split: Split, cfg: RunConfig,
+              classifier: torch.nn.Module) -> tuple[FrozenFeatures, bytes]:
+    """The frozen network's features for the split's OOD-set layout, and their file's bytes."""
     features = freeze_features(classifier, split, cfg.classifier.amp)
     buffer = io.BytesIO()
     torch.save({"train": features.train.cpu(), "baselines": features.baselines,
@@ -273,8 +333,7 @@ def _publish_features(store: ArtifactStore, key: str, split: Split, cfg: RunConf
                           for p, d in features.evals.items()},
                 "stage1_logits": {p: tuple(x.cpu() for x in pair)
                                   for p, pair in features.stage1_logits.items()}}, buffer)
-    store.write_bytes(key, features_name(split), buffer.getvalue())
-    return features
+    return features, buffer.getvalue()
 
 
 def _backbone(backbone: BackboneSpec, split: Split, cfg: RunConfig, device: torch.device,
@@ -284,7 +343,9 @@ def _backbone(backbone: BackboneSpec, split: Split, cfg: RunConfig, device: torc
 
 
 def _fetch(store: ArtifactStore, key: str, name: str) -> Path:
-    return store.get_file(key, name, CACHE / "stage1" / key / name)
+    """A local copy of a published file, checked against the digest its meta.json records."""
+    digest = store.read_json(key).get("digests", {}).get(name)  # None: published before digests
+    return store.get_file(key, name, CACHE / "stage1" / key / name, digest)
 
 
 def _load(store: ArtifactStore, keys: Stage1Keys, split: Split, cfg: RunConfig,
@@ -304,7 +365,8 @@ def _load(store: ArtifactStore, keys: Stage1Keys, split: Split, cfg: RunConfig,
                                       baselines=raw["baselines"],
                                       stage1_logits=raw.get("stage1_logits"))
         else:  # another set of OOD data than the classifier was trained beside: no retraining
-            features = _publish_features(store, keys.classifier, split, cfg, classifier)
+            features, data = _features(split, cfg, classifier)
+            store.write_new(keys.classifier, features_file, data)  # the first one stays
         return classifier, features
 
     features_file = features_name(split)
@@ -353,7 +415,7 @@ class SharedStage1:
                              kind)
         seconds = 0.0
 
-        def train(check: Callable[[], None]) -> None:
+        def train(check: Callable[..., None]) -> None:
             nonlocal seconds
             seconds = self._train_and_publish(kind, key, split, cfg, device, check)
 
@@ -362,10 +424,11 @@ class SharedStage1:
         return trained, seconds
 
     def _train_and_publish(self, kind: str, key: str, split: Split, cfg: RunConfig,
-                           device: torch.device, check: Callable[[], None]) -> float:
+                           device: torch.device, check: Callable[..., None]) -> float:
         """Train the model (resuming from KEY/partial/), publish its artifact; return seconds.
         With a backbone the classifier's artifact is the backbone file (published, so any node
-        can load it) and its features: nothing trains."""
+        can load it) and its features: nothing trains. Publishes only while the lease is still
+        this owner's and the key's claim is (`_claim`)."""
         store, backbone = self.store, self.backbone
         started = time.time()
         with tempfile.TemporaryDirectory(prefix="cmg-stage1-") as tmp:
@@ -390,16 +453,46 @@ class SharedStage1:
                 model, history = train_model(kind, split, cfg, device, local, after_epoch,
                                              quiet=True, compile_model=self.compile_model)
                 name = f"{kind}.pt"
+            files = {name: local.read_bytes()}
             if kind == "classifier":
-                _publish_features(store, key, split, cfg, model)
-            store.put_file(key, name, local)
+                files[features_name(split)] = _features(split, cfg, model)[1]
+            digests = {file: hashlib.sha256(data).hexdigest() for file, data in files.items()}
+            check(now=True)  # a lease taken over during the last epoch: publish nothing
+            claim = self._claim(key, kind, digests)
+            for file, data in files.items():
+                store.write_bytes(key, file, data)
+            if store.read_json(key, PUBLISHER_FILE)["claim"] != claim:  # taken over meanwhile
+                raise LeaseLost(f"another owner claimed stage-1 key {key} while {self.owner} "
+                                "wrote it")
             store.write_json(key, "meta.json", {
                 "key": key, "kind": kind, "setting": split.setting, "partition": split.partition,
                 "config": {section: cfg.to_dict()[section] for section in (kind, "data")},
                 "history": history, "seconds": round(time.time() - started, 3),
                 "device": str(device), "resumed_from": resumed_from, "node_id": node_id(),
-                "trained_by": self.owner, "compiled": self.compile_model,
+                "trained_by": self.owner, "compiled": self.compile_model, "digests": digests,
                 **({"backbone": backbone.identity()} if backbone and kind == "classifier"
                    else {})})
             store.delete(key, f"partial/{kind}.pt")  # superseded: it only doubled the store's size
         return time.time() - started
+
+    def _claim(self, key: str, kind: str, digests: dict[str, str]) -> str:
+        """Claim KEY in the store for this owner, or raise PublishRefused; returns the claim's
+        id. The first claim stays (`write_new`); a claim of this same Ray session is taken over
+        (the lease service just confirmed this owner holds the lease, so its claimant lost it;
+        outside Ray the session is this process); another session's claim means another cluster
+        (or a laptop) publishes the key."""
+        store = self.store
+        mine = {"claim": uuid.uuid4().hex, "owner": self.owner, "session": session_name(),
+                "node_id": node_id(), "time": time.time(), "digests": digests}
+        if not store.write_new(key, PUBLISHER_FILE, json.dumps(mine).encode()):
+            holder = store.read_json(key, PUBLISHER_FILE)
+            if holder["session"] != mine["session"]:
+                store.write_json(key, f"refused/{time.time_ns()}-{mine['claim'][:8]}.json",
+                                 {**mine, "claimed_by": holder})
+                store.delete(key, f"partial/{kind}.pt")  # the claimant's model supersedes it
+                raise PublishRefused(
+                    f"stage-1 key {key} is published by {holder['owner']} of another Ray "
+                    f"session ({holder['session']}) on this store: {self.owner}'s training is "
+                    "discarded and that model used")
+            store.write_json(key, PUBLISHER_FILE, mine)
+        return mine["claim"]
