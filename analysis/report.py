@@ -4,8 +4,9 @@
     python -m analysis.report s3://bucket/sweeps/NAME --study-storage postgresql://... --out rep
 
 writes into --out (default EXPERIMENT/report; for a URI, ./NAME-report):
-  report.md        leaderboard, best configuration per partition against the baselines,
-                   importances and the figures, readable on GitHub
+  report.md        leaderboard, best configuration per partition against the baselines
+                   (each searched knob of it within 5% of a bound flagged, with the --space
+                   line that widens the range), importances and the figures, readable on GitHub
   summary.csv      one row per configuration (analysis.aggregate)
   trials.parquet   one row per (trial, partition) (analysis.load_trials)
   replicates.csv   one row per (seed replicate, partition), after tune.replicate
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.edges import edges
 from analysis.trial_files import load_scores, load_trial_record, reproduce_command
 from analysis.figures import (history_figure, importance_figure, params_figure,
                               partitions_figure, roc_figure, save_png, scores_figure)
@@ -97,7 +99,17 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def best_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
+def edge_lines(params: dict, space: dict | None) -> list[str]:
+    """A Markdown item for each searched knob of a selected configuration on an edge of its
+    range (analysis.edges), with the --space line that widens it; none: no line at all."""
+    return [f"- **On an edge of the searched range:** {edge.line()}"
+            for edge in edges(params, space)]
+
+
+def best_section(df: pd.DataFrame, table: pd.DataFrame, by: str,
+                 space: dict | None = None) -> str:
+    """The best configuration against the baselines, per partition; `space` (the manifest's
+    search space) flags its knobs on an edge of their range."""
     board = leaderboard(table, by=by)
     if board.empty:
         return "_No configuration has finished all its partitions yet._"
@@ -121,6 +133,7 @@ def best_section(df: pd.DataFrame, table: pd.DataFrame, by: str) -> str:
         "- Paired lift in test AUROC: " + ", ".join(
             f"over {label} {_lift(best, b)}" for b, label in BASELINES.items()),
         "- Parameters: " + ", ".join(f"`{k}={_short(v)}`" for k, v in _params(best).items()),
+        *edge_lines(_params(best), space),
         "",
         per_partition.to_markdown(index=False, floatfmt=".4f"),
         *per_ood_set(df, best),
@@ -267,7 +280,8 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
     figures.update(score_figures)
     replicates = load_replicates(experiment)
     counts = df.groupby("trial_id")["status"].first().value_counts()
-    name = Experiment.open(experiment).name
+    exp = Experiment.open(experiment)
+    name, space = exp.name, (exp.manifest or {}).get("space")
     text = "\n".join([
         f"# Sweep report: {name}",
         "",
@@ -283,7 +297,7 @@ def write_report(experiment: str, out: Path, study_storage: str | None = None,
         "partitions of CMG minus the baseline, with a 95% t-interval.",
         "",
         selection_note(df, _val_ood(experiment)), "",
-        "## Best configuration", "", best_section(df, table, by),
+        "## Best configuration", "", best_section(df, table, by, space),
         *leave_one_out_section(df, table), "",
         f"## Leaderboard (complete configurations, top {top})", "",
         leaderboard_markdown(table, by, top), "",
@@ -338,13 +352,19 @@ def main(argv: list[str] | None = None) -> int:
     except NotAnExperiment as err:
         fail(str(err))
     if not args.quiet:
-        board = leaderboard(aggregate(df), by=args.by).head(5)
-        print(board[["trial_id", f"{args.by}_mean", "test_auroc_mean",
-                     *(f"{b}_test_auroc_mean" for b in BASELINES)]].to_string(
-                         index=False, float_format="%.4f"))
+        table = aggregate(df)
+        board = leaderboard(table, by=args.by)
+        print(board.head(5)[["trial_id", f"{args.by}_mean", "test_auroc_mean",
+                             *(f"{b}_test_auroc_mean" for b in BASELINES)]].to_string(
+                                 index=False, float_format="%.4f"))
+        if not board.empty:  # the best configuration's knobs on an edge of the searched range
+            best = table.set_index("trial_id").loc[board["trial_id"].iloc[0]]
+            space = (Experiment.open(args.experiment).manifest or {}).get("space")
+            for edge in edges(_params(best), space):
+                print(f"edge: {edge.line()}")
         if "roc" in files:
             print("reproduce partition 1 of the best configuration: "
-                  + best_reproduce_command(args.experiment, df, aggregate(df), args.by))
+                  + best_reproduce_command(args.experiment, df, table, args.by))
     print(f"report: {files['report']}")
     return 0
 

@@ -1,5 +1,6 @@
 """analysis/ over the real smoke sweep shared with the sweep tests."""
 
+import json
 import math
 import re
 import shutil
@@ -72,7 +73,8 @@ def test_missing_experiment_is_a_clear_error(tmp_path):
 
 
 ANALYSIS = ["analysis", "analysis.trial_files", "analysis.figures", "analysis.replicates",
-            "analysis.report", "analysis.study", "analysis.trials"]
+            "analysis.report", "analysis.study", "analysis.trials", "analysis.edges",
+            "analysis.headline"]
 CONTRACT = ["cmg.results", "cmg.errors", "cmg.config"]  # what analysis may use of the project
 
 
@@ -189,6 +191,47 @@ def test_fpr95_ranks_lowest_first_in_the_leaderboard_and_the_report(second_sweep
     chosen = report.split("Trial `")[1].split("`")[0]
     assert chosen in ids and "selected on mean val_fpr95" in report
     assert table.set_index("trial_id").loc[chosen, "val_fpr95_mean"] == best["val_fpr95_mean"]
+
+
+def test_the_report_flags_a_best_configuration_on_an_edge_and_is_silent_inside(smoke_sweep,
+                                                                              tmp_path):
+    """The best configuration's searched knobs against the space its manifest records: with
+    every range centred on the best's values, report.md and the command say nothing; with
+    sigma's range starting at the best's sigma (on a linear scale), both name it and the --space
+    line that widens it."""
+    table = aggregate(load_trials(smoke_sweep["experiment"]))
+    best = table.set_index("trial_id").loc[leaderboard(table)["trial_id"].iloc[0]]
+    params = {k.removeprefix("param_"): v for k, v in best.items()
+              if k.startswith("param_") and pd.notna(v)}
+    experiment = tmp_path / "smoke"
+    shutil.copytree(smoke_sweep["experiment"], experiment, ignore=shutil.ignore_patterns("report"))
+    manifest = json.loads((experiment / "manifest.json").read_text())
+    space = manifest["space"]
+    searched = [n for n, p in space.items() if n in params and p["kind"] in ("float", "int")
+                and p["fixed"] is None]
+    assert "sigma" in searched  # the smoke sweep searches sigma in [2, 4]
+    for name in searched:
+        kind, log = (int if space[name]["kind"] == "int" else float), space[name]["log"]
+        value = kind(params[name])
+        space[name].update(low=value / 2 if log else value - 1,
+                           high=value * 2 if log else value + 1)
+    reports = {}
+    for case in ("inside", "edge"):
+        if case == "edge":
+            space["sigma"].update(low=params["sigma"], high=params["sigma"] + 2, log=False)
+        (experiment / "manifest.json").write_text(json.dumps(manifest))
+        proc = run_main("analysis.report", str(experiment), "--out", str(tmp_path / case))
+        assert proc.returncode == 0, proc.stderr
+        reports[case] = (proc.stdout, (tmp_path / case / "report.md").read_text())
+    for text in reports["inside"]:
+        assert "On an edge" not in text and "edge: " not in text and "--space" not in text
+    stdout, report = reports["edge"]
+    sigma = f"{params['sigma']:.3g}"
+    low, high = float(params["sigma"]), float(params["sigma"]) + 2  # widened by half below
+    line = f"`sigma: {{low: {low - (high - low) / 2!r}, high: {high!r}}}`"
+    assert (f"- **On an edge of the searched range:** `sigma` {sigma} sits at the low end of "
+            f"[{sigma}, ") in report and line in report
+    assert f"edge: `sigma` {sigma} sits at the low end" in stdout and line in stdout
 
 
 @pytest.mark.parametrize("target", ["missing", "empty"])
