@@ -16,7 +16,8 @@ A detector folder (written by `python -m tune.export`, through `write_detector`)
     head.pt         the stage-2 head selected on validation (a state dict)
     README.md       how to load and use it
 
-Paths in detector.json are relative to the folder: copy or move it anywhere, to any machine.
+Nothing it loads lies outside the folder (the paths in detector.json's `source` and
+`backbone.sweep` are records of where it came from): copy or move it anywhere, to any machine.
 Everything loads with `torch.load(weights_only=True)`. `is_ood` is `cmg > threshold`; every score
 is "higher = more OOD"; `pred_class` is the original class id of the most likely IND class
 (from the stage-2 head's K IND logits). The baselines come from the stage-1 head, as in a sweep.
