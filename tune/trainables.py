@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +48,9 @@ from tune.shared_stage1 import SharedStage1, get_leases, node_id
 from tune.spec import SweepSpec
 
 DIVERGED_FILE = "diverged.txt"  # in a trial folder: why its configuration diverged
+# set to 1 on the nodes of a simulated cluster whose GPUs are Ray's logical ones (no hardware:
+# tests/test_cold_cluster.py): trials and stage-1 tasks given GPUs train on the CPU
+LOGICAL_GPUS = "CMG_LOGICAL_GPUS"
 
 
 class NoCuda(RuntimeError):
@@ -59,7 +63,7 @@ def _device(spec: SweepSpec, gpus: float) -> torch.device:
     task) given GPUs on a node where torch has no CUDA fails here, before any training, in one
     line: a driver too old for torch's CUDA, a CPU-only torch, a node without its GPUs."""
     torch.set_num_threads(max(1, int(spec.options.cpus_per_trial)))
-    if gpus <= 0:
+    if gpus <= 0 or os.environ.get(LOGICAL_GPUS) == "1":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         build = (f"built for CUDA {torch.version.cuda}" if torch.version.cuda
