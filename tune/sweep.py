@@ -291,16 +291,30 @@ def _interrupted(done: int, total: int, storage: str, name: str) -> NoReturn:
 
 
 def _write_report(experiment: str, study_storage: str | None) -> str:
-    """The analysis report beside the results (local storage); for a URI, the command to run."""
-    if is_uri(experiment):
-        return f"report: python -m analysis.report {experiment} --study-storage URL"
-    from analysis.report import write_report
+    """The analysis report beside the results, EXPERIMENT/report; for a URI (s3://...) it is
+    made in a local folder, then copied there."""
+    import tempfile
 
+    from pyarrow import fs as pafs
+
+    from analysis.report import write_report
+    from cmg.results import open_storage
+
+    local = Path(tempfile.mkdtemp(prefix="cmg-report-")) if is_uri(experiment) else None
+    out = (local or Path(experiment)) / "report"
     try:
-        files = write_report(experiment, Path(experiment) / "report", study_storage)
+        files = write_report(experiment, out, study_storage)
+        if local:
+            filesystem, path = open_storage(experiment)
+            filesystem.create_dir(f"{path}/report")  # (a local folder must exist first)
+            pafs.copy_files(str(out), f"{path}/report", destination_filesystem=filesystem)
     except Exception as err:  # the sweep's results are safe; the report can be made again later
         return f"report not written ({type(err).__name__}: {err}); python -m analysis.report {experiment}"
-    return f"report: {files['report']}"
+    finally:
+        if local:
+            shutil.rmtree(local, ignore_errors=True)
+    where = f"{experiment}/report/{files['report'].name}" if local else files["report"]
+    return f"report: {where}"
 
 
 def _mean_sd(metrics: dict, name: str) -> str:
