@@ -9,8 +9,8 @@ The launch runs from a fresh clone of this repository's HEAD (what `file_mounts`
 files only), and the config is that clone's example with only its IPs, user and key changed
 (`onprem_config`, written to a temp folder). `ray up`, `ray exec` and `ray down` run in this machine's network namespace with a
 private /tmp (Ray's local provider keeps its cluster state under /tmp/ray). Checks, each an
-`AssertionError` naming what failed: the sweep exits 0; trials ran on both worker hosts (Tune's
-`hostname` in each trial's result.json); every stage-1 key was trained exactly once (the store's
+`AssertionError` naming what failed: the sweep exits 0; trials ran on both worker hosts (the Ray
+node of each partition, `node_id` in each trial's result.json); every stage-1 key was trained exactly once (the store's
 `trainings/` log; with --kill-worker a training the kill cut short may be resumed: reported, not
 checked); every trial reported each of its partitions exactly once, 1..k in order; `python -m
 analysis.report` on the head writes report.md. The last line printed is one JSON object (also
@@ -173,13 +173,13 @@ def trainings(storage: Path) -> dict[str, list[dict]]:
             for p in sorted(storage.glob("*/trainings"))}
 
 
-def kill_when_busy(launch: Launch, storage: Path, victim_host: str, done: threading.Event,
-                   killed: dict) -> None:
+def kill_when_busy(launch: Launch, storage: Path, victim_host: str, node_hosts: dict[str, str],
+                   done: threading.Event, killed: dict) -> None:
     """Kill the worker host VICTIM_HOST once one of its trials reported a partition (so a trial is
     mid-way there), while the sweep still runs."""
     while not done.is_set():
         reports = trial_reports(storage)
-        busy = [t for t, rs in reports.items() if rs and rs[-1].get("hostname") == victim_host
+        busy = [t for t, rs in reports.items() if rs and node_hosts.get(rs[-1]["node_id"]) == victim_host
                 and rs[-1]["partitions_done"] < rs[-1]["partitions_total"]]
         if busy:
             killed.update(host=victim_host, at_s=round(time.monotonic() - killed["start"], 1),
@@ -243,7 +243,7 @@ def _launch(launch: Launch, storage: Path, result: dict) -> None:
     killer = None
     if launch.options.kill_worker:
         killer = threading.Thread(target=kill_when_busy, daemon=True,
-                                  args=(launch, storage, hosts[2].name, done, killed))
+                                  args=(launch, storage, hosts[2].name, node_hosts, done, killed))
         killer.start()
     with launch.phase("sweep"):
         line = sweep_line(storage, launch.options.num_samples)
@@ -268,9 +268,9 @@ def _launch(launch: Launch, storage: Path, result: dict) -> None:
     reports = trial_reports(storage)
     per_host, partitions_per_host = Counter(), Counter()
     for trial, rows in reports.items():
-        for host in {r["hostname"] for r in rows}:
-            per_host[host] += 1
-        partitions_per_host.update(r["hostname"] for r in rows)
+        ran_on = [node_hosts.get(r["node_id"], r["node_id"]) for r in rows]  # each partition's
+        per_host.update(set(ran_on))
+        partitions_per_host.update(ran_on)
         parts = [r["partition"] for r in rows]
         assert parts == list(range(1, len(parts) + 1)), f"{trial} reported partitions {parts}"
     result["trials"] = len(reports)

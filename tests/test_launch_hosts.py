@@ -79,6 +79,7 @@ def test_hosts_are_torn_down_when_a_step_fails():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_ray_up_on_test_hosts_runs_the_documented_sweep(request):
     if "launch" not in (request.config.option.markexpr or ""):
         pytest.skip("the real `ray up` takes about 15 minutes: pytest -m launch runs it")
