@@ -28,13 +28,15 @@ from cmg.results import STUDY_JOURNAL, Experiment
 def load_study(experiment: str | Path, study_storage: str | None = None):
     """The experiment's Optuna study: from `study_storage` (an Optuna storage URL such as
     postgresql://... or sqlite:///...) or else the journal file in the experiment folder. The
-    study's name is the experiment folder's name."""
+    study's name is the sweep's (its manifest's `--name`: NAME/arm-ARM for an arm's study of
+    tune.sweep --arms), else the experiment folder's name."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     exp = Experiment.open(experiment)
-    filesystem, root, name = exp.filesystem, exp.root, exp.name
+    filesystem, root = exp.filesystem, exp.root
+    name = (exp.manifest or {}).get("options", {}).get("name", exp.name)
     if study_storage is not None:
         storage = study_storage
     elif isinstance(filesystem, pafs.LocalFileSystem) and Path(root, STUDY_JOURNAL).is_file():

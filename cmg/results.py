@@ -13,6 +13,7 @@ and `tune` reads its own experiments (replicate, export, resume) through the sam
             heads/partition-N.pt                                 the selected stage-2 head
             checkpoint_XXXXXX/partitions.json                    the partitions done
         replicate/run-<time>/replicate-<number>-<trial id>/      (tune.replicate)
+        arm-<arm>/                   (tune.sweep --arms: a control arm's study, laid out alike)
 
     exp = Experiment.open("s3://bucket/sweeps/NAME")     # NotAnExperiment if it cannot be read
     exp.manifest["partitions"]                            # the sweep's spec (tune.spec.SweepSpec)
@@ -79,6 +80,9 @@ TRIAL_KIND = "trial"  # a sweep's trial folders: trial-<number>-<id>
 REPLICATE_KIND = "replicate"  # tune.replicate's: replicate-<number>-<id>
 # the names Tune gave trial folders before (its trainable's name first): still read
 OLD_PREFIXES = {TRIAL_KIND: "stage2_trainable", REPLICATE_KIND: "replicate_trainable"}
+# tune.sweep --arms: each control arm's study is EXPERIMENT/arm-<arm> (the layout above, its
+# manifest.json written from the sweep's, its study NAME/arm-<arm>); CMG's is EXPERIMENT itself
+ARM_PREFIX = "arm-"
 REPLICATE_DIR = "replicate"  # EXPERIMENT/replicate/run-<time>/: one Tune run per tune.replicate
 REPLICATES_FILE = "replicates.csv"  # in a report: one row per (replicate trial, partition)
 MANIFEST = "manifest.json"  # the sweep's spec and provenance (tune.manifest)

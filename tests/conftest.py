@@ -165,13 +165,13 @@ def second_sweep(tmp_path_factory, smoke_sweep):
 # test_sweep.py builds the shared smoke sweeps first, so that the files that read them later never
 # wait; the independent long files keep the other worker busy meanwhile.
 LONG_FILES_FIRST = ("test_sweep.py", "test_different_dataset.py", "test_replicate.py",
-                    "test_resume.py", "test_analysis.py", "test_loggers.py", "test_export.py",
-                    "test_pipeline.py", "test_cluster.py", "test_backbone.py",
+                    "test_resume.py", "test_arms.py", "test_analysis.py", "test_loggers.py",
+                    "test_export.py", "test_pipeline.py", "test_cluster.py", "test_backbone.py",
                     "test_cold_cluster.py", "test_cli.py", "test_stage1.py", "test_sim_cluster.py")
 # fixtures that run real sweeps or clusters: a test that uses one is `slow` (pytest -m "not slow"
 # skips it)
 SWEEP_FIXTURES = {"smoke_sweep", "second_sweep", "interrupted", "logged_sweep", "cluster",
-                  "cold_cluster"}
+                  "cold_cluster", "arms_sweep"}
 
 
 def pytest_collection_modifyitems(config, items):

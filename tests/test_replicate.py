@@ -218,7 +218,11 @@ def _fake_trial(experiment, trial: str, number: int, val_aurocs: list[float], pa
 
 
 def test_with_defaults_adds_the_first_configuration_even_when_early_stopping_cut_it(tmp_path):
-    from tune.replicate import missing_points
+    from tune.replicate import chosen_runs, points_to_add
+
+    def missing_points(exp, top, seeds, with_defaults=False):
+        chosen, runs = chosen_runs(exp, top, with_defaults)
+        return [folder.trial_id for folder in chosen], points_to_add(exp, runs, seeds)
 
     defaults = {"mode": "CMG-energy", "sigma": 3.0, "mask_prob": 0.5}
     _fake_trial(tmp_path, "f1f1", 1, [0.5], defaults)  # stopped after one partition

@@ -210,8 +210,11 @@ def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts, started: flo
     # tune.report blocks. So every checkpoint is kept (one per partition; the last holds all of
     # the trial's heads), and a driver lost between snapshots redoes at most a minute of work.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "60")
+    # the run is named by the experiment's last folder, not NAME: an arm's study (NAME/arm-ARM,
+    # tune.sweep --arms) nested in Tune's name is not where Tuner.restore looks for its files
+    storage_path, _, run_name = experiment.rpartition("/")
     run_config = tune.RunConfig(
-        name=name, storage_path=options.storage, verbose=0, callbacks=callbacks,
+        name=run_name, storage_path=storage_path, verbose=0, callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=options.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None))
     if restore:

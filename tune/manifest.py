@@ -11,12 +11,13 @@ checkout), the host's devices, and each resume. Written before the first trial; 
     spec = spec_from_manifest(manifest)                    # the SweepSpec that wrote it
     options = with_manifest_defaults(vars(args), given, manifest)      # on --resume
     differences(manifest, spec)  # [] or ["--seed 0 -> 1", "search space: sigma"]
+    arm_manifest(manifest, spec, "none")  # EXPERIMENT/arm-none/manifest.json (tune.sweep --arms)
 
 On --resume, an option left out is taken from the manifest (so `--resume --storage S --name X`
 alone continues a sweep); one given must match it, except the options in FREE (where to run,
-what to print) and --num-samples, which may grow. Manifests written before the spec was whole
-(format 1: options, space and RunConfig only) load too: the rest is resolved from the options,
-as the sweep resolved it.
+what to print), --num-samples and --arms, which may grow. Manifests written before the spec was
+whole (format 1: options, space and RunConfig only) load too: the rest is resolved from the
+options, as the sweep resolved it.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ FREE = {"storage", "name", "address", "data_root", "data_root_given", "download"
         "report", "quiet", "num_samples", "time_budget", "loggers", "wait_for_nodes"}
 # options a manifest written before they existed lacks, with what a sweep then did
 ADDED_OPTIONS = {"data_root_given": None,  # (select_on: the run config's data.val_ood)
-                 "wait_for_nodes": 1200.0}
-# compared through what they resolve to (the space, the RunConfig), not as typed
-RESOLVED = {"space", "overrides"}
+                 "arms": None, "wait_for_nodes": 1200.0}
+# compared through what they resolve to (the space, the RunConfig, the arms), not as typed
+RESOLVED = {"space", "overrides", "arms"}
 
 
 def spec_from_manifest(manifest: dict[str, Any]) -> SweepSpec:
@@ -117,6 +118,15 @@ def build_manifest(argv: list[str], spec: SweepSpec) -> dict[str, Any]:
             "versions": _versions(), "git": _git(), "host": _host(), "resumed": []}
 
 
+def arm_manifest(manifest: dict[str, Any], spec: SweepSpec, arm: str) -> dict[str, Any]:
+    """The manifest.json of one arm's study (EXPERIMENT/arm-ARM, tune.sweep --arms): the sweep's,
+    its spec replaced by the arm's (SweepSpec.arm: its name, base config, space, first point) and
+    `arm_of` naming the sweep, so that every reader of an experiment (analysis, tune.replicate,
+    tune.export) reads the arm's folder as one. Written from the sweep's manifest each time that
+    is written; the arm is continued through the sweep, never on its own."""
+    return {**manifest, **spec.arm(arm).to_dict(), "arm_of": spec.options.name}
+
+
 def with_manifest_defaults(options: dict[str, Any], given: set[str],
                            manifest: dict) -> dict[str, Any]:
     """`options` with every one not `given` taken from the manifest (on --resume)."""
@@ -142,6 +152,9 @@ def differences(manifest: dict, spec: SweepSpec) -> list[str]:
     if now["num_samples"] < before.get("num_samples", 0):
         out.append(f"--num-samples {before['num_samples']} -> {now['num_samples']} (it may only "
                    "grow)")
+    arms = manifest_arms(manifest)
+    if not set(arms) <= set(spec.arms):
+        out.append(f"--arms {','.join(arms)} -> {','.join(spec.arms)} (arms may only be added)")
     old_space, new_space = manifest["space"], spec.to_dict()["space"]
     changed = sorted(k for k in old_space.keys() | new_space.keys()
                      if _jsonish(old_space.get(k)) != _jsonish(new_space.get(k)))
@@ -156,6 +169,12 @@ def differences(manifest: dict, spec: SweepSpec) -> list[str]:
         out.append("run config: " + ", ".join(f"{k} {old_cfg.get(k)} -> {new_cfg.get(k)}"
                                               for k in changed))
     return out
+
+
+def manifest_arms(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The arms a manifest's sweep searched (SweepSpec.arms): --arms, else its base's arm."""
+    return tuple(manifest["options"].get("arms")
+                 or [manifest["run_config"]["stage2"].get("pseudo_ood", "mixed")])
 
 
 def _jsonish(value: Any) -> Any:

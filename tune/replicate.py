@@ -9,8 +9,11 @@ The top configurations are ranked on validation (mean `val_auroc` over the parti
 configurations only); `--with-defaults` adds the sweep's first configuration (the reference's
 defaults, even if early stopping cut it short), so that tuned CMG is compared with default CMG
 on the same seeds. Each runs on every partition once per new seed (seeds S+1 .. S+SEEDS, where S
-is the sweep's `--seed`) and per arm (cmg.results.ARMS: CMG, and by default every control: the
-same configuration training the head against single-class pseudo-OOD, noise, or nothing).
+is the sweep's `--seed`) and per arm (cmg.results.ARMS: CMG, and by default every control:
+training the head against single-class pseudo-OOD, noise, or nothing). An arm that the sweep
+searched in its own study (tune.sweep --arms) runs its own top configurations, each paired with
+CMG's of the same rank (`paired_with`, the CMG trial it is compared with on the same cells); an
+arm it did not search runs CMG's configurations.
 Every (seed, partition) cell is seeded on its own (cmg.config.cell_config): stage 1, stage 2 and
 the train/validation split, so cells are independent draws; the cell's stage-1 models are
 trained once and shared by every configuration and arm of that cell. Replicates are scored on
@@ -34,8 +37,9 @@ from typing import Any
 
 from cmg.config import apply_overrides, cell_config, with_seed
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
-from cmg.results import ARMS, REPLICATE_DIR, REPLICATE_KIND, Experiment, NotAnExperiment
-from tune.manifest import spec_from_manifest
+from cmg.results import (ARM_PREFIX, ARMS, REPLICATE_DIR, REPLICATE_KIND, Experiment,
+                         NotAnExperiment, TrialFolder)
+from tune.manifest import manifest_arms, spec_from_manifest
 from tune.space import to_overrides
 from tune.spec import SweepSpec
 
@@ -47,7 +51,9 @@ def build_parser() -> OneLineParser:
                    help="configurations to replicate, best mean validation AUROC first")
     p.add_argument("--seeds", type=int, default=5, help="new seeds per configuration")
     p.add_argument("--arms", default=",".join(CONTROLS),
-                   help="control arms run beside CMG on the same cells, comma-separated: "
+                   help="control arms run beside CMG on the same cells (an arm the sweep "
+                        "searched, tune.sweep --arms: at its own study's best; another: at "
+                        "CMG's configurations), comma-separated: "
                         + "; ".join(f"{a}: {ARMS[a]}" for a in CONTROLS)
                         + " (default: all; 'mixed' alone: CMG only)")
     p.add_argument("--eval-limit", type=int, default=None, metavar="N",
@@ -63,7 +69,10 @@ def build_parser() -> OneLineParser:
     return p
 
 
-POINT_KEYS = ("source_trial", "seed", "arm")  # what a replicate point adds to a configuration
+# what a replicate point adds to a configuration: the sweep trial whose configuration it runs,
+# the seed, the arm, and for an arm run at its own study's configuration the CMG trial it is
+# compared with (the same rank in CMG's study; absent: `source_trial` is CMG's)
+POINT_KEYS = ("source_trial", "seed", "arm", "paired_with")
 CONTROLS = tuple(a for a in ARMS if a != "mixed")  # every control arm (cmg.results.ARMS)
 
 
@@ -105,11 +114,24 @@ def open_sweep(experiment: str) -> tuple[Experiment, SweepSpec]:
     return exp, spec_from_manifest(exp.manifest)
 
 
-def missing_points(exp: Experiment, top: int, seeds: list[int], with_defaults: bool = False,
-                   arms: tuple[str, ...] = ("mixed",)) -> tuple[list[str], list[dict]]:
-    """(the top trial ids, ranked on validation (Experiment.ranked), then the first trial's if
-    `with_defaults`; the (configuration, seed, arm) points that have no complete replicate trial
-    yet, as trial configs)."""
+def arm_study(exp: Experiment, arm: str) -> Experiment | None:
+    """The study in which the sweep searched `arm`'s configurations: the experiment itself for
+    its base arm (CMG's), EXPERIMENT/arm-ARM for another it swept (tune.sweep --arms), None for
+    an arm it did not search."""
+    swept = manifest_arms(exp.manifest) if exp.manifest else ("mixed",)
+    if arm not in swept:
+        return None
+    if arm == swept[0]:
+        return exp
+    return Experiment(exp.path(ARM_PREFIX + arm), exp.filesystem, exp.path(ARM_PREFIX + arm))
+
+
+def chosen_runs(exp: Experiment, top: int, with_defaults: bool = False,
+                arms: tuple[str, ...] = ("mixed",)) -> tuple[list[TrialFolder], list[tuple]]:
+    """(CMG's chosen trials: its top `top` on validation (Experiment.ranked), then its first
+    trial if `with_defaults`; the (study, trial, arm, paired_with) runs of each seed): an arm the
+    sweep searched runs its own top `top`, paired with CMG's of the same rank; another runs CMG's
+    chosen trials."""
     ranked, trials = exp.ranked(), exp.trials()
     if not ranked:
         fail(f"{exp.location} has no complete configuration to replicate; let the sweep finish "
@@ -117,6 +139,23 @@ def missing_points(exp: Experiment, top: int, seeds: list[int], with_defaults: b
     chosen = ranked[:top]
     if with_defaults and trials[0] not in chosen:
         chosen.append(trials[0])
+    runs = []
+    for arm in arms:
+        study = arm_study(exp, arm)
+        if study is None or study is exp:
+            runs += [(exp, folder, arm, None) for folder in chosen]
+            continue
+        own = study.ranked()[:top]
+        if not own:
+            fail(f"the {arm} arm's study {study.location} has no complete configuration; let "
+                 "the sweep finish (python -m tune.sweep ... --resume)")
+        runs += [(study, folder, arm, cmg.trial_id) for folder, cmg in zip(own, ranked)]
+    return chosen, runs
+
+
+def points_to_add(exp: Experiment, runs: list[tuple], seeds: list[int]) -> list[dict]:
+    """The (configuration, seed, arm) points of `runs` (`chosen_runs`) x `seeds` that have no
+    complete replicate trial yet, as trial configs."""
     have = set()  # the (configuration, seed, arm) runs a complete replicate trial holds
     for run in exp.replicate_runs():
         folders = run.trials(REPLICATE_KIND)
@@ -124,10 +163,10 @@ def missing_points(exp: Experiment, top: int, seeds: list[int], with_defaults: b
             if rows is not None:
                 p = run.params(folder)
                 have.add((p["source_trial"], p["seed"], p.get("arm", "mixed")))
-    points = [{"source_trial": folder.trial_id, "seed": seed, "arm": arm, **exp.params(folder)}
-              for seed in seeds for folder in chosen for arm in arms
-              if (folder.trial_id, seed, arm) not in have]
-    return [folder.trial_id for folder in chosen], points
+    return [{"source_trial": folder.trial_id, "seed": seed, "arm": arm,
+             **({"paired_with": paired} if paired else {}), **study.params(folder)}
+            for seed in seeds for study, folder, arm, paired in runs
+            if (folder.trial_id, seed, arm) not in have]
 
 
 def run_replicates(exp: Experiment, spec: SweepSpec, points: list[dict], address: str | None,
@@ -196,21 +235,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         exp, spec = open_sweep(args.experiment)
         sweep_seed = spec.base.classifier.seed
         seeds = list(range(sweep_seed + 1, sweep_seed + 1 + args.seeds))
-        chosen, points = missing_points(exp, args.top, seeds, args.with_defaults, arms)
+        chosen, runs = chosen_runs(exp, args.top, args.with_defaults, arms)
+        points = points_to_add(exp, runs, seeds)
     except NotAnExperiment as err:
         fail(str(err))
+    chosen = [folder.trial_id for folder in chosen]
     started = time.time()
     if points:
         if not args.quiet:
+            own = [f"{arm} {folder.trial_id}" for _, folder, arm, paired in runs if paired]
             print(f"[replicate] {len(points)} (configuration, seed, arm) runs to add: "
-                  f"configurations {', '.join(chosen)}, seeds {seeds}, arms {', '.join(arms)}",
+                  f"configurations {', '.join(chosen)}, seeds {seeds}, arms {', '.join(arms)}"
+                  + (f" (each at its own study's best: {', '.join(own)})" if own else ""),
                   flush=True)
         try:
             run_replicates(exp, spec, points, args.address, args.quiet, args.eval_limit)
         except KeyboardInterrupt:
             from tune.session import exit_interrupted
 
-            left = missing_points(exp, args.top, seeds, args.with_defaults, arms)[1]
+            left = points_to_add(exp, runs, seeds)
             exit_interrupted(f"with {len(points) - len(left)} of {len(points)} runs added",
                              ["python", "-m", "tune.replicate",
                               *(sys.argv[1:] if argv is None else argv)])
@@ -218,11 +261,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from analysis.replicates import load_replicates, replicate_markdown, replicate_table
     from analysis.trials import load_trials
 
-    table = replicate_table(load_replicates(exp.location), only=chosen, seeds=seeds,
-                            selection=load_trials(exp.location))
+    table = replicate_table(filed_under_cmg(load_replicates(exp.location), runs), only=chosen,
+                            seeds=seeds, selection=load_trials(exp.location))
     print(f"replicate {exp.location}: {len(points)} runs added in {time.time() - started:.0f} s")
     print(replicate_markdown(table))
     return {"added": len(points), "table": table}
+
+
+def filed_under_cmg(df, runs: list[tuple]):
+    """The replicate rows of `runs` (`chosen_runs`), an arm's own configuration filed under the
+    CMG configuration it is compared with (`paired_with`), so that the table sets each arm's own
+    best beside CMG's on the same cells."""
+    keep = {(folder.trial_id, arm): paired or folder.trial_id for _, folder, arm, paired in runs}
+    key = list(zip(df["source_trial"], df["arm"]))
+    return df[[k in keep for k in key]].assign(
+        source_trial=[keep[k] for k in key if k in keep])
 
 
 if __name__ == "__main__":

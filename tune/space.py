@@ -5,6 +5,10 @@ so conditional knobs are only drawn when they matter: `mask_prob` only for mask 
 energy weight and margin percentiles only for CMG-energy. The first trial is the reference's
 defaults (`first_point`), taken from `cmg.config`, never restated here.
 
+A sweep over several arms (`tune.sweep --arms`, cmg.results.ARMS) searches, in each arm's study,
+only the knobs that act on that arm (`arm_space`): a knob the arm's training ignores would spend
+its budget on draws that change nothing.
+
 A YAML file (`--space FILE.yaml`) overrides ranges or fixes values::
 
     sigma: {low: 1.0, high: 4.0, log: true}   # a new range
@@ -21,6 +25,7 @@ from typing import Any
 
 from cmg.config import MODES, RunConfig, apply_overrides
 from cmg.errors import UsageError, fail
+from cmg.results import ARMS
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,34 @@ def default_space(cfg: RunConfig) -> dict[str, Param]:
         "ood_per_batch": Param("stage2.ood_per_batch", "cat", choices=(32, 64, 128, 256)),
         "latent_dim": Param("cvae.latent_dim", "cat", choices=(16, 32, 64)),
     }
+
+
+# What each arm's training ignores (cmg.stage2, cmg.generate): "single" decodes one class per
+# condition (no mixing); "noise" draws uniform images (no CVAE, so no sigma or latent size);
+# "none" trains on IND cross-entropy alone (no pseudo-OOD: no energy loss, margins or batch of it)
+MIXING_KNOBS = ("mixing", "mask_prob", "num_mixed", "distinct")
+DECODER_KNOBS = ("sigma", "latent_dim")
+PSEUDO_OOD_KNOBS = ("energy_weight", "m_in_percentile", "m_out_percentile", "ood_per_batch")
+IGNORED_BY_ARM = {"mixed": (), "single": MIXING_KNOBS, "noise": MIXING_KNOBS + DECODER_KNOBS,
+                  "none": MIXING_KNOBS + DECODER_KNOBS + PSEUDO_OOD_KNOBS}
+
+
+def arm_space(space: dict[str, Param], arm: str) -> dict[str, Param]:
+    """The knobs of `space` that act on `arm` (its study's space): the head-only arm keeps lr and
+    epochs, the noise arm loses mixing, sigma and the latent size, the unmixed arm mixing."""
+    return {name: p for name, p in space.items() if name not in IGNORED_BY_ARM[arm]}
+
+
+def arm_choices(arms: str | list[str]) -> tuple[str, ...]:
+    """`--arms` ("all", or names of cmg.results.ARMS, comma-separated; a list from a manifest) as
+    the arms to sweep, in ARMS order, CMG's own ("mixed") always first."""
+    names = arms.split(",") if isinstance(arms, str) else list(arms)
+    names = {n.strip() for n in names if n.strip()}
+    if "all" in names:
+        names = set(ARMS)
+    if unknown := sorted(names - set(ARMS)):
+        fail(f"unknown arm '{unknown[0]}' in --arms; choose from {', '.join(ARMS)} or all")
+    return tuple(a for a in ARMS if a in names | {"mixed"})
 
 
 def load_space_file(path: str | Path, space: dict[str, Param]) -> dict[str, Param]:

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from cmg.backbone import BackboneSpec
-from cmg.config import RunConfig
+from cmg.config import RunConfig, apply_overrides
 from cmg.errors import fail
-from cmg.results import STUDY_JOURNAL, is_uri
-from tune.space import Param
+from cmg.results import ARM_PREFIX, STUDY_JOURNAL, is_uri
+from tune.space import Param, arm_space, first_point
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class SweepOptions:
     setting: str
     setting_modules: tuple[str, ...]
     mode: str
+    # --arms: the arms (cmg.results.ARMS) swept, each its own study; None: the base's arm alone
+    arms: tuple[str, ...] | None
     select_on: str  # DataConfig.val_ood of every trial: what selection sees as OOD
     budget: str
     overrides: tuple[str, ...]  # --set KEY=VALUE
@@ -101,6 +103,25 @@ class SweepSpec:
     def stage1_store(self) -> str:
         """STORAGE/stage1: the stage-1 models, shared by every sweep on this storage."""
         return "/".join([self.options.storage.rstrip("/"), "stage1"])
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        """The arms swept (stage2.pseudo_ood), CMG's own first: each arm's study is `arm(a)`."""
+        return self.options.arms or (self.base.stage2.pseudo_ood,)
+
+    def arm(self, arm: str) -> "SweepSpec":
+        """The study of one arm: the sweep itself for CMG's own arm (the base's), else a
+        sub-experiment STORAGE/NAME/arm-ARM (study NAME/arm-ARM) with the same options (budget,
+        configurations, sampler seed, scheduler, stage-1 store), the arm set in the base config,
+        and only the knobs that act on it (tune.space.arm_space)."""
+        if arm == self.base.stage2.pseudo_ood:
+            return self
+        base = apply_overrides(self.base, {"stage2.pseudo_ood": arm})
+        space = arm_space(self.space, arm)
+        return dataclasses.replace(
+            self, options=dataclasses.replace(self.options, arms=None,
+                                              name=f"{self.options.name}/{ARM_PREFIX}{arm}"),
+            base=base, space=space, first=first_point(space, base, self.modes))
 
     def study_storage(self):
         """The Optuna storage: --study-storage, else a journal file in the experiment folder."""

@@ -4,6 +4,7 @@ configuration by its validation AUROC averaged over the five partitions (Setting
 
     python -m tune.sweep --setting same_dataset_mnist --budget quick --num-samples 16
     python -m tune.sweep --name demo --resume      # after Ctrl-C, a kill or a crash
+    python -m tune.sweep --arms all --num-samples 16  # CMG and every control arm, alike
 
 The experiment folder (STORAGE/NAME) holds `manifest.json` (how the sweep was launched: every
 resolved option, the search space, the RunConfig, versions, git commit, host), Tune's state, one
@@ -17,7 +18,16 @@ Ctrl-C (or SIGTERM) stops a sweep cleanly: Ray Tune saves its state, the driver 
 Ctrl-C exits at once). `--resume` continues it, after any interruption, as often as needed:
 options left out are taken from manifest.json; a given one that changes the setting, budget,
 space, seed or any other option that shapes results is refused, naming each difference;
---num-samples may grow. A sweep that fails before its first trial removes what it created.
+--num-samples and --arms may grow. A sweep that fails before its first trial removes what it
+created. The same command again, once the sweep has finished, prints its summary (exit 0); a
+changed one on an existing name is refused, naming each difference.
+
+`--arms` sweeps control arms (cmg.results.ARMS) beside CMG, each in its own study with the same
+number of configurations, sampler seed, scheduler and stage-1 store (trained once, by the first
+study's prewarm), searching only the knobs that act on it (tune.space.arm_space): CMG's study is
+the experiment itself, each other arm's is EXPERIMENT/arm-ARM (the same layout, with its own
+summary.json and report/). The arms run one after another; --resume continues all of them, and
+the summary prints each arm's best beside the others.
 """
 
 from __future__ import annotations
@@ -36,13 +46,15 @@ from typing import NoReturn
 from cmg.cli import (add_backbone_args, add_budget_args, add_compile_arg, add_data_args,
                      add_ood_dataset_arg, add_setting_args, backbone_from_args, write_json)
 from cmg.config import VAL_OOD, budget_config, seed_overrides
-from cmg.results import BASELINES, MANIFEST, SUMMARY, is_uri, parse_trial_dirname
+from cmg.results import ARMS, BASELINES, MANIFEST, SUMMARY, is_uri, parse_trial_dirname
 from cmg.data import load_setting, make_split, resolve_data_root, setting_modules
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
 from tune.artifacts import ArtifactStore
 from tune.loggers import LOGGERS, check_loggers, parse_duration
-from tune.manifest import build_manifest, differences, with_manifest_defaults
-from tune.space import check_fixed, default_space, first_point, load_space_file, mode_choices
+from tune.manifest import (arm_manifest, build_manifest, differences, manifest_arms,
+                           with_manifest_defaults)
+from tune.space import (arm_choices, check_fixed, default_space, first_point, load_space_file,
+                        mode_choices)
 from tune.session import exit_interrupted
 from tune.spec import SweepOptions, SweepSpec, space_from_dict
 
@@ -51,6 +63,12 @@ def build_parser() -> OneLineParser:
     p = command_parser("python -m tune.sweep", __doc__)
     add_setting_args(p)
     p.add_argument("--mode", default="CMG-energy", help="CMG-energy, CMG-softmax or both")
+    p.add_argument("--arms", default=None, metavar="ARMS",
+                   help="also sweep these control arms (stage2.pseudo_ood, comma-separated: "
+                        + ", ".join(a for a in ARMS if a != "mixed") + "; or all), each in its "
+                        "own study beside CMG's with the same number of configurations, sampler "
+                        "seed, scheduler and stage-1 models, searching only the knobs that act "
+                        "on it (default: CMG's study alone)")
     p.add_argument("--select-on", default="unseen", choices=list(VAL_OOD),
                    help="the validation OOD that selection (epoch, search, ASHA, leaderboard) "
                         "reads: 'unseen', held-out training images of the test's OOD classes, "
@@ -65,7 +83,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--storage", default="experiments",
                    help="folder or pyarrow URI (s3://..., gs://...) for experiments and stage-1 models")
     p.add_argument("--name", default=None, help="experiment name (default: SETTING-MODE-BUDGET)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep (or a finished one, with more "
+                        "--num-samples or --arms)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every model")
     p.add_argument("--space", default=None, help="YAML file that overrides search ranges")
     p.add_argument("--study-storage", default=None,
@@ -127,6 +147,54 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     return set(vars(bare.parse_known_args(argv)[0]))
 
 
+class SweepFinished(Exception):
+    """The command is the one that made a finished sweep: nothing to run, its summary to show."""
+
+    def __init__(self, summary: dict, storage: str, name: str):
+        super().__init__(f"sweep {name} is finished")
+        self.summary, self.storage, self.name = summary, storage, name
+
+
+def experiment_name(args: argparse.Namespace) -> str:
+    """--name, else SETTING-MODE-BUDGET (a MODULE:NAME setting is named by its NAME)."""
+    return args.name or f"{args.setting.rpartition(':')[2]}-{args.mode}-{args.budget}"
+
+
+def _check_rerun(experiment: str, manifest: dict, spec: SweepSpec) -> None:
+    """A command without --resume on an existing sweep: the same sweep, finished, raises
+    SweepFinished (its summary is printed); any other is refused in one line saying what
+    differs and what to do."""
+    changed = differences(manifest, spec)
+    if spec.options.num_samples != manifest["options"]["num_samples"]:
+        changed.append(f"--num-samples {manifest['options']['num_samples']} -> "
+                       f"{spec.options.num_samples}")
+    if set(spec.arms) != set(manifest_arms(manifest)) and not any("--arms" in c for c in changed):
+        changed.append(f"--arms {','.join(manifest_arms(manifest))} -> {','.join(spec.arms)}")
+    again = "pass --resume to continue it as it was launched (more --num-samples or --arms may " \
+            "be added) or choose another --name"
+    if changed:
+        fail(f"experiment {experiment} exists with other settings: {'; '.join(changed)}; {again}")
+    summary = finished_summary(experiment, spec.options.num_samples, spec.arms)
+    if summary is None:
+        fail(f"experiment {experiment} exists and has not finished; {again}")
+    raise SweepFinished(summary, spec.options.storage, spec.options.name)
+
+
+def finished_summary(experiment: str, num_samples: int,
+                     arms: tuple[str, ...] | None = None) -> dict | None:
+    """The summary.json of a study (or, with `arms`, a sweep of those arms) that finished with
+    `num_samples` configurations; None while it has not (interrupted, or --num-samples or
+    --arms grown since; a remote experiment writes no summary)."""
+    path = Path(experiment) / SUMMARY
+    if is_uri(experiment) or not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    done = (summary.get("num_samples", num_samples) == num_samples  # (older summaries: no count)
+            and summary["trials"]["total"] >= num_samples
+            and (arms is None or set(summary.get("arms", arms[:1])) == set(arms)))
+    return summary if done else None
+
+
 def _probe_address(address: str | None) -> None:
     """A HOST:PORT that nothing listens on fails in seconds, not after Ray's GCS timeouts."""
     if not address or address == "auto" or is_uri(address) or ":" not in address:
@@ -183,23 +251,29 @@ def build_spec(argv: list[str]) -> tuple[SweepSpec, dict | None, bool]:
     parser = build_parser()
     args = parser.parse_args(argv)
     storage = _resolve_storage(args.storage)
-    # a MODULE:NAME setting names its experiment by NAME
-    name = args.name or f"{args.setting.rpartition(':')[2]}-{args.mode}-{args.budget}"
+    name = experiment_name(args)
     experiment = _join(storage, name)
     store = ArtifactStore(storage)
     manifest = store.read_json(name, MANIFEST) if store.exists(name, MANIFEST) else None
     restore = store.exists(name, "tuner.pkl")  # Tune's state: restore it, else start the search
+    if manifest and manifest.get("arm_of"):
+        fail(f"{experiment} is an arm of sweep {manifest['arm_of']}; continue that one "
+             f"(--name {manifest['arm_of']} --resume)")
     if args.resume and not (restore or manifest):
         fail(f"no sweep to resume in {experiment}; drop --resume or fix --name/--storage")
-    if not args.resume and (manifest or restore or Path(experiment).exists()):
+    if not args.resume and not manifest and (restore or Path(experiment).exists()):
         fail(f"experiment {experiment} exists; pass --resume to continue it or choose "
              "another --name")
     given = given_options(parser, argv)
-    if manifest:  # options left out continue the sweep as it was launched
+    if manifest and args.resume:  # options left out continue the sweep as it was launched
         args = argparse.Namespace(**with_manifest_defaults(vars(args), given, manifest))
     setting = load_setting(args.setting, args.setting_modules)
     check_loggers(args.loggers, args.storage)
     modes = mode_choices(args.mode)
+    arms = arm_choices(args.arms) if args.arms else None
+    if arms and any(o.partition("=")[0].strip() == "stage2.pseudo_ood" for o in args.overrides):
+        fail("--arms and --set stage2.pseudo_ood both choose what stage 2 trains against; "
+             "drop one")
     base = budget_config(args.budget, setting.family,
                          seed_overrides(args.seed) + [f"data.val_ood={args.select_on}"]
                          + list(args.overrides))
@@ -215,6 +289,7 @@ def build_spec(argv: list[str]) -> tuple[SweepSpec, dict | None, bool]:
     data_root_given = (args.data_root if "data_root" in given
                        else manifest["options"].get("data_root_given") if manifest else None)
     options = SweepOptions.from_dict({**vars(args), "storage": storage, "name": name,
+                                      "arms": arms if arms != ("mixed",) else None,
                                       "data_root": data_root, "data_root_given": data_root_given})
     _check_resources(options)
     first_partition = min(setting.partitions)
@@ -226,6 +301,8 @@ def build_spec(argv: list[str]) -> tuple[SweepSpec, dict | None, bool]:
                      partitions=tuple(setting.partitions), modes=modes, base=base, space=space,
                      first=first_point(space, base, modes),
                      ood_sets=split.ood_sets, backbone=backbone)
+    if manifest and not args.resume:
+        _check_rerun(experiment, manifest, spec)
     if manifest:
         changed = differences(manifest, spec)
         if changed:
@@ -247,47 +324,77 @@ def build_spec(argv: list[str]) -> tuple[SweepSpec, dict | None, bool]:
 @exit_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    spec, manifest, restore = build_spec(argv)
+    try:
+        spec, manifest, _ = build_spec(argv)
+    except SweepFinished as done:
+        print(format_summary(done.summary))
+        print(f"sweep {done.name} has finished; continue it with: python -m tune.sweep --storage "
+              f"{done.storage} --name {done.name} --resume (with more --num-samples or --arms), "
+              "or start another with --name")
+        return done.summary
     options, experiment = spec.options, spec.experiment
+    store = ArtifactStore(options.storage)
     created = _make_experiment_dir(experiment)
     started = time.time()
+    summaries: dict[str, dict] = {}  # each arm's, as its study ends
     try:
         if manifest:
             manifest["options"]["num_samples"] = max(manifest["options"]["num_samples"],
                                                      options.num_samples)
+            manifest["options"]["arms"] = list(options.arms) if options.arms else None
             manifest["resumed"].append({"command": shlex.join(["python", "-m", "tune.sweep",
                                                                *argv]),
                                         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        ArtifactStore(options.storage).write_json(options.name, MANIFEST,
-                                                  manifest or build_manifest(argv, spec))
+        manifest = manifest or build_manifest(argv, spec)
+        store.write_json(options.name, MANIFEST, manifest)
+        for arm in spec.arms[1:]:
+            store.write_json(spec.arm(arm).options.name, MANIFEST,
+                             arm_manifest(manifest, spec, arm))
 
         from tune.driver import SweepInterrupted, run_sweep  # imports Ray: input known good
 
         try:
-            summary = run_sweep(spec, restore)
-        except SweepInterrupted as stop:
+            for arm in spec.arms:  # one after another: each study has the whole cluster
+                study = spec.arm(arm)
+                done = finished_summary(study.experiment, options.num_samples)
+                if done is not None:  # (--resume) a study that has finished needs no Ray
+                    summaries[arm] = {k: v for k, v in done.items() if k != "arms"}
+                    continue
+                arm_started = time.time()
+                summaries[arm] = run_sweep(study, store.exists(study.options.name, "tuner.pkl"))
+                summaries[arm].update(num_samples=options.num_samples,
+                                      wall_seconds=round(time.time() - arm_started, 1))
+                if not is_uri(study.experiment):  # the study has finished, whatever comes next
+                    write_json(Path(study.experiment) / SUMMARY, summaries[arm])
+        except (SweepInterrupted, KeyboardInterrupt) as stop:  # (between two studies: no Ray)
             created = None  # keep everything: the sweep continues with --resume
-            _interrupted(stop.done, options.num_samples, options.storage, options.name)
+            _interrupted(getattr(stop, "done", 0) + sum(s["trials"]["total"]
+                                                         for s in summaries.values()), spec)
     except BaseException:
         _remove_created(created, experiment)
         raise
-    summary["wall_seconds"] = round(time.time() - started, 1)
+    summary = {**summaries[spec.arms[0]], "wall_seconds": round(time.time() - started, 1)}
+    if len(spec.arms) > 1:
+        summary["arms"] = summaries
     try:
         if not is_uri(experiment):
             write_json(Path(experiment) / SUMMARY, summary)
         print(format_summary(summary))
-        if options.report and summary["trials"]["total"]:
-            print(_write_report(experiment, options.study_storage))
+        for arm in spec.arms:
+            if options.report and summaries[arm]["trials"]["total"]:
+                print(_write_report(spec.arm(arm).experiment, options.study_storage))
     except KeyboardInterrupt:  # while reporting: --resume writes the summary and report again
-        _interrupted(summary["trials"]["total"], options.num_samples, options.storage,
-                     options.name)
+        _interrupted(sum(s["trials"]["total"] for s in summaries.values()), spec)
     return summary
 
 
-def _interrupted(done: int, total: int, storage: str, name: str) -> NoReturn:
-    exit_interrupted(f"after {done} of {total} configurations",
-                     ["python", "-m", "tune.sweep", "--storage", storage, "--name", name,
-                      "--resume"])
+def _interrupted(done: int, spec: SweepSpec) -> NoReturn:
+    options, arms = spec.options, len(spec.arms)
+    total = f"{options.num_samples * arms} configurations" + (
+        f" ({arms} arms of {options.num_samples})" if arms > 1 else "")
+    exit_interrupted(f"after {done} of {total}",
+                     ["python", "-m", "tune.sweep", "--storage", options.storage, "--name",
+                      options.name, "--resume"])
 
 
 def _write_report(experiment: str, study_storage: str | None) -> str:
@@ -338,11 +445,33 @@ def format_summary(s: dict) -> str:
             lines.append("  (one partition: no spread)")
     else:
         lines.append("no configuration finished all its partitions")
+    lines += _arm_lines(s.get("arms", {}))
     kinds = s["stage1_trained_by_kind"]
     lines += [f"stage-1 models: {s['stage1_trained']} trained ({kinds['classifier']} classifiers, "
               f"{kinds['cvae']} CVAEs), reused in {s['stage1_reused']} trial partitions",
               f"experiment: {s['experiment']}"]
     return "\n".join(lines)
+
+
+def _arm_lines(arms: dict[str, dict]) -> list[str]:
+    """Each arm's study beside the others: its trials, its best's val and test AUROC and
+    configuration (the baselines are the same stage-1 classifiers' for every arm)."""
+    if not arms:
+        return []
+    width = max(map(len, arms))
+    lines = [f"each arm's own study ({', '.join(arms)}): best configuration on validation"]
+    for arm, s in arms.items():
+        t, best = s["trials"], s.get("best")
+        head = (f"  {arm:<{width}}  {t['total']} trials ({t['complete']} complete, {t['pruned']} "
+                f"pruned, {t['failed']} failed)")
+        if best is None:
+            lines.append(f"{head}, none finished all its partitions")
+            continue
+        m = best["metrics"]
+        lines += [f"{head}, val AUROC {_mean_sd(m, 'val_auroc')}   test AUROC "
+                  f"{_mean_sd(m, 'test_auroc')}",
+                  f"  {'':<{width}}  trial {best['trial_id']}: {json.dumps(best['params'])}"]
+    return lines
 
 
 if __name__ == "__main__":
