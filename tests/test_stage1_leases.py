@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import ray
@@ -22,8 +23,8 @@ from cmg.config import apply_overrides
 from cmg.errors import UsageError
 from cmg.stage1 import load_stage1_model
 from tune.artifacts import PUBLISHER_FILE, ArtifactStore, stage1_keys
-from tune.shared_stage1 import (PUBLISHED, SharedStage1, Stage1Leases, create_leases, get_leases,
-                                node_id)
+from tune.shared_stage1 import (CLAIM_SECONDS, PUBLISHED, SharedStage1, Stage1Leases,
+                                create_leases, get_leases, node_id)
 
 CFG = budget_config("smoke", overrides=["data.train_limit=96", "data.eval_limit=32",
                                         "classifier.epochs=1", "cvae.epochs=1"])
@@ -334,3 +335,21 @@ def test_a_cached_copy_is_checked_against_the_published_digest(
     with pytest.raises(RuntimeError, match="is not the file published as"):
         shared_stage1._fetch(b, key, "cvae.pt")
     assert not cached.exists()
+
+
+def test_a_claim_whose_publisher_died_mid_publish_is_taken_over_once_stale(tmp_path, capfd,
+                                                                         mnist_available):
+    """An interrupted sweep left KEY/publisher.json and no meta.json; its resumed run (another
+    Ray session) publishes the key once that claim is CLAIM_SECONDS old, not never."""
+    cfg = apply_overrides(CFG, {"cvae.seed": 13})
+    split = make_split("same_dataset_mnist", 5, cfg.data)
+    key = stage1_keys(split.setting, 5, cfg).cvae
+    store = ArtifactStore(str(tmp_path))
+    store.write_json(key, PUBLISHER_FILE, {"claim": "old", "owner": "sweep/t9",
+                                           "session": "session_interrupted", "digests": {},
+                                           "time": time.time() - CLAIM_SECONDS - 1})
+    trained, _ = SharedStage1(store, None, owner="sweep/t1").ensure_one(
+        "cvae", split, cfg, torch.device("cpu"))
+    assert trained and store.read_json(key)["trained_by"] == "sweep/t1"
+    assert store.read_json(key, PUBLISHER_FILE)["owner"] == "sweep/t1"
+    assert "taking over stage-1 key" in capfd.readouterr().err

@@ -20,9 +20,10 @@ lease is still its own (a lease taken during the last epoch publishes nothing), 
 key in the store (`KEY/publisher.json`, `ArtifactStore.write_new`: atomic on a local folder, a
 check-then-write on an object store) and writes the model only if the claim is its own. A second
 publisher of the key is refused (logged under `KEY/refused/`), discards its model and loads the
-published one. A claim of this same Ray session whose claimant lost its lease (its process died
-between claim and `meta.json`) is taken over. `meta.json` records each model file's sha256, and a
-node's cached download is checked against it.
+published one. A claim whose claimant died between claim and `meta.json` is taken over: at once
+in the same Ray session (the lease says the claimant lost it), after CLAIM_SECONDS from another
+(an interrupted sweep, resumed). `meta.json` records each model file's sha256, and a node's
+cached download is checked against it.
 
     shared = SharedStage1(store, get_leases(store.uri), owner=trial_id, backbone=None)
     models = shared.ensure(split, cfg, device)  # the classifier's key, then the CVAE's
@@ -62,6 +63,7 @@ from tune.artifacts import (KINDS, PUBLISHER_FILE, ArtifactStore, Stage1Keys, fe
 LEASE_SECONDS = 15.0  # a lease not renewed for this long is free: its holder's process died
 RENEW_SECONDS = LEASE_SECONDS / 3  # a training holder renews this often (a background thread)
 VISIBLE_SECONDS = 300.0  # how long a published key may stay invisible in the store (NFS caches)
+CLAIM_SECONDS = 600.0  # a publisher's claim this old without meta.json: it died mid-publish
 CACHE = Path(os.environ.get("CMG_CACHE", Path.home() / ".cache" / "cmg-sweep"))
 
 # what `acquire` answers
@@ -282,19 +284,17 @@ def train_once(leases, key: str, owner: str, published: Callable[[], bool],
 def _refused(refused: PublishRefused, key: str, published: Callable[[], bool],
              poll_seconds: float) -> bool:
     print(f"[stage 1] {refused}", file=sys.stderr, flush=True)
-    _await_visible(key, published, poll_seconds,
-                   f"its claimant never published it: if that cluster is gone, delete "
-                   f"{key}/{PUBLISHER_FILE} from the store")
+    _await_visible(key, published, poll_seconds)
     return False
 
 
-def _await_visible(key: str, published: Callable[[], bool], poll_seconds: float,
-                   why: str = "was it deleted? Restart the Ray cluster to forget it") -> None:
+def _await_visible(key: str, published: Callable[[], bool], poll_seconds: float) -> None:
     deadline = time.monotonic() + VISIBLE_SECONDS
     while not published():
         if time.monotonic() > deadline:
             raise RuntimeError(f"stage-1 key {key} is published but not in the store after "
-                               f"{VISIBLE_SECONDS:.0f} s: {why}")
+                               f"{VISIBLE_SECONDS:.0f} s: was it deleted? Restart the Ray cluster "
+                               "to forget it")
         time.sleep(poll_seconds)
 
 
@@ -477,16 +477,19 @@ class SharedStage1:
 
     def _claim(self, key: str, kind: str, digests: dict[str, str]) -> str:
         """Claim KEY in the store for this owner, or raise PublishRefused; returns the claim's
-        id. The first claim stays (`write_new`); a claim of this same Ray session is taken over
+        id. The first claim stays (`write_new`). A claim of this same Ray session is taken over
         (the lease service just confirmed this owner holds the lease, so its claimant lost it;
-        outside Ray the session is this process); another session's claim means another cluster
-        (or a laptop) publishes the key."""
+        outside Ray the session is this process). Another session's claim is another cluster (or
+        a laptop, or an earlier run of this sweep) publishing the key: wait for its `meta.json`
+        and refuse, or take the claim over once it is CLAIM_SECONDS old without one (its
+        publisher died mid-publish: an interrupted sweep that is resumed)."""
         store = self.store
         mine = {"claim": uuid.uuid4().hex, "owner": self.owner, "session": session_name(),
                 "node_id": node_id(), "time": time.time(), "digests": digests}
-        if not store.write_new(key, PUBLISHER_FILE, json.dumps(mine).encode()):
-            holder = store.read_json(key, PUBLISHER_FILE)
-            if holder["session"] != mine["session"]:
+        if store.write_new(key, PUBLISHER_FILE, json.dumps(mine).encode()):
+            return mine["claim"]
+        while (holder := store.read_json(key, PUBLISHER_FILE))["session"] != mine["session"]:
+            if store.exists(key):
                 store.write_json(key, f"refused/{time.time_ns()}-{mine['claim'][:8]}.json",
                                  {**mine, "claimed_by": holder})
                 store.delete(key, f"partial/{kind}.pt")  # the claimant's model supersedes it
@@ -494,5 +497,11 @@ class SharedStage1:
                     f"stage-1 key {key} is published by {holder['owner']} of another Ray "
                     f"session ({holder['session']}) on this store: {self.owner}'s training is "
                     "discarded and that model used")
-            store.write_json(key, PUBLISHER_FILE, mine)
+            if time.time() - holder["time"] > CLAIM_SECONDS:
+                print(f"[stage 1] taking over stage-1 key {key}: {holder['owner']} of Ray "
+                      f"session {holder['session']} claimed it {time.time() - holder['time']:.0f}"
+                      " s ago and never published it", file=sys.stderr, flush=True)
+                break
+            time.sleep(self.poll_seconds)
+        store.write_json(key, PUBLISHER_FILE, mine)
         return mine["claim"]
