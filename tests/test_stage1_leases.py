@@ -5,6 +5,7 @@ lease service knows what is published and outlives the driver that started it.""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -347,9 +348,30 @@ def test_a_claim_whose_publisher_died_mid_publish_is_taken_over_once_stale(tmp_p
     store = ArtifactStore(str(tmp_path))
     store.write_json(key, PUBLISHER_FILE, {"claim": "old", "owner": "sweep/t9",
                                            "session": "session_interrupted", "digests": {},
+                                           "host": "elsewhere", "pid": os.getpid(),
                                            "time": time.time() - CLAIM_SECONDS - 1})
     trained, _ = SharedStage1(store, None, owner="sweep/t1").ensure_one(
         "cvae", split, cfg, torch.device("cpu"))
     assert trained and store.read_json(key)["trained_by"] == "sweep/t1"
     assert store.read_json(key, PUBLISHER_FILE)["owner"] == "sweep/t1"
+    assert "taking over stage-1 key" in capfd.readouterr().err
+
+
+def test_a_fresh_claim_whose_process_on_this_machine_is_gone_is_taken_over_at_once(
+        tmp_path, capfd, mnist_available):
+    """The same, killed a moment ago on this machine (a Ctrl-C while a model was written): its
+    process is gone, so the claim is taken over without waiting CLAIM_SECONDS."""
+    cfg = apply_overrides(CFG, {"cvae.seed": 14})
+    split = make_split("same_dataset_mnist", 5, cfg.data)
+    key = stage1_keys(split.setting, 5, cfg).cvae
+    store = ArtifactStore(str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.write_json(key, PUBLISHER_FILE, {"claim": "old", "owner": "sweep/t9",
+                                           "session": "session_interrupted", "digests": {},
+                                           "host": socket.gethostname(), "pid": dead.pid,
+                                           "time": time.time()})
+    trained, _ = SharedStage1(store, None, owner="sweep/t1").ensure_one(  # else: 600 s, and
+        "cvae", split, cfg, torch.device("cpu"))  # pytest's timeout first
+    assert trained and store.read_json(key, PUBLISHER_FILE)["owner"] == "sweep/t1"
     assert "taking over stage-1 key" in capfd.readouterr().err

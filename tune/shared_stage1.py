@@ -21,9 +21,9 @@ key in the store (`KEY/publisher.json`, `ArtifactStore.write_new`: atomic on a l
 check-then-write on an object store) and writes the model only if the claim is its own. A second
 publisher of the key is refused (logged under `KEY/refused/`), discards its model and loads the
 published one. A claim whose claimant died between claim and `meta.json` is taken over: at once
-in the same Ray session (the lease says the claimant lost it), after CLAIM_SECONDS from another
-(an interrupted sweep, resumed). `meta.json` records each model file's sha256, and a node's
-cached download is checked against it.
+in the same Ray session (the lease says the claimant lost it) or when its process ran on this
+machine and is gone (an interrupted local sweep, resumed), else after CLAIM_SECONDS.
+`meta.json` records each model file's sha256, and a node's cached download is checked against it.
 
     shared = SharedStage1(store, get_leases(store.uri), owner=trial_id, backbone=None)
     models = shared.ensure(split, cfg, device)  # the classifier's key, then the CVAE's
@@ -481,11 +481,13 @@ class SharedStage1:
         (the lease service just confirmed this owner holds the lease, so its claimant lost it;
         outside Ray the session is this process). Another session's claim is another cluster (or
         a laptop, or an earlier run of this sweep) publishing the key: wait for its `meta.json`
-        and refuse, or take the claim over once it is CLAIM_SECONDS old without one (its
-        publisher died mid-publish: an interrupted sweep that is resumed)."""
+        and refuse, or take the claim over if its publisher died mid-publish (an interrupted
+        sweep that is resumed): at once if it ran on this machine, else once the claim is
+        CLAIM_SECONDS old."""
         store = self.store
         mine = {"claim": uuid.uuid4().hex, "owner": self.owner, "session": session_name(),
-                "node_id": node_id(), "time": time.time(), "digests": digests}
+                "node_id": node_id(), "host": socket.gethostname(), "pid": os.getpid(),
+                "time": time.time(), "digests": digests}
         if store.write_new(key, PUBLISHER_FILE, json.dumps(mine).encode()):
             return mine["claim"]
         while (holder := store.read_json(key, PUBLISHER_FILE))["session"] != mine["session"]:
@@ -497,7 +499,7 @@ class SharedStage1:
                     f"stage-1 key {key} is published by {holder['owner']} of another Ray "
                     f"session ({holder['session']}) on this store: {self.owner}'s training is "
                     "discarded and that model used")
-            if time.time() - holder["time"] > CLAIM_SECONDS:
+            if time.time() - holder["time"] > CLAIM_SECONDS or _gone(holder):
                 print(f"[stage 1] taking over stage-1 key {key}: {holder['owner']} of Ray "
                       f"session {holder['session']} claimed it {time.time() - holder['time']:.0f}"
                       " s ago and never published it", file=sys.stderr, flush=True)
@@ -505,3 +507,16 @@ class SharedStage1:
             time.sleep(self.poll_seconds)
         store.write_json(key, PUBLISHER_FILE, mine)
         return mine["claim"]
+
+
+def _gone(claim: dict) -> bool:
+    """Whether a claim's publisher ran on this machine and its process is gone."""
+    if claim.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(claim["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
