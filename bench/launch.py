@@ -168,9 +168,9 @@ def trial_reports(storage: Path) -> dict[str, list[dict]]:
 
 
 def trainings(storage: Path) -> dict[str, list[dict]]:
-    """The stage-1 store's training log: key -> one record per training started."""
+    """The stage-1 store's (STORAGE/stage1) training log: key -> one record per training started."""
     return {p.parent.name: [json.loads(f.read_text()) for f in sorted(p.glob("*.json"))]
-            for p in sorted(storage.glob("*/trainings"))}
+            for p in sorted(storage.glob("stage1/*/trainings"))}
 
 
 def kill_when_busy(launch: Launch, storage: Path, victim_host: str, node_hosts: dict[str, str],
@@ -215,6 +215,9 @@ def run(options: LaunchOptions) -> dict:
             storage.mkdir(parents=True)
             try:
                 _launch(launch, storage, result)
+            except BaseException as e:
+                result["error"] = f"{type(e).__name__}: {e}"[:3000]
+                raise
             finally:
                 with launch.phase("ray_down"):
                     launch.ray("down", "-y", str(config), timeout=600, log="down.log",
@@ -223,10 +226,11 @@ def run(options: LaunchOptions) -> dict:
                     h.name: hosts.ssh(h, "pgrep -c -f 'raylet|gcs_server' || true", check=False,
                                       timeout=30).stdout.strip()
                     for h in hosts.hosts if h.process and h.process.poll() is None}
+                result["phases_s"] = phases
+                (logs / "launch.json").write_text(json.dumps(result, indent=2))  # kept on failure
             t0 = time.monotonic()
         phases["teardown"] = round(time.monotonic() - t0, 1)
     phases["total"] = round(time.monotonic() - start, 1)
-    result["phases_s"] = phases
     (logs / "launch.json").write_text(json.dumps(result, indent=2))
     return result
 
