@@ -133,7 +133,7 @@ def _worker_nodes(gcs_address: str, stop: threading.Event, seen: list[set[str]])
                      if n["Alive"] and n["NodeID"] != FAKE_HEAD_NODE_ID})
 
 
-@pytest.mark.slow  # 385 s with the machine's 2 cores shared by other runs (load ~25)
+@pytest.mark.slow  # 164 to 385 s with the 2 cores shared by other runs (load 17 to 25)
 def test_a_sweep_on_a_cold_autoscaling_cluster_prewarms_first_and_scales_out(cold_cluster,
                                                                              tmp_path):
     """The documented command shape (--address, no --gpus-per-trial, no --max-concurrent) on a
