@@ -12,6 +12,7 @@ loaders all take these decisions from here.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -47,7 +48,24 @@ def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     the forward pass only; weights, checkpoints and inference stay on `model`). Compiling costs
     about 40 s per network on this 2-core CPU and then ran MNIST classifier steps 1.14x faster,
     so it pays only over thousands of steps: it is off unless asked for (`--compile`)."""
-    return torch.compile(model) if enabled else model
+    if not enabled:
+        return model
+    _inductor_cache_per_cpu_capability()
+    return torch.compile(model)
+
+
+def _inductor_cache_per_cpu_capability() -> None:
+    """Give each CPU capability its own inductor cache folder (unless the user chose one).
+    Inductor's on-disk cache does not key its CPU kernels on ATEN_CPU_CAPABILITY: kernels built
+    on this machine for AVX-512, reloaded by a run under ATEN_CPU_CAPABILITY=avx2, made the
+    CVAE's first training loss NaN, and under `default` failed to build; with a folder of their
+    own both trained to eager's losses."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        capability = torch.backends.cpu.get_cpu_capability().lower()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), capability)
 
 
 def prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
