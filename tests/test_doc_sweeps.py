@@ -11,7 +11,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 
 from conftest import ROOT
 from tune.sweep import build_parser, experiment_name
@@ -54,8 +53,6 @@ def test_docs_sweeps_lines_run_in_the_order_written():
     assert conflicts(lines) == []
 
 
-@pytest.mark.xfail(strict=True, reason="README's `--num-samples 200 --time-budget 2h` line reuses "
-                                       "the name of the line above it: it needs a --name")
 def test_readme_then_docs_sweeps_lines_run_in_the_order_written():
     lines = sweep_lines(ROOT / "README.md") + sweep_lines(ROOT / "docs" / "sweeps.md")
     assert conflicts(lines) == []
