@@ -11,7 +11,6 @@ import re
 import shlex
 from pathlib import Path
 
-
 from conftest import ROOT
 from tune.sweep import build_parser, experiment_name
 
