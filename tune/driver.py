@@ -235,7 +235,9 @@ def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts, started: flo
             trial_dirname_creator=name_trial_folders(TRIAL_KIND),
             time_budget_s=(max(1.0, options.time_budget - (time.monotonic() - started))
                            if options.time_budget else None)))
+    search_started = time.monotonic()
     results = interrupts.fit(tuner)
+    search_seconds = time.monotonic() - search_started
     if interrupts.count:
         raise SweepInterrupted(_study_progress(spec)[0])
     for line in prewarm.finish():  # models no trial needed may still train
@@ -243,6 +245,10 @@ def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts, started: flo
     summary = _summary(results, name, experiment, _trained_by(spec.stage1_store, name),
                        len(spec.partitions))
     summary["resources"] = resources  # per trial, as planned on this cluster
+    # what a user compares with another machine: the search, from its first trial to its last,
+    # and the training time of the stage-1 models the prewarm trained (beside the search), summed
+    summary["seconds"] = {"search": round(search_seconds, 1),
+                          "stage1_training": round(prewarm.seconds, 1)}
     storage = spec.study_storage()
     summary["study"] = {
         "name": name,

@@ -115,6 +115,7 @@ class Prewarm:
     _pending: dict = field(default_factory=dict)  # ObjectRef -> Job
     _bar: Progress | None = None
     _failed: list[tuple[str, str]] = field(default_factory=list)  # (model, cause)
+    seconds: float = 0.0  # the training time of the models its tasks trained, added up
 
     def submit(self, quiet: bool) -> int:
         """Start a task for every missing model; returns how many."""
@@ -176,7 +177,7 @@ class Prewarm:
         for ref in done:
             job = self._pending.pop(ref)
             try:
-                ray.get(ref)
+                self.seconds += ray.get(ref)["seconds"] or 0.0
             except ray.exceptions.RayTaskError as err:
                 cause = str(err.cause if err.cause is not None else err).strip().splitlines()
                 self._failed.append((f"{job.kind} of partition {job.partition} ({job.key})",

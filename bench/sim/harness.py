@@ -254,8 +254,8 @@ class Stage1StandIn:
 
     def __call__(self, spec, gpus: float, kind: str, partition: int, cfg) -> dict:  # prewarm
         owner = f"{spec.options.name}/prewarm-{kind}-p{partition}"
-        return {"trained": self.ensure(spec.setting, spec.stage1_store, kind, partition, cfg,
-                                       owner)}
+        trained = self.ensure(spec.setting, spec.stage1_store, kind, partition, cfg, owner)
+        return {"trained": trained, "seconds": self.train_s if trained else 0.0}
 
     def for_trial(self, where: Stage1Where, config: dict, partition: int, owner: str) -> None:
         from cmg.config import apply_overrides
