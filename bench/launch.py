@@ -193,6 +193,20 @@ def kill_when_busy(launch: Launch, storage: Path, victim_host: str, node_hosts: 
         time.sleep(2)
 
 
+def ray_left(hosts: Hosts, grace_s: float = 180) -> tuple[dict[str, int], float]:
+    """Ray's daemons (raylet, gcs_server) still running on each live host, once none is left or
+    after GRACE_S, and the seconds that took. `ray down` stops Ray on the head only; with
+    provider: local a worker's raylet exits on its own once the head's GCS is gone for good."""
+    start = time.monotonic()
+    while True:
+        left = {h.name: int(hosts.ssh(h, "pgrep -c -x 'raylet|gcs_server' || true", check=False,
+                                      timeout=30).stdout.strip() or 0)
+                for h in hosts.hosts if h.process and h.process.poll() is None}
+        if not any(left.values()) or time.monotonic() - start > grace_s:
+            return left, round(time.monotonic() - start, 1)
+        time.sleep(5)
+
+
 def run(options: LaunchOptions) -> dict:
     logs = options.workdir / f"logs-{time.strftime('%Y%m%d-%H%M%S')}"
     logs.mkdir(parents=True)
@@ -225,10 +239,7 @@ def run(options: LaunchOptions) -> dict:
                 with launch.phase("ray_down"):
                     launch.ray("down", "-y", str(config), timeout=600, log="down.log",
                                check=False)
-                result["ray_left_on_hosts"] = {
-                    h.name: hosts.ssh(h, "pgrep -c -f 'raylet|gcs_server' || true", check=False,
-                                      timeout=30).stdout.strip()
-                    for h in hosts.hosts if h.process and h.process.poll() is None}
+                result["ray_left_on_hosts"], result["ray_gone_after_down_s"] = ray_left(hosts)
                 result["phases_s"] = phases
                 (logs / "launch.json").write_text(json.dumps(result, indent=2))  # kept on failure
             t0 = time.monotonic()
