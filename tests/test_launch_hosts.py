@@ -2,7 +2,7 @@
 `ray up examples/cluster-onprem.yaml` over SSH, the documented sweep through `ray exec`, `ray down`.
 
 Needs root (namespaces, links, sshd); the harness installs openssh-server and rsync by package
-name. The full launch sets up three venvs with torch (about 15 minutes on 2 cores, 18 GB on disk
+name. The full launch sets up three venvs with torch (about 22 minutes on 2 busy cores, 20 GB on disk
 under /work/cmg-test-hosts while it runs): it runs with `pytest -m launch`, and is skipped, saying
 so, in a run that does not ask for the marker.
 """
@@ -82,7 +82,7 @@ def test_hosts_are_torn_down_when_a_step_fails():
 @pytest.mark.timeout(3600)
 def test_ray_up_on_test_hosts_runs_the_documented_sweep(request):
     if "launch" not in (request.config.option.markexpr or ""):
-        pytest.skip("the real `ray up` takes about 15 minutes: pytest -m launch runs it")
+        pytest.skip("the real `ray up` takes about 22 minutes: pytest -m launch runs it")
     from bench.launch import LaunchOptions, run
 
     result = run(LaunchOptions(workdir=WORKDIR, net=80))
