@@ -2,9 +2,9 @@
 `ray up examples/cluster-onprem.yaml` over SSH, the documented sweep through `ray exec`, `ray down`.
 
 Needs root (namespaces, links, sshd); the harness installs openssh-server and rsync by package
-name. The full launch sets up three venvs with torch (about 22 minutes on 2 busy cores, 20 GB on disk
-under /work/cmg-test-hosts while it runs): it runs with `pytest -m launch`, and is skipped, saying
-so, in a run that does not ask for the marker.
+name. The full launch sets up three venvs with torch (about 22 minutes on 2 busy cores, 20 GB on
+disk under /work/cmg-test-hosts while it runs): it runs with `pytest -m launch`, and is skipped,
+saying so, in a run that does not ask for the marker (CI's plain `pytest` has 16 minutes in all).
 """
 
 from __future__ import annotations
