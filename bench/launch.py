@@ -1,5 +1,5 @@
-"""`ray up` for real: examples/cluster-onprem.yaml through Ray's own launcher onto test hosts made on
-this machine (bench/hosts.py: a head and two workers), the README's cluster sweep line through
+"""`ray up` for real: examples/cluster-onprem.yaml through Ray's own launcher onto test hosts made
+on this machine (bench/hosts.py: a head and two workers), the README's cluster sweep line through
 `ray exec`, then `ray down`; every phase timed.
 
     python bench/launch.py                   # the documented launch, checked end to end
@@ -7,17 +7,17 @@ this machine (bench/hosts.py: a head and two workers), the README's cluster swee
 
 The launch runs from a fresh clone of this repository's HEAD (what `file_mounts` syncs: committed
 files only), and the config is that clone's example with only its IPs, user and key changed
-(`onprem_config`, written to a temp folder). `ray up`, `ray exec` and `ray down` run in this machine's network namespace with a
-private /tmp (Ray's local provider keeps its cluster state under /tmp/ray). Checks, each an
-`AssertionError` naming what failed: the sweep exits 0; trials ran on both worker hosts (the Ray
-node of each partition, `node_id` in each trial's result.json); every stage-1 key was trained exactly once (the store's
-`trainings/` log; with --kill-worker a training the kill cut short may be resumed: reported, not
-checked); every trial has each of its partitions exactly once, 1..k in order (its
-partitions.jsonl rows), and reported none twice; `python -m
-analysis.report` on the head writes report.md. The last line printed is one JSON object (also
-written to LOGS/launch.json): `phases_s`, `trials_per_host`, `partitions_per_host`,
-`trainings_per_key`, `checks`, and for --kill-worker `killed`, `ray_status_after_kill` and the
-sweep's lines about the lost node.
+(`onprem_config`, written to a temp folder). `ray up`, `ray exec` and `ray down` run in this
+machine's network namespace with a private /tmp (Ray's local provider keeps its cluster state
+under /tmp/ray). Checks, each an `AssertionError` naming what failed: the sweep exits 0; trials
+ran on both worker hosts (the Ray node of each partition's row); every stage-1 key was trained
+exactly once (the store's `trainings/` log; with --kill-worker a training the kill cut short may
+be resumed: reported, not checked); every trial has each of its partitions exactly once, 1..k in
+order (its partitions.jsonl rows), and reported none twice; `python -m analysis.report` on the
+head writes report.md. The last line printed is one JSON object (also written to
+LOGS/launch.json): `phases_s`, `trials_per_host`, `partitions_per_host`, `trainings_per_key`,
+`trainings_per_host`, `ray_left_on_hosts`, `checks`, and for --kill-worker `killed`,
+`ray_status_after_kill` and the sweep's lines about the lost node.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class Launch:
 
     def ray(self, *args: str, timeout: float, log: str,
             check: bool = True) -> subprocess.CompletedProcess:
-        """`ray ARGS` (this machine's venv) in the clone, with a private /tmp; output to LOGS/LOG."""
+        """`ray ARGS` (this machine's venv) in the clone, with a private /tmp; output in LOGS/LOG."""
         cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
                'mount --bind "$0" /tmp && exec "$@"', str(self.launcher_tmp),
                str(ROOT / ".venv/bin/ray"), *args]
@@ -182,7 +182,8 @@ def kill_when_busy(launch: Launch, storage: Path, victim_host: str, node_hosts: 
     mid-way there), while the sweep still runs."""
     while not done.is_set():
         reports = trial_rows(storage, "result.json")
-        busy = [t for t, rs in reports.items() if rs and node_hosts.get(rs[-1]["node_id"]) == victim_host
+        busy = [t for t, rs in reports.items()
+                if rs and node_hosts.get(rs[-1]["node_id"]) == victim_host
                 and rs[-1]["partitions_done"] < rs[-1]["partitions_total"]]
         if busy:
             killed.update(host=victim_host, at_s=round(time.monotonic() - killed["start"], 1),
@@ -311,7 +312,8 @@ def _launch(launch: Launch, storage: Path, result: dict) -> None:
                                                 for rs in log.values() for r in rs))
     assert log, "no stage-1 training logged"
     if not launch.options.kill_worker:
-        assert all(len(v) == 1 for v in log.values()), f"trained twice: {result['trainings_per_key']}"
+        assert all(len(v) == 1 for v in log.values()), \
+            f"trained twice: {result['trainings_per_key']}"
 
     with launch.phase("report"):
         out = launch.ray("exec", config, f"cd ~/cmg-sweep && python -m analysis.report "
