@@ -81,7 +81,7 @@ class Launch:
 
     def ray(self, *args: str, timeout: float, log: str,
             check: bool = True) -> subprocess.CompletedProcess:
-        """`ray ARGS` (this machine's venv) in the clone, with a private /tmp; output in LOGS/LOG."""
+        """`ray ARGS` (our venv) in the clone, with a private /tmp; output in LOGS/LOG."""
         cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
                'mount --bind "$0" /tmp && exec "$@"', str(self.launcher_tmp),
                str(ROOT / ".venv/bin/ray"), *args]
