@@ -6,7 +6,7 @@ namespace with its own sshd, for running Ray's real launcher (`ray up`) over SSH
         hosts.kill(hosts[2])           # all its processes, its sshd and its network gone
 
     python bench/hosts.py up --hosts 3 --workdir /work/cmg-hosts   # prints them; Ctrl-C ends
-    python bench/hosts.py clean                                     # what a killed harness left
+    python bench/hosts.py clean --net 77                            # what a killed harness left
 
 Each host is `ip netns add cmgnN-I` with one end of a veth pair in it (address 10.231.N.(10+I)/24)
 and the other end on a bridge `cmgbrN` that the harness makes (10.231.N.1/24 on this machine's
@@ -325,10 +325,11 @@ def remove_folder(folder: Path) -> None:
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def clean(net: int | None = None) -> list[str]:
-    """Remove what a harness that was killed left: the processes in its namespaces, the
-    namespaces, links and bridge of NET (of every NET when None). Returns their names."""
-    tag = "" if net is None else f"{net}-"
+def clean(net: int) -> list[str]:
+    """Remove what a harness on NET that was killed left: the processes in its namespaces, the
+    namespaces, links and bridge. Returns their names. (Per NET only: another harness may be
+    using another NET at the same time.)"""
+    tag = f"{net}-"
     names = [line.split()[0] for line in sh("ip", "netns", "list").stdout.splitlines()
              if line.startswith(f"{PREFIX}n{tag}")]
     for name in names:
@@ -339,11 +340,10 @@ def clean(net: int | None = None) -> list[str]:
                 pass
         time.sleep(0.2)
         sh("ip", "netns", "del", name, check=False)
-    bridge = f"{PREFIX}br{'' if net is None else net}"
+    bridge = f"{PREFIX}br{net}"
     links = [line.split(":")[1].strip().split("@")[0]
              for line in sh("ip", "-o", "link", "show").stdout.splitlines()]
-    links = [link for link in links if link.startswith(f"{PREFIX}v{tag}")
-             or (link == bridge if net is not None else link.startswith(bridge))]
+    links = [link for link in links if link.startswith(f"{PREFIX}v{tag}") or link == bridge]
     for link in links:
         sh("ip", "link", "del", link, check=False)
     return names + links
@@ -357,12 +357,14 @@ def main() -> None:
     up.add_argument("--hosts", type=int, default=3)
     up.add_argument("--workdir", type=Path, default=Path("/work/cmg-hosts"))
     up.add_argument("--net", type=int, default=77, help="the hosts get 10.231.NET.0/24")
-    sub.add_parser("clean", help="remove the namespaces and links a killed harness left")
+    cleaner = sub.add_parser("clean", help="remove the namespaces and links a killed harness on "
+                                           "NET left")
+    cleaner.add_argument("--net", type=int, required=True)
     args = p.parse_args()
     if os.geteuid() != 0:
         p.exit(2, "python bench/hosts.py: needs root (namespaces, links, sshd): run it as root\n")
     if args.command == "clean":
-        print("\n".join(clean()) or "nothing to clean")
+        print("\n".join(clean(args.net)) or "nothing to clean")
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with Hosts(args.hosts, args.workdir, args.net) as hosts:
