@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -333,6 +334,7 @@ def main() -> None:
     args = p.parse_args()
     if os.geteuid() != 0:
         p.exit(2, "python bench/launch.py: needs root (test hosts are namespaces): run as root\n")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `kill` still tears down the hosts
     result = run(LaunchOptions(args.workdir, args.net, args.num_samples, args.kill_worker))
     print(json.dumps(result))
 
