@@ -182,15 +182,15 @@ def _check_rerun(experiment: str, manifest: dict, spec: SweepSpec) -> None:
 
 def finished_summary(experiment: str, num_samples: int,
                      arms: tuple[str, ...] | None = None) -> dict | None:
-    """The summary.json of a study (or, with `arms`, a sweep of those arms) that finished with
-    `num_samples` configurations; None while it has not (interrupted, or --num-samples or
-    --arms grown since; a remote experiment writes no summary)."""
+    """The summary.json of a study (or, with `arms`, a sweep of those arms) that ended with
+    `num_samples` configurations asked for (all run, or --time-budget spent); None while it has
+    not (interrupted, or --num-samples or --arms grown since; a remote experiment writes no
+    summary)."""
     path = Path(experiment) / SUMMARY
     if is_uri(experiment) or not path.is_file():
         return None
     summary = json.loads(path.read_text())
     done = (summary.get("num_samples", num_samples) == num_samples  # (older summaries: no count)
-            and summary["trials"]["total"] >= num_samples
             and (arms is None or set(summary.get("arms", arms[:1])) == set(arms)))
     return summary if done else None
 
@@ -357,7 +357,9 @@ def main(argv: list[str] | None = None) -> dict:
             for arm in spec.arms:  # one after another: each study has the whole cluster
                 study = spec.arm(arm)
                 done = finished_summary(study.experiment, options.num_samples)
-                if done is not None:  # (--resume) a study that has finished needs no Ray
+                if done and done["trials"]["total"] >= options.num_samples:
+                    # (--resume) every configuration ran: no Ray (a study that --time-budget
+                    # ended is restored, as before)
                     summaries[arm] = {k: v for k, v in done.items() if k != "arms"}
                     continue
                 arm_started = time.time()
