@@ -71,6 +71,10 @@ def test_the_prewarm_trains_every_reachable_stage1_model_once_before_the_trials(
     assert all(r["stage1_trained"] == 0 for r in rows)
     assert summary["stage1_reused"] == len(rows)
     assert "15 trained (5 classifiers, 10 CVAEs)" in smoke_sweep["stdout"]
+    # the times a user sets beside another machine's: the models' training, summed, and the search
+    seconds = summary["seconds"]
+    assert seconds["stage1_training"] > 0 and seconds["search"] > 0
+    assert f"times: search {seconds['search']:.0f} s; stage-1 training " in smoke_sweep["stdout"]
 
 
 def test_a_diverging_config_errors_while_the_others_finish(smoke_sweep):
@@ -103,6 +107,7 @@ def test_a_second_sweep_in_the_same_storage_trains_no_stage1(second_sweep, smoke
     report = (second_sweep["experiment"] / "report" / "report.md").read_text()
     assert "blind to the unseen classes (`--select-on rotated`)" in report
     assert summary["stage1_trained"] == 0 and summary["stage1_reused"] == 10
+    assert summary["seconds"]["stage1_training"] == 0  # nothing trained, nothing timed
     assert "0 trained (0 classifiers, 0 CVAEs), reused in 10 trial partitions" in second_sweep[
         "stdout"]
 

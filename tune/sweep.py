@@ -450,8 +450,11 @@ def format_summary(s: dict) -> str:
     lines += _arm_lines(s.get("arms", {}))
     kinds = s["stage1_trained_by_kind"]
     lines += [f"stage-1 models: {s['stage1_trained']} trained ({kinds['classifier']} classifiers, "
-              f"{kinds['cvae']} CVAEs), reused in {s['stage1_reused']} trial partitions",
-              f"experiment: {s['experiment']}"]
+              f"{kinds['cvae']} CVAEs), reused in {s['stage1_reused']} trial partitions"]
+    if "seconds" in s:  # (summaries before it: none) what to set beside another machine's times
+        lines.append(f"times: search {s['seconds']['search']:.0f} s; stage-1 training "
+                     f"{s['seconds']['stage1_training']:.0f} s, summed over its models")
+    lines.append(f"experiment: {s['experiment']}")
     return "\n".join(lines)
 
 
