@@ -7,53 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import tempfile
-from typing import Callable
 
-import psutil
 import pytest
 import ray
 import yaml
-from ray._private import ray_constants
-from ray.cluster_utils import Cluster
 
 from conftest import ROOT, SWEEP_SMOKE, run_sweep
-from test_cold_cluster import fake_cluster_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def head_with_autoscaler(config_for: Callable[[str], dict], folder, env: dict[str, str]):
-    """A head (0 CPUs) started with `--autoscaling-config` CONFIG_FOR(its GCS address), as
-    `ray up` starts one; torn down by process id (its processes, then the monitor's children),
-    never `ray stop`."""
-    port = _free_port()
-    path = folder / "ray_bootstrap_config.yaml"
-    path.write_text(yaml.safe_dump(config_for(
-        f"{ray._private.services.get_node_ip_address()}:{port}")))
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():  # the monitor inherits them
-            patch.setenv(key, value)
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "gcs_server_port": port, "autoscaling_config": str(path),
-            "include_dashboard": False})
-    monitor = psutil.Process(
-        cluster.head_node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process.pid)
-    try:
-        yield cluster
-    finally:
-        started = monitor.children(recursive=True)
-        cluster.shutdown()
-        for process in started:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        psutil.wait_procs(started, timeout=10)
+from test_cold_cluster import fake_cluster_config, head_with_autoscaler
 
 
 def onprem_as_ray_up_resolves_it(tmp_path, monkeypatch) -> dict:

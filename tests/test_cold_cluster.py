@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 import psutil
 import pytest
@@ -89,23 +90,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def cold_cluster(tmp_path_factory):
-    """A head (0 CPUs) whose autoscaler v2 (the monitor process, polling every second) starts
-    fake GPU nodes on demand. Torn down by process id: the head's processes, then every process
-    the monitor started (the fake nodes and their workers); never `ray stop`, which would stop
-    every Ray on this machine."""
+@contextlib.contextmanager
+def head_with_autoscaler(config_for: Callable[[str], dict], folder, env: dict[str, str]):
+    """A head (0 CPUs) started with `--autoscaling-config` CONFIG_FOR(its GCS address), as
+    `ray up` starts one; torn down by process id (its processes, then the monitor's children),
+    never `ray stop`."""
     port = _free_port()
-    address = f"{ray._private.services.get_node_ip_address()}:{port}"
-    config = tmp_path_factory.mktemp("cold") / "autoscaler.yaml"
-    config.write_text(yaml.safe_dump(fake_cluster_config(address)))
-    env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", **AUTOSCALER_V2,
-           LOGICAL_GPUS: "1"}  # the fake nodes' GPUs are logical: their trials use the CPU
+    path = folder / "ray_bootstrap_config.yaml"
+    path.write_text(yaml.safe_dump(config_for(
+        f"{ray._private.services.get_node_ip_address()}:{port}")))
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():  # the head's processes, the monitor, its nodes inherit
+        for key, value in env.items():  # the monitor inherits them
             patch.setenv(key, value)
         cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "gcs_server_port": port, "autoscaling_config": str(config),
+            "num_cpus": 0, "gcs_server_port": port, "autoscaling_config": str(path),
             "include_dashboard": False})
     monitor = psutil.Process(
         cluster.head_node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process.pid)
@@ -118,6 +116,17 @@ def cold_cluster(tmp_path_factory):
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
         psutil.wait_procs(started, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cold_cluster(tmp_path_factory):
+    """A head (0 CPUs) whose autoscaler v2 (the monitor process, polling every second) starts
+    fake GPU nodes on demand (`head_with_autoscaler`: torn down by process id)."""
+    env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", **AUTOSCALER_V2,
+           LOGICAL_GPUS: "1"}  # the fake nodes' GPUs are logical: their trials use the CPU
+    folder = tmp_path_factory.mktemp("cold")
+    with head_with_autoscaler(fake_cluster_config, folder, env) as cluster:
+        yield cluster
 
 
 def _worker_nodes(gcs_address: str, stop: threading.Event, seen: list[set[str]]) -> None:
