@@ -182,7 +182,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SWEEP_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    if not config.getoption("numprocesses", None):  # serial (-n 0): the order given is kept
+    # the order matters where xdist hands out files: its workers collect (and sort) the items
+    # that the controller schedules, and in a worker xdist has reset numprocesses to None
+    if not hasattr(config, "workerinput"):  # serial (-n 0): the order given is kept
         return
     rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
