@@ -15,10 +15,28 @@ from cmg.errors import UsageError
 from tune.space import default_space, load_space_file
 
 
-def manifest_space() -> dict:
-    """The quick budget's default space as manifest.json records it (tune.spec.SweepSpec)."""
-    space = default_space(budget_config("quick"))
+# the ranges of the first headline's sweeps (the default space then), where its optima sat on
+# bounds; the default space now reaches past them
+FIRST_HEADLINE = ("lr: {low: 1.0e-5, high: 1.0e-3, log: true}\nmask_prob: {low: 0.1, high: 0.9}\n"
+                  "sigma: {low: 0.5, high: 8.0, log: true}\n"
+                  "energy_weight: {low: 0.01, high: 1.0, log: true}\n")
+
+
+def first_headline_space(tmp_path) -> dict:
+    """The quick budget's space of the first headline, as manifest.json records it
+    (tune.spec.SweepSpec)."""
+    path = tmp_path / "first.yaml"
+    path.write_text(FIRST_HEADLINE)
+    return as_manifest(load_space_file(path, default_space(budget_config("quick"))))
+
+
+def as_manifest(space) -> dict:
     return {name: dataclasses.asdict(p) for name, p in space.items()}
+
+
+@pytest.fixture
+def manifest_space(tmp_path):
+    return lambda: first_headline_space(tmp_path)
 
 
 # inside every range by more than 5%: lr at 1e-4 is half-way in log space between 1e-5 and 1e-3
@@ -27,11 +45,11 @@ INSIDE = {"mixing": "mask", "mask_prob": 0.5, "num_mixed": 3, "distinct": True, 
           "epochs": 3, "ood_per_batch": 128, "latent_dim": 32}
 
 
-def test_a_configuration_inside_every_range_is_silent():
+def test_a_configuration_inside_every_range_is_silent(manifest_space):
     assert edges(INSIDE, manifest_space()) == []
 
 
-def test_knobs_on_a_bound_are_flagged_with_the_line_that_widens_them(tmp_path):
+def test_knobs_on_a_bound_are_flagged_with_the_line_that_widens_them(tmp_path, manifest_space):
     # the README's headline optimum (selected on unseen digits): lr 1.16e-5 is 3% of the two
     # decades above 1e-5; mask_prob 0.895 is 99% of [0.1, 0.9]; sigma 0.64 is 9% of [0.5, 8] in
     # log space (log 1.28 / log 16), so it is not flagged
@@ -50,14 +68,23 @@ def test_knobs_on_a_bound_are_flagged_with_the_line_that_widens_them(tmp_path):
     # the lines are what the sweep's --space reader takes
     path = tmp_path / "wider.yaml"
     path.write_text("\n".join(e.space_line() for e in found) + "\n")
-    space = load_space_file(path, default_space(budget_config("quick")))
+    first = load_space_file(tmp_path / "first.yaml", default_space(budget_config("quick")))
+    space = load_space_file(path, first)
     assert (space["lr"].low, space["lr"].high, space["lr"].log) == (1e-6, 1e-3, True)
     assert (space["mask_prob"].low, space["mask_prob"].high) == (0.1, 1.0)
     assert edges({**INSIDE, "lr": 1.1552e-5, "mask_prob": 0.895},
-                 {name: dataclasses.asdict(p) for name, p in space.items()}) == []
+                 as_manifest(space)) == []
 
 
-def test_the_edge_is_five_percent_of_the_range_from_either_bound():
+def test_the_default_space_holds_the_first_headlines_optima_inside():
+    # where the first headline's optima sat on a bound (lr, mask_prob; energy_weight 0.0132 and
+    # sigma 0.64 near one), the default space now reaches past them
+    optima = {**INSIDE, "lr": 1.1552e-5, "mask_prob": 0.895, "sigma": 0.6364,
+              "energy_weight": 0.0132}
+    assert edges(optima, as_manifest(default_space(budget_config("quick")))) == []
+
+
+def test_the_edge_is_five_percent_of_the_range_from_either_bound(manifest_space):
     space = manifest_space()  # sigma: [0.5, 8], log; epochs: [1, 6]
     just_in, just_out = 0.5 * 16 ** (EDGE * 0.99), 0.5 * 16 ** (EDGE * 1.01)
     assert [e.name for e in edges({**INSIDE, "sigma": just_in}, space)] == ["sigma"]
@@ -68,7 +95,7 @@ def test_the_edge_is_five_percent_of_the_range_from_either_bound():
     assert edges({**INSIDE, "epochs": 6}, space)[0].space_line() == "epochs: {low: 1, high: 9}"
 
 
-def test_fixed_categorical_and_undrawn_knobs_are_never_flagged():
+def test_fixed_categorical_and_undrawn_knobs_are_never_flagged(manifest_space):
     space = manifest_space()
     space["lr"] = {**space["lr"], "fixed": 1e-5}  # fixed by a space file: not searched
     params = {**INSIDE, "lr": 1e-5, "ood_per_batch": 256, "latent_dim": 64,
@@ -78,7 +105,7 @@ def test_fixed_categorical_and_undrawn_knobs_are_never_flagged():
     assert edges(INSIDE, None) == []  # no manifest: nothing to compare with
 
 
-def test_a_bound_at_the_knobs_hard_limit_cannot_widen():
+def test_a_bound_at_the_knobs_hard_limit_cannot_widen(manifest_space):
     space = manifest_space()
     space["mask_prob"] = {**space["mask_prob"], "low": 0.5, "high": 1.0}
     (edge,) = edges({**INSIDE, "mask_prob": 0.99}, space)

@@ -55,7 +55,7 @@ def test_draws_stay_inside_their_ranges_and_fixed_values_are_returned(tmp_path):
                                       "ood_per_batch: {choices: [32]}\n")
     for p in draw(space, ("CMG-energy",)):
         assert 1.0 <= p["sigma"] <= 2.0 and p["num_mixed"] == 3 and p["ood_per_batch"] == 32
-        assert 1e-5 <= p["lr"] <= 1e-3 and isinstance(p["epochs"], int)
+        assert 1e-6 <= p["lr"] <= 1e-3 and isinstance(p["epochs"], int)
 
 
 def test_first_point_is_the_reference_defaults():
