@@ -86,11 +86,12 @@ def _fit(kind: str, model: torch.nn.Module, split: Split, cfg, device: torch.dev
             fail(f"checkpoint {checkpoint} was trained with another setting, partition or "
                  "config; delete it or choose another path")
         load_state_dict_strict(model, state["model"], checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
-        if schedule is not None:
-            schedule.load_state_dict(state["schedule"])
-        _restore_rng(state["rng"], generator)
         start, history = state["epoch"], list(state["history"])
+        if start < cfg.epochs:  # a finished training's checkpoint has the weights alone
+            optimizer.load_state_dict(state["optimizer"])
+            if schedule is not None:
+                schedule.load_state_dict(state["schedule"])
+            _restore_rng(state["rng"], generator)
 
     bar = Progress(f"{kind} {split.setting} p{split.partition}",
                    (cfg.epochs - start) * steps_per_epoch, quiet)
@@ -116,11 +117,13 @@ def _fit(kind: str, model: torch.nn.Module, split: Split, cfg, device: torch.dev
                                    f"(lr={cfg.lr}); lower the learning rate")
         history.append(metrics)
         if checkpoint is not None:
+            # what resumes the training, until it is done: then the weights alone (Adam's
+            # moments are twice their size, and a stage-1 store publishes this file)
+            resume = {} if epoch + 1 == cfg.epochs else {
+                "optimizer": optimizer.state_dict(), "rng": _rng_state(generator),
+                "schedule": schedule.state_dict() if schedule else {}}
             save_checkpoint(checkpoint, {**identity, "model": model.state_dict(),
-                                         "optimizer": optimizer.state_dict(),
-                                         "schedule": schedule.state_dict() if schedule else {},
-                                         "epoch": epoch + 1, "rng": _rng_state(generator),
-                                         "history": history})
+                                         "epoch": epoch + 1, "history": history, **resume})
         if callback is not None:
             callback(epoch + 1, metrics)
     bar.close(**{k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"})

@@ -159,19 +159,19 @@ def second_sweep(tmp_path_factory, smoke_sweep):
     return {**built, "experiment": Path(built["experiment"])}
 
 
-# Files that take longest (from `pytest --durations`), started first, one per worker in turn, so
-# that the two workers end together instead of one finishing a long file alone at the end. With
-# `--dist loadfile --no-loadscope-reorder` (pyproject.toml) xdist hands out files in this order.
-# test_sweep.py builds the shared smoke sweeps first, so that the files that read them later never
-# wait; the independent long files keep the other worker busy meanwhile.
-# test_arms second: its sweep of its own (~190 s) builds while test_sweep builds the smoke sweep
-# that the next files wait for; files after the list (short ones) fill the tail
-LONG_FILES_FIRST = ("test_sweep.py", "test_arms.py", "test_different_dataset.py",
-                    "test_replicate.py", "test_resume.py", "test_analysis.py", "test_loggers.py",
-                    "test_export.py", "test_stage1_leases.py", "test_pipeline.py",
-                    "test_cluster.py", "test_cold_cluster.py", "test_backbone.py",
-                    "test_prewarm.py", "test_no_cuda.py", "test_sim_cluster.py", "test_cli.py",
-                    "test_stage1.py", "test_cluster_wait.py")
+# Files that take longest (from a run's timeline), started first, so that the workers end
+# together instead of one finishing a long file alone at the end. With `--dist loadfile
+# --no-loadscope-reorder` (pyproject.toml) xdist hands out files in this order, the next to the
+# first worker whose queue runs low. test_sweep.py builds the shared smoke sweeps (~6 min with
+# the second); the long files that do not read them keep the other workers busy meanwhile, and
+# the readers (replicate, analysis, export) come once the sweeps are about done; files after the
+# list (short ones) fill the tail
+LONG_FILES_FIRST = ("test_sweep.py", "test_arms.py", "test_pipeline.py",
+                    "test_different_dataset.py", "test_resume.py", "test_cold_cluster.py",
+                    "test_replicate.py", "test_analysis.py", "test_export.py", "test_loggers.py",
+                    "test_backbone.py", "test_cluster.py", "test_stage1_leases.py",
+                    "test_sim_cluster.py", "test_cli.py", "test_prewarm.py", "test_stage1.py",
+                    "test_cluster_wait.py", "test_no_cuda.py")
 # fixtures that run real sweeps or clusters: a test that uses one is `slow` (pytest -m "not slow"
 # skips it)
 SWEEP_FIXTURES = {"smoke_sweep", "second_sweep", "interrupted", "logged_sweep", "cluster",

@@ -41,9 +41,9 @@ AUROC = {("a1", "mixed", 1, 1): 0.96, ("a1", "mixed", 1, 2): 0.90,
          ("d0", "mixed", 2, 1): 0.93, ("d0", "mixed", 2, 2): 0.92}
 
 
-# the knobs each configuration ran (param_* columns of replicates.csv): a1's lr is 3% of the
-# default space's two decades above 1e-5, on its low edge; d0 holds the first trial's
-PARAMS = {"a1": {"lr": 1.1552e-5, "sigma": 2.0, "mask_prob": 0.5},
+# the knobs each configuration ran (param_* columns of replicates.csv): a1's lr is 2% of the
+# default space's three decades above 1e-6, on its low edge; d0 holds the first trial's
+PARAMS = {"a1": {"lr": 1.1552e-6, "sigma": 2.0, "mask_prob": 0.5},
           "d0": {"lr": 1e-4, "sigma": 3.0, "mask_prob": 0.5}}
 
 
@@ -204,8 +204,8 @@ def test_each_arm_is_compared_at_its_own_tuned_configuration(tmp_path):
 def test_a_selected_configuration_on_a_bound_is_flagged_and_one_inside_is_not(tmp_path):
     flagged = headline_markdown([_report(tmp_path / "edge")])
     assert "Selected configurations on an edge of the searched range" in flagged
-    assert ("CMG, tuned (trial `a1`): `lr` 1.16e-05 sits at the low end of [1e-05, 0.001] (3% "
-            "of the range, log scale); widen it with the --space file line `lr: {low: 1.0e-06, "
+    assert ("CMG, tuned (trial `a1`): `lr` 1.16e-06 sits at the low end of [1e-06, 0.001] (2% "
+            "of the range, log scale); widen it with the --space file line `lr: {low: 3.2e-08, "
             "high: 0.001, log: true}`") in flagged
     inside = {**PARAMS, "a1": {**PARAMS["a1"], "lr": 1e-4}}
     silent = headline_markdown([_report(tmp_path / "inside", params=inside)])

@@ -138,7 +138,7 @@ def test_manifest_records_how_the_sweep_was_launched(interrupted):
     assert manifest["partitions"] == [1, 2, 3, 4, 5] and manifest["ood_sets"] == []
     space = space_from_dict(manifest["space"])
     assert space["latent_dim"].fixed == 32 and space["epochs"].fixed == 1
-    assert space["sigma"].low == 0.5 and space["sigma"].log
+    assert space["sigma"].low == 0.25 and space["sigma"].log
     assert manifest["run_config"]["data"]["train_limit"] == 192
     assert manifest["run_config"]["stage2"]["seed"] == 0
     assert set(manifest["versions"]) == {"torch", "ray", "optuna", "cmg-sweep"}

@@ -34,12 +34,20 @@ def test_interrupted_training_resumes_to_the_same_weights(split, tmp_path):
     path = tmp_path / "clf.pt"
     with pytest.raises(Interrupt):
         train_classifier(split, CLF, checkpoint=path, callback=stop_after_first_epoch, quiet=True)
-    assert load_checkpoint(path, "classifier")["epoch"] == 1
+    state = load_checkpoint(path, "classifier")
+    assert state["epoch"] == 1 and "optimizer" in state  # what resumes it
     seen = []
     resumed, _ = train_classifier(split, CLF, checkpoint=path,
                                   callback=lambda e, m: seen.append(e), quiet=True)
     assert seen == [2]  # only the missing epoch ran
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    # done: the checkpoint keeps the weights alone, and the same command again trains nothing
+    assert "optimizer" not in load_checkpoint(path, "classifier")
+    again, _ = train_classifier(split, CLF, checkpoint=path,
+                                callback=lambda e, m: seen.append(e), quiet=True)
+    assert seen == [2]
+    for a, b in zip(straight.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
 
 
