@@ -21,7 +21,7 @@ from cmg.metrics import energy_score, softmax_ood_score
 from cmg.models.classifier import Head
 from cmg.models.cvae import CVAE, MnistDecoder, MnistEncoder
 from cmg.stage2 import _energy_loss, energy_margins, ood_target, run_stage2, step_loss
-from tune.shared_stage1 import GRANTED, HELD, LEASE_SECONDS, PUBLISHED, LeaseTable
+from tune.leases import GRANTED, HELD, LEASE_SECONDS, PUBLISHED, LeaseTable
 
 pytestmark = pytest.mark.method
 

@@ -90,7 +90,7 @@ def test_on_a_cold_cluster_the_search_waits_until_every_stage1_task_holds_its_gp
 
     from bench.sim.harness import Stage1StandIn
     from tune.prewarm import Prewarm
-    from tune.shared_stage1 import create_leases
+    from tune.leases import create_leases
 
     spec = _spec(str(tmp_path), partitions=(1,))
     space = {k: p for k, p in spec.space.items() if not p.key.startswith("cvae.")}

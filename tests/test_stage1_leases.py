@@ -24,8 +24,8 @@ from cmg.config import apply_overrides
 from cmg.errors import UsageError
 from cmg.stage1 import load_stage1_model
 from tune.artifacts import PUBLISHER_FILE, ArtifactStore, stage1_keys
-from tune.shared_stage1 import (CLAIM_SECONDS, PUBLISHED, SharedStage1, Stage1Leases,
-                                create_leases, get_leases, node_id)
+from tune.leases import PUBLISHED, Stage1Leases, create_leases, get_leases, node_id
+from tune.shared_stage1 import CLAIM_SECONDS, SharedStage1
 
 CFG = budget_config("smoke", overrides=["data.train_limit=96", "data.eval_limit=32",
                                         "classifier.epochs=1", "cvae.epochs=1"])
@@ -172,7 +172,7 @@ def test_the_lease_service_outlives_the_driver_that_started_it(leases, tmp_path)
     uri = str(tmp_path / "stage1")
     other_driver = textwrap.dedent(f"""
         import ray
-        from tune.shared_stage1 import NAMESPACE, create_leases
+        from tune.leases import NAMESPACE, create_leases
         ray.init(address={ray.get_runtime_context().gcs_address!r}, namespace=NAMESPACE,
                  log_to_driver=False)
         service = create_leases({uri!r})

@@ -147,7 +147,7 @@ class Prewarm:
         """Return once fewer than `slots` models are left (from then on a slot would idle) and
         each of them is in training (its key published or its lease held: a trial that needs it
         waits instead of training it)."""
-        from tune.shared_stage1 import get_leases
+        from tune.leases import get_leases
 
         leases = get_leases(self.spec.stage1_store)
         while len(self._pending) >= max(1, slots) or not all(ray.get(leases.taken.remote(

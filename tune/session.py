@@ -94,7 +94,7 @@ def ray_session(address: str | None, store_uri: str) -> Iterator[Interrupts]:
     service of the stage-1 store at STORE_URI ready; Ray shut down on the way out."""
     import ray
 
-    from tune.shared_stage1 import NAMESPACE, create_leases
+    from tune.leases import NAMESPACE, create_leases
 
     quiet_tune()
     try:

@@ -44,7 +44,8 @@ from cmg.stage1 import TrainingDiverged
 from cmg.stage2 import run_stage2
 from tune.artifacts import ArtifactStore, put_bytes
 from tune.space import to_overrides
-from tune.shared_stage1 import SharedStage1, get_leases, node_id
+from tune.leases import get_leases, node_id
+from tune.shared_stage1 import SharedStage1
 from tune.spec import SweepSpec
 
 DIVERGED_FILE = "diverged.txt"  # in a trial folder: why its configuration diverged

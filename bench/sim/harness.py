@@ -268,7 +268,8 @@ class Stage1StandIn:
     def ensure(self, setting: str, store_uri: str, kind: str, partition: int, cfg,
                owner: str) -> bool:
         from tune.artifacts import ArtifactStore, stage1_keys
-        from tune.shared_stage1 import get_leases, train_once
+        from tune.leases import get_leases
+        from tune.shared_stage1 import train_once
 
         store = ArtifactStore(store_uri)
         key = getattr(stage1_keys(setting, partition, cfg), kind)

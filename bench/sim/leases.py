@@ -80,7 +80,7 @@ def stand_in_training(store, key: str, owner: str, train_s: float,
                       check) -> None:
     """Stage 1's footprint on the store without its compute: owner record and training log,
     progress after each step (resumed by a takeover), the artifact files, meta.json last."""
-    from tune.shared_stage1 import node_id
+    from tune.leases import node_id
 
     resumed = (store.read_json(key, "partial/progress.json")["step"]
                if store.exists(key, "partial/progress.json") else None)
@@ -127,7 +127,8 @@ class WaiterGroup:
     def run(self, store_uri: str, orders: dict[str, list[str]], train_s: float,
             poll_s: float) -> dict:
         from tune.artifacts import ArtifactStore
-        from tune.shared_stage1 import get_leases, train_once
+        from tune.leases import get_leases
+        from tune.shared_stage1 import train_once
 
         store, leases = ArtifactStore(store_uri), TimedLeases(get_leases(store_uri))
         done: list[dict] = []
@@ -152,7 +153,7 @@ class WaiterGroup:
 
 def _start_service_from_another_driver(address: str, store_uri: str) -> str:
     """A second driver connects, starts the store's lease service and exits; its actor id."""
-    code = ("import ray\nfrom tune.shared_stage1 import NAMESPACE, create_leases\n"
+    code = ("import ray\nfrom tune.leases import NAMESPACE, create_leases\n"
             f"ray.init(address={address!r}, namespace=NAMESPACE, log_to_driver=False)\n"
             f"service = create_leases({store_uri!r})\n"
             "ray.get(service.__ray_ready__.remote())\n"
@@ -184,7 +185,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def run(args: argparse.Namespace) -> dict:
     from tune.artifacts import ArtifactStore
-    from tune.shared_stage1 import LEASE_SECONDS, NAMESPACE, RENEW_SECONDS, create_leases
+    from tune.leases import LEASE_SECONDS, NAMESPACE, RENEW_SECONDS, create_leases
 
     groups_n = args.nodes * args.actors_per_node
     tmp = tempfile.TemporaryDirectory(prefix="cmg-sim-leases-")
