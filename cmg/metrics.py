@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from cmg.results import BASELINES
 from cmg.models.classifier import ind_logits
@@ -60,6 +59,10 @@ def ood_metrics(score_ind, score_ood) -> dict[str, float]:
     - fpr95: the share of OOD inputs accepted as IND at the threshold where 95% of the IND inputs
       are accepted (TPR measured on IND). Lower is better.
     """
+    # imported here: scikit-learn costs a second and a half of start-up in every process that
+    # imports the method, and stage-1 training (a prewarm task's whole process) never scores
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
     s_in = np.asarray(torch.as_tensor(score_ind).detach().float().cpu(), dtype=np.float64)
     s_out = np.asarray(torch.as_tensor(score_ood).detach().float().cpu(), dtype=np.float64)
     y = np.concatenate([np.zeros(len(s_in)), np.ones(len(s_out))])
