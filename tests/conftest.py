@@ -159,6 +159,42 @@ def second_sweep(tmp_path_factory, smoke_sweep):
     return {**built, "experiment": Path(built["experiment"])}
 
 
+@pytest.fixture(scope="session")
+def backbone_sweep(tmp_path_factory):
+    """One Setting-2 sweep on a CSI backbone, shared by the data-set and export tests (built once
+    for all workers; its users only read it): synthetic CIFAR-10 and OOD sets
+    (tests/cifar_data.py), a CSI checkpoint named with `{partition}` in --backbone as docs/csi.md
+    recommends (so stage 1 trains only the CVAE), two configurations of its one partition."""
+    import torch
+
+    from cifar_data import build_cifar_data_root
+    from test_backbone import csi_state_dict
+
+    def build(folder: Path) -> dict:
+        data_root = build_cifar_data_root(folder / "data")
+        backbone = folder / "models" / "csi_p1.model"
+        backbone.parent.mkdir()
+        torch.save(csi_state_dict(), backbone)
+        space = folder / "space.yaml"
+        space.write_text("epochs: 1\nood_per_batch: 64\nlatent_dim: 32\n")  # one stage-1 key
+        template = str(folder / "models" / "csi_p{partition}.model")
+        proc = run_sweep("--setting", "different_dataset", "--backbone", template,
+                         "--backbone-format", "csi", "--num-samples", "2", "--storage",
+                         str(folder / "sweeps"), "--name", "d", "--space", str(space),
+                         "--data-root", str(data_root), "--no-report", *SWEEP_SMOKE,
+                         "--set", "cvae.batch_size=100", "--set", "data.train_limit=100",
+                         "--set", "data.eval_limit=32")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return {"folder": folder, "data_root": data_root, "backbone": backbone,
+                "template": template, "storage": folder / "sweeps",
+                "experiment": folder / "sweeps" / "d", "stdout": proc.stdout,
+                "stderr": proc.stderr}
+
+    built = built_once(tmp_path_factory, "backbone_sweep", build)
+    return {**built, **{k: Path(built[k]) for k in ("folder", "data_root", "backbone",
+                                                    "storage", "experiment")}}
+
+
 # Files that take longest (from a run's timeline), started first, so that the workers end
 # together instead of one finishing a long file alone at the end. With `--dist loadfile
 # --no-loadscope-reorder` (pyproject.toml) xdist hands out files in this order, the next to the
@@ -175,7 +211,7 @@ LONG_FILES_FIRST = ("test_sweep.py", "test_arms.py", "test_pipeline.py",
 # fixtures that run real sweeps or clusters: a test that uses one is `slow` (pytest -m "not slow"
 # skips it)
 SWEEP_FIXTURES = {"smoke_sweep", "second_sweep", "interrupted", "logged_sweep", "cluster",
-                  "cold_cluster", "arms_sweep"}
+                  "cold_cluster", "arms_sweep", "backbone_sweep"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -23,9 +23,8 @@ from cmg.data.ood import load_image_folder
 from cmg.data.synthetic import noise_png
 from cmg.errors import UsageError
 from cifar_data import build_cifar_data_root, real_images
-from cmg.backbone import file_sha256
-from conftest import SWEEP_SMOKE, run_main, run_sweep
-from test_backbone import csi_state_dict
+from cmg.backbone import BackboneSpec, file_sha256
+from conftest import run_main
 from test_cli import SMOKE, assert_usage_error, cli
 
 PRESENT = ["LSUN", "tinyImageNet", "CIFAR100"]
@@ -106,42 +105,37 @@ def test_run_reports_every_present_ood_set_and_their_mean(data_root, tmp_path):
     assert "test AUROC per OOD set" in proc.stdout and "tinyImageNet" in proc.stdout
 
 
-@pytest.mark.slow
-def test_sweep_with_a_backbone_optimises_the_mean_over_the_present_ood_sets(data_root, tmp_path):
-    """One Setting-2 sweep on a CSI backbone (its stage 1 trains only the CVAE; the CIFAR
-    classifier's training is covered by the run and stage-1 tests above and below)."""
-    space = tmp_path / "space.yaml"
-    space.write_text("epochs: 1\nood_per_batch: 64\nlatent_dim: 32\n")  # one stage-1 key
-    backbone = tmp_path / "last.model"
-    torch.save(csi_state_dict(), backbone)
-    proc = run_sweep("--setting", "different_dataset", "--backbone", str(backbone),
-                     "--backbone-format", "csi", "--num-samples", "2", "--storage",
-                     str(tmp_path), "--name", "d", "--space", str(space), "--data-root",
-                     str(data_root), "--no-report", *SWEEP_SMOKE, "--set", "cvae.batch_size=100",
-                     "--set", "data.train_limit=100", "--set", "data.eval_limit=32")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "skipped: SVHN, LSUN-FIX, ImageNet-FIX" in proc.stderr
-    classifier, cvae = (sorted((tmp_path / "stage1").glob(f"*-{kind}-*"))
+def test_sweep_with_a_backbone_optimises_the_mean_over_the_present_ood_sets(backbone_sweep,
+                                                                           tmp_path):
+    """One Setting-2 sweep on a CSI backbone (conftest's, two configurations: its stage 1 trains
+    only the CVAE; the CIFAR classifier's training is covered by the run and stage-1 tests above
+    and below)."""
+    storage, backbone = backbone_sweep["storage"], backbone_sweep["backbone"]
+    experiment = backbone_sweep["experiment"]
+    assert "skipped: SVHN, LSUN-FIX, ImageNet-FIX" in backbone_sweep["stderr"]
+    classifier, cvae = (sorted((storage / "stage1").glob(f"*-{kind}-*"))
                         for kind in ("classifier", "cvae"))
     assert len(classifier) == len(cvae) == 1  # the backbone and one CVAE, reused by both trials
     meta = json.loads((classifier[0] / "meta.json").read_text())
-    assert meta["backbone"] == {"format": "csi", "sha256": file_sha256(backbone)}
+    # `{partition}` in --backbone: the hash covers the files of every partition the sweep uses
+    assert meta["backbone"] == BackboneSpec.from_args(backbone_sweep["template"], "csi").identity()
+    assert meta["backbone"]["sha256"] != file_sha256(backbone)
     assert meta["history"] == []  # the backbone is not trained
     assert (classifier[0] / "backbone.pt").exists()
     assert not (classifier[0] / "classifier.pt").exists()
     assert (cvae[0] / "cvae.pt").exists()
-    rows = [r for f in sorted((tmp_path / "d").glob("trial-*")) for r in trial_rows(f)]
+    rows = [r for f in sorted(experiment.glob("trial-*")) for r in trial_rows(f)]
     assert len(rows) == 2 and all(r["partitions_total"] == 1 for r in rows)
     for r in rows:
         assert r["val_auroc_mean"] == pytest.approx(
             np.mean([r[f"val_{s}_auroc"] for s in PRESENT]))
-    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    summary = json.loads((experiment / "summary.json").read_text())
     assert summary["trials"]["complete"] == 2 and summary["stage1_trained"] == 2
     assert summary["best"]["metrics"]["val_auroc_std"] is None  # one partition: no spread
-    assert "one partition: no spread" in proc.stdout
+    assert "one partition: no spread" in backbone_sweep["stdout"]
     # the report shows the selected configuration on every OOD set, beside the baselines
     best = next(r for r in rows if r["trial_id"] == summary["best"]["trial_id"])
-    report = write_report(str(tmp_path / "d"), tmp_path / "report")["report"].read_text()
+    report = write_report(str(experiment), tmp_path / "report")["report"].read_text()
     table = report[report.index("Per OOD set"):].split("\n\n")[1].splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == PRESENT
     for line, name in zip(table[2:], PRESENT):
@@ -152,7 +146,7 @@ def test_sweep_with_a_backbone_optimises_the_mean_over_the_present_ood_sets(data
     loso = report[report.index("Leave one OOD set out"):].split("\n\n")[1].splitlines()
     assert [line.split("|")[1].strip() for line in loso[2:]] == PRESENT
     # per-image scores: one `kind` per OOD set, whose AUROC they recompute; a ROC panel per set
-    scores = load_scores(str(tmp_path / "d"), best["trial_id"])
+    scores = load_scores(str(experiment), best["trial_id"])
     test = scores[scores["split"] == "test"]
     assert set(test["kind"]) == {"ind", *PRESENT}
     for name in PRESENT:

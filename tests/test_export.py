@@ -1,6 +1,7 @@
 """Per-image scores, ROC/histogram figures, the exported detector, `cmg.score`, and the report's
 reproduce command: on the shared smoke sweep (real MNIST, real Ray), checked with scikit-learn."""
 
+import contextlib
 import gzip
 import json
 import os
@@ -20,7 +21,6 @@ from sklearn.metrics import roc_auc_score
 from analysis.trial_files import load_scores, load_trial_record, reproduce_command, score_columns
 from analysis.figures import roc_figure, scores_figure
 from analysis.trials import aggregate, leaderboard, load_trials, trial_rows
-from cifar_data import build_cifar_data_root
 from cmg.checkpoint import load_checkpoint
 from cmg.cli import setup_run
 from cmg.config import DataConfig, budget_config
@@ -32,8 +32,7 @@ from cmg.metrics import SCORES
 from cmg.run import build_parser as run_parser
 from cmg.score import main as score_main
 from cmg.score_table import ind_threshold
-from conftest import ROOT, SWEEP_SMOKE, run_sweep
-from test_backbone import csi_state_dict
+from conftest import ROOT
 
 
 def best_trial(experiment: Path) -> str:
@@ -285,38 +284,49 @@ def test_score_command_rejects_bad_input_in_one_line_without_a_csv(exported, tmp
     assert not out.exists() and not list(tmp_path.glob(".scores.csv.*"))
 
 
-# -- a detector with a backbone: a sweep of its own ---------------------------------------------
+# -- a detector with a backbone: conftest's backbone sweep ---------------------------------------
 
-@pytest.mark.slow
+_OPENED: list[str] | None = None  # inside `opened_files`: the paths this process opened
+
+
+def _record_open(event: str, args: tuple) -> None:
+    if _OPENED is not None and event == "open" and isinstance(args[0], (str, os.PathLike)):
+        _OPENED.append(os.fspath(args[0]))
+
+
+@contextlib.contextmanager
+def opened_files():
+    """The paths this process opens inside the block (Python's audit hook: every `open`, torch's
+    loads included). A hook, once added, stays for the process: outside a block it only returns."""
+    global _OPENED
+    if not getattr(opened_files, "hooked", False):
+        sys.addaudithook(_record_open)
+        opened_files.hooked = True
+    _OPENED = []
+    try:
+        yield _OPENED
+    finally:
+        _OPENED = None
+
+
 def test_a_detector_with_a_backbone_scores_the_same_after_a_move_without_the_sweep(
-        tmp_path, monkeypatch):
+        backbone_sweep, tmp_path, monkeypatch):
     """Export a CSI-backbone sweep's detector (`{partition}` in --backbone, as docs/csi.md
-    recommends), move the folder elsewhere, delete the backbone file, the sweep and its stage-1
-    store: it loads from a relative path and scores bitwise what it scored before the move, which
-    is what the trial scored. A detector.json written before backbones were copied (the sweep's
+    recommends), move the folder elsewhere: it loads from a relative path and scores bitwise what
+    it scored before the move, which is what the trial scored, and opens no file of the sweep,
+    its stage-1 store, its data or the backbone it was trained with (Python's audit hook sees
+    every file opened). A detector.json written before backbones were copied (the sweep's
     absolute path) still loads; one with `{partition}` in that path must be exported again."""
-    data_root = build_cifar_data_root(tmp_path / "data")
-    backbone = tmp_path / "models" / "csi_p1.model"
-    backbone.parent.mkdir()
-    torch.save(csi_state_dict(), backbone)
-    space = tmp_path / "space.yaml"
-    space.write_text("epochs: 1\nood_per_batch: 64\nlatent_dim: 32\n")
-    proc = run_sweep("--setting", "different_dataset", "--backbone",
-                     str(tmp_path / "models" / "csi_p{partition}.model"), "--backbone-format",
-                     "csi", "--num-samples", "1", "--storage", str(tmp_path / "sweeps"),
-                     "--name", "b", "--space", str(space), "--data-root", str(data_root),
-                     "--no-report", *SWEEP_SMOKE, "--set", "cvae.batch_size=100",
-                     "--set", "data.train_limit=100", "--set", "data.eval_limit=32")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     from tune.export import export
 
-    experiment = tmp_path / "sweeps" / "b"
+    experiment, backbone = backbone_sweep["experiment"], backbone_sweep["backbone"]
     [folder] = export(str(experiment), tmp_path / "detector")
     meta = json.loads((folder / "detector.json").read_text())
     assert meta["backbone"]["path"] == "backbone.pt"  # relative to the folder: no machine's path
-    assert meta["backbone"]["sweep"]["path"] == str(tmp_path / "models" / "csi_p{partition}.model")
+    assert meta["backbone"]["sweep"]["path"] == backbone_sweep["template"]
     assert (folder / "backbone.pt").read_bytes() == backbone.read_bytes()  # partition 1's file
-    split = make_split("different_dataset", 1, DataConfig(**meta["config"]["data"]), data_root)
+    split = make_split("different_dataset", 1, DataConfig(**meta["config"]["data"]),
+                       backbone_sweep["data_root"])
     images = torch.cat([split.test_ind_x, split.test_ood_x])
     before = Detector.load(folder).score(images)
     scores = load_scores(experiment, meta["source"]["trial_id"])
@@ -326,17 +336,19 @@ def test_a_detector_with_a_backbone_scores_the_same_after_a_move_without_the_swe
         np.testing.assert_allclose(before[column], test[column], rtol=1e-4, atol=1e-5)
 
     moved = Path(shutil.move(folder, tmp_path / "elsewhere" / "partition-1"))
-    backbone.unlink()
-    shutil.rmtree(tmp_path / "sweeps")  # the experiment and the stage-1 store
     monkeypatch.chdir(moved.parent)
-    after = Detector.load("partition-1").score(images)
+    with opened_files() as opened:
+        after = Detector.load("partition-1").score(images)
     pd.testing.assert_frame_equal(after, before, check_exact=True)  # same files, same kernels
+    assert any(p.endswith("backbone.pt") for p in opened)  # the hook sees the detector's files
+    sweep = str(backbone_sweep["folder"])
+    assert not [p for p in opened if os.path.abspath(p).startswith(sweep)], opened
 
     old = json.loads((moved / "detector.json").read_text())  # exported before the copy:
     old["backbone"]["path"] = str(moved / "backbone.pt")  # the sweep's absolute path
     (moved / "detector.json").write_text(json.dumps(old))
     pd.testing.assert_frame_equal(Detector.load(moved).score(images), before, check_exact=True)
-    old["backbone"]["path"] = str(tmp_path / "models" / "csi_p{partition}.model")
+    old["backbone"]["path"] = backbone_sweep["template"]
     (moved / "detector.json").write_text(json.dumps(old))  # hash over all partitions' files
     with pytest.raises(UsageError, match="export it again with python -m tune.export"):
         Detector.load(moved)
