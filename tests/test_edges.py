@@ -35,8 +35,8 @@ def as_manifest(space) -> dict:
 
 
 @pytest.fixture
-def manifest_space(tmp_path):
-    return lambda: first_headline_space(tmp_path)
+def manifest_space(tmp_path) -> dict:
+    return first_headline_space(tmp_path)
 
 
 # inside every range by more than 5%: lr at 1e-4 is half-way in log space between 1e-5 and 1e-3
@@ -46,7 +46,7 @@ INSIDE = {"mixing": "mask", "mask_prob": 0.5, "num_mixed": 3, "distinct": True, 
 
 
 def test_a_configuration_inside_every_range_is_silent(manifest_space):
-    assert edges(INSIDE, manifest_space()) == []
+    assert edges(INSIDE, manifest_space) == []
 
 
 def test_knobs_on_a_bound_are_flagged_with_the_line_that_widens_them(tmp_path, manifest_space):
@@ -54,7 +54,7 @@ def test_knobs_on_a_bound_are_flagged_with_the_line_that_widens_them(tmp_path, m
     # decades above 1e-5; mask_prob 0.895 is 99% of [0.1, 0.9]; sigma 0.64 is 9% of [0.5, 8] in
     # log space (log 1.28 / log 16), so it is not flagged
     found = edges({**INSIDE, "lr": 1.1552e-5, "mask_prob": 0.895, "sigma": 0.6364},
-                  manifest_space())
+                  manifest_space)
     assert [(e.name, e.side) for e in found] == [("mask_prob", "high"), ("lr", "low")]
     mask, lr = found
     assert lr.position == pytest.approx(math.log10(1.1552) / 2)
@@ -85,7 +85,7 @@ def test_the_default_space_holds_the_first_headlines_optima_inside():
 
 
 def test_the_edge_is_five_percent_of_the_range_from_either_bound(manifest_space):
-    space = manifest_space()  # sigma: [0.5, 8], log; epochs: [1, 6]
+    space = manifest_space  # sigma: [0.5, 8], log; epochs: [1, 6]
     just_in, just_out = 0.5 * 16 ** (EDGE * 0.99), 0.5 * 16 ** (EDGE * 1.01)
     assert [e.name for e in edges({**INSIDE, "sigma": just_in}, space)] == ["sigma"]
     assert edges({**INSIDE, "sigma": just_out}, space) == []
@@ -96,7 +96,7 @@ def test_the_edge_is_five_percent_of_the_range_from_either_bound(manifest_space)
 
 
 def test_fixed_categorical_and_undrawn_knobs_are_never_flagged(manifest_space):
-    space = manifest_space()
+    space = manifest_space
     space["lr"] = {**space["lr"], "fixed": 1e-5}  # fixed by a space file: not searched
     params = {**INSIDE, "lr": 1e-5, "ood_per_batch": 256, "latent_dim": 64,
               "mask_prob": float("nan"), "energy_weight": None}  # not drawn (convex, softmax)
@@ -106,7 +106,7 @@ def test_fixed_categorical_and_undrawn_knobs_are_never_flagged(manifest_space):
 
 
 def test_a_bound_at_the_knobs_hard_limit_cannot_widen(manifest_space):
-    space = manifest_space()
+    space = manifest_space
     space["mask_prob"] = {**space["mask_prob"], "low": 0.5, "high": 1.0}
     (edge,) = edges({**INSIDE, "mask_prob": 0.99}, space)
     assert edge.space_line() is None and "hard limit" in edge.line()
