@@ -84,8 +84,8 @@ class Launch:
             check: bool = True) -> subprocess.CompletedProcess:
         """`ray ARGS` (our venv) in the clone, with a private /tmp; output in LOGS/LOG."""
         cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-               'mount --bind "$0" /tmp && exec "$@"', str(self.launcher_tmp),
-               str(ROOT / ".venv/bin/ray"), *args]
+               f'{keep_visible(ROOT, self.launcher_tmp)}mount --rbind "$0" /tmp && exec "$@"',
+               str(self.launcher_tmp), str(ROOT / ".venv/bin/ray"), *args]
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         out = open(self.logs / log, "a")
         process = subprocess.Popen(cmd, cwd=self.source, env=env, stdout=out,
@@ -105,6 +105,20 @@ class Launch:
         """COMMAND on the head over the harness's own SSH (checks, not the user's path)."""
         return self.hosts.ssh(self.hosts[0], f"PATH=~/cmg-venv/bin:$PATH; {command}",
                               check=check, timeout=timeout).stdout
+
+
+def keep_visible(path: Path, private_tmp: Path) -> str:
+    """The shell line that keeps PATH at its own path once PRIVATE_TMP is mounted over /tmp: a
+    checkout under /tmp (a fresh clone there, say) is bound onto the same place inside the
+    private /tmp first, so its venv's `ray` and the scripts' shebangs still resolve. Empty when
+    PATH is not under /tmp."""
+    try:
+        inside = path.resolve().relative_to("/tmp")
+    except ValueError:
+        return ""
+    mountpoint = private_tmp / inside
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    return f"mount --bind '{path.resolve()}' '{mountpoint}' && "
 
 
 def onprem_config(source: Path, head: str, workers: list[str], user: str, key: Path,

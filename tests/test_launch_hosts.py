@@ -78,6 +78,28 @@ def test_hosts_are_torn_down_when_a_step_fails():
     assert ours(net) == [] and not hosts.workdir.exists()
 
 
+def test_the_launchers_private_tmp_keeps_a_checkout_under_tmp(tmp_path):
+    """`ray` runs with its own /tmp; a checkout under /tmp (a fresh clone there, as in the first
+    run on a fresh machine: `.venv/bin/ray: not found`) stays at its own path inside it."""
+    from bench.launch import keep_visible
+
+    checkout, private = tmp_path / "clone", WORKDIR / f"private-tmp-{os.getpid()}"
+    checkout.mkdir()
+    (checkout / "ray").write_text("#!/bin/sh\necho ran from $0\n")
+    (checkout / "ray").chmod(0o755)
+    private.mkdir(parents=True)
+    try:
+        line = keep_visible(checkout, private) + 'mount --rbind "$0" /tmp && exec "$@"'
+        run = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                              line, str(private), str(checkout / "ray")],
+                             capture_output=True, text=True)
+        assert run.returncode == 0 and run.stdout == f"ran from {checkout / 'ray'}\n", run
+        assert not any((private / checkout.relative_to("/tmp")).iterdir())  # bound in there only
+        assert keep_visible(WORKDIR, private) == ""
+    finally:
+        subprocess.run(["rm", "-rf", str(private)], check=True)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_ray_up_on_test_hosts_runs_the_documented_sweep(request):
