@@ -2,9 +2,10 @@
 `ray up examples/cluster-onprem.yaml` over SSH, the documented sweep through `ray exec`, `ray down`.
 
 Needs root (namespaces, links, sshd); the harness installs openssh-server and rsync by package
-name. The full launch sets up three venvs with torch (about 22 minutes on 2 busy cores, 20 GB on
-disk under /work/cmg-test-hosts while it runs): it runs with `pytest -m launch`, and is skipped,
-saying so, in a run that does not ask for the marker (CI's plain `pytest` has 16 minutes in all).
+name. The full launch sets up three venvs with torch (13 to 14 minutes on 2 cores, 22 on busy
+ones; 20 GB on disk under /work/cmg-test-hosts while it runs): it runs with `pytest -m launch`,
+and is skipped, saying so, in a run that does not ask for the marker (CI's plain `pytest` has 16
+minutes in all).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def test_the_launchers_private_tmp_keeps_a_checkout_under_tmp(tmp_path):
 @pytest.mark.timeout(3600)
 def test_ray_up_on_test_hosts_runs_the_documented_sweep(request):
     if "launch" not in (request.config.option.markexpr or ""):
-        pytest.skip("the real `ray up` takes about 22 minutes: pytest -m launch runs it")
+        pytest.skip("the real `ray up` takes about 14 minutes: pytest -m launch runs it")
     from bench.launch import LaunchOptions, run
 
     result = run(LaunchOptions(workdir=WORKDIR, net=80))
