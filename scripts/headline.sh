@@ -32,8 +32,15 @@ sweep() {  # NAME [OPTIONS]: start the sweep, or resume it if it exists
 
 sweep mnist-quick-unseen
 sweep mnist-quick-blind --select-on rotated
+# One new seed at a time, both selections on it, before the next (--seeds N adds only the runs
+# of seeds S+1..S+N that are missing): a seed's stage-1 models are trained when its runs are
+# next, and an interruption loses at most one seed's, not the prewarm of all nine.
+for seeds in 1 2 3 4 5 6 7 8 9; do
+  for name in mnist-quick-unseen mnist-quick-blind; do
+    timed "$PY" -m tune.replicate "$S/$name" --top 1 --seeds "$seeds" --with-defaults --quiet
+  done
+done
 for name in mnist-quick-unseen mnist-quick-blind; do
-  timed "$PY" -m tune.replicate "$S/$name" --top 1 --seeds 9 --with-defaults --quiet
   timed "$PY" -m analysis.report "$S/$name" --quiet
 done
 "$PY" -m analysis.headline "$S/mnist-quick-unseen/report" "$S/mnist-quick-blind/report"

@@ -299,3 +299,36 @@ def test_the_readme_results_are_the_committed_reports():
     assert len(classifier_of_cell) == 25
     assert all(len(keys) == 1 for keys in classifier_of_cell.values())
     assert len(set.union(*classifier_of_cell.values())) == 25
+
+
+def test_the_headline_script_runs_its_parts_in_order_and_resumes(tmp_path):
+    """scripts/headline.sh with a stand-in Python that records each command: both sweeps start
+    (--arms all, 24 configurations), each new seed is replicated under both selections before the
+    next (seeds 1..9: one seed's stage-1 models at a time), then the reports and the headline; run
+    again once the sweeps exist, it resumes them instead."""
+    import subprocess
+
+    log, storage = tmp_path / "calls.txt", tmp_path / "hl"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+
+    def calls() -> list[str]:
+        subprocess.run(["bash", str(ROOT / "scripts/headline.sh"), str(storage)], check=True,
+                       env={"PATH": "/usr/bin:/bin", "PY": str(fake)}, capture_output=True)
+        lines = log.read_text().splitlines()
+        log.unlink()
+        return lines
+
+    first = calls()
+    assert [c.split()[:2] for c in first[:2]] == [["-m", "tune.sweep"]] * 2
+    assert all("--arms all" in c and "--num-samples 24" in c for c in first[:2])
+    assert "--select-on rotated" in first[1] and "--select-on" not in first[0]
+    replicates = [re.search(r"(unseen|blind) .*--seeds (\d)", c).groups() for c in first[2:20]]
+    assert replicates == [(sel, str(n)) for n in range(1, 10) for sel in ("unseen", "blind")]
+    assert [c.split()[1] for c in first[20:]] == ["analysis.report"] * 2 + ["analysis.headline"]
+    for name in ("mnist-quick-unseen", "mnist-quick-blind"):
+        (storage / name).mkdir(parents=True)
+        (storage / name / "manifest.json").write_text("{}")
+    again = calls()
+    assert [c.endswith("--resume") for c in again[:2]] == [True, True] and again[2:] == first[2:]
