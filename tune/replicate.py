@@ -24,7 +24,8 @@ run per call), with the sweep's spec (its manifest.json), CPUs, retries and stag
 (STORAGE/stage1), and a GPU share planned on the cluster it runs on. Running the command again
 adds only the (configuration, seed, arm) runs that have no complete trial yet, so Ctrl-C (or
 SIGTERM) stops it cleanly (exit 130, saying how many runs were added) and the same command goes
-on. At the end it prints the replicated table (analysis.replicates), and `python -m
+on; `--seeds` may grow (`--seeds 2` after `--seeds 1` adds seed S+2 alone: a long replication
+in parts, one seed's stage-1 models at a time, as scripts/headline.sh runs it). At the end it prints the replicated table (analysis.replicates), and `python -m
 analysis.report EXPERIMENT` adds it to report.md.
 """
 
