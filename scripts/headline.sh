@@ -4,11 +4,17 @@
 # validation images), each tuning CMG and every control arm alike (--arms all: the same budget,
 # sampler seed, scheduler and stage-1 models), each arm's own best and CMG's first trial
 # replicated on 9 new seeds (the fewest with which an exact sign-flip test can pass Holm's
-# strictest step over the 10 lifts), the reports, and the headline of both. Hours on 2 CPU cores:
+# strictest step over the 10 lifts), the reports, and the headline of both. About 13 hours on 2
+# CPU cores (estimated from the first part's pace):
 # run it again after any interruption and it goes on where it stopped (a sweep that exists is
 # resumed; tune.replicate adds only the runs that are missing).
 #
 #   bash scripts/headline.sh [STORAGE]          # default: experiments/headline
+#
+# The run in progress: results/headline-in-progress.tar.xz holds its records so far (STORAGE
+# /work/headline, packed by scripts/pack_storage.py: without the stage-1 store, the stage-2 heads
+# or the scores no report reads); `tar -xJf results/headline-in-progress.tar.xz -C /work && bash
+# scripts/headline.sh /work/headline` continues it (the prewarm trains the stage-1 models again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -332,3 +332,49 @@ def test_the_headline_script_runs_its_parts_in_order_and_resumes(tmp_path):
         (storage / name / "manifest.json").write_text("{}")
     again = calls()
     assert [c.endswith("--resume") for c in again[:2]] == [True, True] and again[2:] == first[2:]
+
+
+def test_a_packed_storage_keeps_the_records_and_leaves_out_what_is_made_again(tmp_path):
+    """scripts/pack_storage.py: the sweep's and the replicates' records go in; the stage-1 store,
+    the heads and the scores of a stopped trial and of a replicate stay out, while those of a
+    complete trial and of one Tune goes on with stay; the stage-1 digests go beside."""
+    import subprocess
+    import sys
+    import tarfile
+
+    storage = tmp_path / "hl"
+
+    def put(rel: str, text: str = "x") -> None:
+        (storage / rel).parent.mkdir(parents=True, exist_ok=True)
+        (storage / rel).write_text(text)
+
+    put("stage1/key-a/cvae.pt")
+    put("stage1/key-a/meta.json", json.dumps({"digests": {"cvae.pt": "abc"}}))
+    put("sw/manifest.json")
+    put("sw/optuna.journal")
+    put("sw/experiment_state-1.json", json.dumps({"trial_data": [
+        [json.dumps({"trial_id": i, "status": s})] for i, s in
+        (("aaaa", "TERMINATED"), ("bbbb", "TERMINATED"), ("cccc", "PAUSED"))]}))
+    for trial, rows in (("trial-1-aaaa", 5), ("trial-2-bbbb", 1), ("trial-3-cccc", 2)):
+        put(f"sw/{trial}/partitions.jsonl", "{}\n" * rows)
+        put(f"sw/{trial}/scores/partition-1.parquet")
+        put(f"sw/{trial}/heads/partition-1.pt")
+    put("sw/replicate/run-1/replicate-1-dddd/partitions.jsonl", "{}\n" * 5)
+    put("sw/replicate/run-1/replicate-1-dddd/scores/partition-1.parquet")
+    out = tmp_path / "pack.tar.xz"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts/pack_storage.py"), str(storage),
+                          str(out)], capture_output=True, text=True)
+    assert run.returncode == 0 and "9 files, 7 left out" in run.stdout, run
+    with tarfile.open(out) as tar:
+        names = set(tar.getnames())
+        digests = json.load(tar.extractfile("hl-stage1-digests.json"))
+    assert names == {"hl-stage1-digests.json", *(f"hl/sw/{f}" for f in (
+        "manifest.json", "optuna.journal", "experiment_state-1.json",
+        "trial-1-aaaa/partitions.jsonl", "trial-2-bbbb/partitions.jsonl",
+        "trial-3-cccc/partitions.jsonl", "trial-1-aaaa/scores/partition-1.parquet",
+        "trial-3-cccc/scores/partition-1.parquet",
+        "replicate/run-1/replicate-1-dddd/partitions.jsonl"))}
+    assert digests == {"key-a": {"cvae.pt": "abc"}}
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/pack_storage.py"), str(out)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "usage" in bad.stderr
