@@ -43,10 +43,15 @@ def kept(path: Path, storage: Path, partitions: int) -> bool:
     if "scores" not in parts:
         return True
     trial = path.parent.parent
-    rows = trial / ROWS_FILE
-    complete = rows.exists() and len(rows.read_text().splitlines()) >= partitions
     return "replicate" not in parts and (
-        complete or trial.name.rsplit("-", 1)[-1] in going_on(trial.parent))
+        complete(trial, partitions) or trial.name.rsplit("-", 1)[-1] in going_on(trial.parent))
+
+
+@functools.cache
+def complete(trial: Path, partitions: int) -> bool:
+    """Whether TRIAL has a row for every partition (read once per trial, not per scores file)."""
+    rows = trial / ROWS_FILE
+    return rows.exists() and len(rows.read_text().splitlines()) >= partitions
 
 
 def pack(storage: Path, out: Path, partitions: int = 5) -> tuple[int, int]:
