@@ -16,7 +16,10 @@ default). It reads only the folder's files: `summary.csv` names the configuratio
 configuration is the sweep's best complete one on validation (never on test); the defaults are its
 first trial. A control arm is compared as its replicates ran it: at its own tuned configuration
 (a source trial of its own, from a sweep of that arm) where there is one, else at tuned CMG's
-knobs, and its label says which.
+knobs, and its label says which. A variant of an arm (`tune.replicate --arms none --variant
+stage2.label_smoothing=0`) is a score of its own beside the arms, and its difference from the arm
+as the sweep ran it a descriptive line, outside the questions and their Holm family; it shows once
+it has run on every cell the others ran.
 Every number in the table is a test metric of a new seed; the sweep's own seed, on which the
 configuration was selected, is shown apart and tested in nothing.
 """
@@ -35,7 +38,7 @@ from analysis.edges import EDGE, edges
 from analysis.replicates import (detectable_effect, equivalence_bound, holm, min_sign_flip_p,
                                  seeds_for_exact, sign_flip_p, t_interval)
 from cmg.errors import OneLineParser, atomic_write, command_parser, exit_on_usage_error, fail
-from cmg.results import ARMS, BASELINES, REPLICATES_FILE
+from cmg.results import ARMS, BASELINES, REPLICATES_FILE, arm_label, split_arm
 
 START = "<!-- headline: start (python -m analysis.headline DIR --readme README.md) -->"
 END = "<!-- headline: end -->"
@@ -99,12 +102,13 @@ def arm_configurations(replicates: pd.DataFrame, tuned: str,
     return out
 
 
-def labels(arms: dict[str, tuple[str, bool]]) -> dict[str, str]:
+def labels(arms: dict[str, tuple[str, bool]], variants=()) -> dict[str, str]:
     """{score key: the label tables print}: tuned CMG, each arm run (tuned, or at CMG's knobs),
-    the first trial and the baselines."""
+    each variant of one (`variant_cells`' keys) alike, the first trial and the baselines."""
+    runs = {**{arm: arm for arm in arms}, **{name: split_arm(name)[0] for name in variants}}
     return {"mixed": TUNED,
-            **{arm: f"{ARMS[arm]}, {'tuned' if own else AT_CMGS}"
-               for arm, (_, own) in arms.items()},
+            **{name: f"{arm_label(name)}, {'tuned' if arms[arm][1] else AT_CMGS}"
+               for name, arm in runs.items()},
             "defaults": DEFAULTS, **BASELINES}
 
 
@@ -132,6 +136,23 @@ def score_cells(replicates: pd.DataFrame, tuned: str, defaults: str,
         cells = cells.intersection(frame.index)
     return {key: frame.loc[cells.sort_values()].set_axis(["auroc", "fpr95"], axis=1)
             for key, frame in out.items()}
+
+
+def variant_cells(replicates: pd.DataFrame, arms: dict[str, tuple[str, bool]],
+                  index: pd.Index) -> dict[str, pd.DataFrame]:
+    """{variant name ("none + stage2.label_smoothing=0"): its test auroc and fpr95 on the cells
+    of `index`}: each variant of an arm of `arms` at the configuration the arm ran, that has run
+    on every one of those cells (one still running is left out, not allowed to shrink them)."""
+    out = {}
+    for name, rows in replicates.groupby("arm") if "arm" in replicates else ():
+        arm, variant = split_arm(name)
+        if not variant or arm not in arms:
+            continue
+        frame = rows[rows["source_trial"] == arms[arm][0]].set_index(["seed", "partition"])
+        if index.isin(frame.index).all():
+            out[name] = frame.loc[index, ["test_auroc", "test_fpr95"]].set_axis(
+                ["auroc", "fpr95"], axis=1)
+    return out
 
 
 def score_summary(cells: pd.DataFrame) -> dict[str, float]:
@@ -193,13 +214,17 @@ def headline(reports: list[str | Path]) -> dict:
                     if trials is not None else float("nan"))
         index = cells["mixed"].index
         configurations = {"mixed": tuned, **{arm: s for arm, (s, own) in arms.items() if own}}
-        names = labels(arms)
+        variants = variant_cells(replicates, arms, index)
+        names = labels(arms, variants)
         out.append({
             "report": report, "tuned": tuned, "defaults": defaults, "labels": names,
             "selection": manifest.get("run_config", {}).get("data", {}).get("val_ood", "unseen"),
             "seeds": index.get_level_values("seed").nunique(),
             "partitions": index.get_level_values("partition").nunique(),
-            "scores": {key: score_summary(c) for key, c in cells.items()},
+            "scores": {key: score_summary(c) for key, c in {**cells, **variants}.items()},
+            # a variant minus its arm as the sweep ran it (descriptive: in no family)
+            "variants": {name: lift(frame, cells[split_arm(name)[0]])
+                         for name, frame in variants.items()},
             "selection_seed": seed_run,
             "lifts": {versus: lift(cells["mixed"], cells[versus]) for _, versus in QUESTIONS
                       if versus in cells},
@@ -260,6 +285,11 @@ def _lift_cell(one: dict) -> str:
             f"detectable {one['detectable']:.4f}, upper {one['upper']:+.4f}")
 
 
+def _variant_cell(one: dict) -> str:
+    return (f"{one['mean']:+.4f} [{one['ci_low']:+.4f}, {one['ci_high']:+.4f}], p {one['p']:.3g}, "
+            f"exact p {one['p_exact']:.3g}")
+
+
 def headline_markdown(reports: list[str | Path]) -> str:
     """The headline of the report folders, as Markdown: the scores and the lifts (one column per
     selection), the selection seeds apart, one verdict per question and the configurations on an
@@ -291,6 +321,12 @@ def headline_markdown(reports: list[str | Path]) -> str:
             for r in asked) + ".")
     if not_run:
         verdicts.append(f"- Not run in these replicates, so not answered: {' '.join(not_run)}")
+    for name in dict.fromkeys(name for r in runs for name in r["variants"]):
+        verdicts.append(f"- *{label(name)}* minus the arm as the sweep ran it (a variant: in no "
+                        "question and no Holm family): " + "; ".join(
+                            f"{SELECTIONS.get(r['selection'], r['selection'])}: "
+                            + _variant_cell(r["variants"][name])
+                            for r in runs if name in r["variants"]) + ".")
     first = runs[0]
     seeds = ", ".join(f"{SELECTIONS.get(r['selection'], r['selection'])}: "
                       f"{r['selection_seed']:.4f}" for r in runs)

@@ -34,15 +34,17 @@ import pandas as pd
 from scipy import optimize, stats
 
 from analysis.trials import NotAnExperiment, load_trials
-from cmg.results import ARMS, BASELINES, HEAD_BASELINES, REPLICATE_KIND, Experiment
+from cmg.results import (ARMS, BASELINES, HEAD_BASELINES, REPLICATE_KIND, Experiment, arm_label,
+                         split_arm, variant_arm)
 
 
 
 def load_replicates(experiment: str | Path) -> pd.DataFrame:
     """One row per (complete replicate trial, partition), with `source_trial` (the sweep trial
-    whose configuration it re-runs), `seed`, `arm` (cmg.results.ARMS) and `run` (the call of
-    tune.replicate); for a (configuration, seed, arm) run more than once, the latest complete
-    trial. Empty when none."""
+    whose configuration it re-runs), `seed`, `arm` (cmg.results.ARMS; a variant run with
+    overrides, tune.replicate --variant: "ARM + KEY=VALUE", cmg.results.variant_arm) and `run` (the
+    call of tune.replicate); for a (configuration, seed, arm) run more than once, the latest
+    complete trial. Empty when none."""
     exp = Experiment.open(experiment)
     frames = []
     for run in exp.replicate_runs():
@@ -61,6 +63,9 @@ def load_replicates(experiment: str | Path) -> pd.DataFrame:
         return empty
     # runs from before the control arms were all CMG
     df["arm"] = df["arm"].fillna("mixed") if "arm" in df else "mixed"
+    if "param_variant" in df:
+        df["arm"] = [variant_arm(arm, variant if isinstance(variant, str) else "")
+                     for arm, variant in zip(df["arm"], df.pop("param_variant"))]
     df = df.sort_values(["run", "trial_number", "partition"])
     latest = df.drop_duplicates(["source_trial", "seed", "arm"], keep="last")[["run", "trial_id"]]
     df = df.merge(latest, on=["run", "trial_id"])
@@ -152,20 +157,30 @@ def cmg_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 def _cells(group: pd.DataFrame) -> pd.DataFrame:
     """One configuration's scores as columns, one row per (seed, partition) cell: CMG, the
-    baselines, each control arm's score and the re-trained head's baselines (arm "none")."""
+    baselines, each control arm's score and the re-trained head's baselines (arm "none"), then
+    the variants (tune.replicate --variant) alike. The cells are those every plain score ran; a
+    variant that has not run on all of them yet is left out (it would shrink every comparison)."""
     by_arm = {arm: rows.set_index(["seed", "partition"]) for arm, rows in group.groupby("arm")}
     if "mixed" not in by_arm:
         return pd.DataFrame()
     mixed = by_arm["mixed"]
     cells = {"CMG": mixed["test_auroc"],
              **{label: mixed[f"{b}_test_auroc"] for b, label in BASELINES.items()}}
-    for arm in (a for a in ARMS if a != "mixed" and a in by_arm):
-        cells[ARMS[arm]] = by_arm[arm]["test_auroc"]
+    variants = {}
+    for name in sorted(by_arm, key=lambda n: (list(ARMS).index(split_arm(n)[0]), n)):
+        arm, variant = split_arm(name)
+        if name == "mixed":
+            continue
+        scores = variants if variant else cells
+        suffix = f", with {variant.replace(';', ', ')}" if variant else ""
+        scores[arm_label(name)] = by_arm[name]["test_auroc"]
         if arm == "none":
-            cells.update({f"{label}, re-trained head": by_arm[arm][f"{h}_test_auroc"]
-                          for h, label in zip(HEAD_BASELINES, BASELINES.values())
-                          if f"{h}_test_auroc" in by_arm[arm]})
-    return pd.DataFrame(cells).dropna()  # cells that every score ran
+            scores.update({f"{label}, re-trained head{suffix}": by_arm[name][f"{h}_test_auroc"]
+                           for h, label in zip(HEAD_BASELINES, BASELINES.values())
+                           if f"{h}_test_auroc" in by_arm[name]})
+    common = pd.DataFrame(cells).dropna()  # the cells that every plain score ran
+    done = {label: values.reindex(common.index) for label, values in variants.items()}
+    return common.assign(**{label: v for label, v in done.items() if v.notna().all()})
 
 
 SELECTION_ROW = "CMG, selection seed (the sweep's own run, not a replicate)"

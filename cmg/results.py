@@ -50,6 +50,27 @@ ARMS = {"mixed": "CMG (class-mixed pseudo-OOD)",
         "single": "pseudo-OOD without class mixing (one class per condition)",
         "noise": "uniform-noise images as pseudo-OOD",
         "none": "head re-training only (no pseudo-OOD)"}
+# An arm run with overrides of the sweep's config (tune.replicate --variant), a variant beside its
+# plain runs: "none + stage2.label_smoothing=0" (head re-training without stage 1's smoothing)
+VARIANT_SEP = " + "
+
+
+def variant_arm(arm: str, variant: str | None) -> str:
+    """The arm's name in the records: `arm`, or "ARM + VARIANT" for a run with overrides
+    (`variant`: its KEY=VALUE overrides joined by ";"; None or "": the plain arm)."""
+    return f"{arm}{VARIANT_SEP}{variant}" if variant else arm
+
+
+def split_arm(name: str) -> tuple[str, str]:
+    """(the arm, its variant or ""): `variant_arm` undone."""
+    arm, _, variant = name.partition(VARIANT_SEP)
+    return arm, variant
+
+
+def arm_label(name: str) -> str:
+    """The label tables print for an arm or a variant of one: ARMS's, then the overrides."""
+    arm, variant = split_arm(name)
+    return ARMS[arm] + (f", with {variant.replace(';', ', ')}" if variant else "")
 # Flat keys, as each partition's report carries them (cmg.pipeline.flat_metrics): CMG's
 # `val_auroc`, a baseline's `msp_test_fpr95`; Setting 2 adds each OOD set's own
 # (`test_SVHN_auroc`, `msp_val_LSUN_fpr95`); a running aggregate over partitions adds `_mean`

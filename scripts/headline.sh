@@ -40,10 +40,14 @@ sweep mnist-quick-unseen
 sweep mnist-quick-blind --select-on rotated
 # One new seed at a time, both selections on it, before the next (--seeds N adds only the runs
 # of seeds S+1..S+N that are missing): a seed's stage-1 models are trained when its runs are
-# next, and an interruption loses at most one seed's, not the prewarm of all nine.
+# next, and an interruption loses at most one seed's, not the prewarm of all nine. Beside each,
+# on the same cells, head re-training at its own best without stage 1's label smoothing (a
+# variant, in no question): how much of re-training's effect is the smoothing undone.
 for seeds in 1 2 3 4 5 6 7 8 9; do
   for name in mnist-quick-unseen mnist-quick-blind; do
     timed "$PY" -m tune.replicate "$S/$name" --top 1 --seeds "$seeds" --with-defaults --quiet
+    timed "$PY" -m tune.replicate "$S/$name" --top 1 --seeds "$seeds" --arms none \
+      --variant stage2.label_smoothing=0 --quiet
   done
 done
 for name in mnist-quick-unseen mnist-quick-blind; do

@@ -186,6 +186,45 @@ def test_a_replicated_arm_runs_its_own_best_configuration(arms_sweep):
         ("single", single["trial_id"], cmg_best["trial_id"])]
 
 
+VARIANT = "none + stage2.label_smoothing=0.3"  # a smoothing the smoke budget does not use
+
+
+def test_a_variant_reruns_an_arms_cells_with_its_override(arms_sweep, monkeypatch):
+    """`--arms none --variant stage2.label_smoothing=0.3` after the plain runs: the head-only arm's
+    own best once more on the same cell and stage-1 models, under the override, recorded as its
+    own arm; its lift in the table; nothing more to add after; bad overrides refused in one
+    line."""
+    experiment = arms_sweep["experiment"]
+    args = [str(experiment), "--top", "1", "--seeds", "1", "--arms", "none", "--eval-limit", "64",
+            "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "tune.replicate", *args,
+                           "--variant", "stage2.label_smoothing=0.3"],
+                          cwd=arms_sweep["work"], env=_env(), capture_output=True, text=True,
+                          timeout=540)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = {arm: rows for arm, rows in load_replicates(experiment).groupby("arm")}
+    assert set(runs) == {"mixed", "none", VARIANT}
+    assert runs[VARIANT]["source_trial"].tolist() == runs["none"]["source_trial"].tolist()
+    assert runs[VARIANT]["stage1_key"].tolist() == runs["mixed"]["stage1_key"].tolist()
+    smoothing = {json.loads((t.parent / "params.json").read_text()).get("variant"):
+                 json.loads(t.read_text())["config"]["stage2"]["label_smoothing"]
+                 for t in (experiment / "replicate").glob("run-*/replicate-*/trial.json")}
+    assert smoothing["stage2.label_smoothing=0.3"] == 0.3 and smoothing[None] != 0.3
+    assert f"lift vs {ARMS['none']}, with stage2.label_smoothing=0.3" in proc.stdout, proc.stdout
+    exp = Experiment.open(experiment)
+    none_runs = chosen_runs(exp, 1, arms=("none",))[1]
+    assert points_to_add(exp, none_runs, [4], "stage2.label_smoothing=0.3") == []
+    assert len(points_to_add(exp, none_runs, [4], "stage2.label_smoothing=0.2")) == 1
+    monkeypatch.chdir(arms_sweep["work"])  # in this process (refused before Ray starts)
+    monkeypatch.syspath_prepend(str(arms_sweep["work"]))
+    for override, words in (("stage2.lr=1e-3", "the sweep searched it"),
+                            ("stage2.pseudo_ood=noise", "--arms names the arms"),
+                            ("stage2.nope=1", "unknown setting key 'stage2.nope'")):
+        refused = run_main("tune.replicate", *args, "--variant", override)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and words in refused.stderr
+
+
 def test_arm_spaces_hold_only_the_knobs_that_act_on_each_arm():
     space = default_space(budget_config("smoke"))
     assert set(arm_space(space, "mixed")) == set(space)

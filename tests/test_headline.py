@@ -201,6 +201,51 @@ def test_each_arm_is_compared_at_its_own_tuned_configuration(tmp_path):
     assert proc.returncode == 2 and "several configurations (s7, s0)" in proc.stderr
 
 
+VARIANT = "none + stage2.label_smoothing=0"
+
+
+def test_a_variant_is_a_score_and_a_descriptive_line_and_shows_once_it_ran_every_cell(tmp_path):
+    """Head re-training without stage 1's label smoothing (tune.replicate --arms none --variant
+    stage2.label_smoothing=0) beside the arm as the sweep ran it: a row of the scores, its
+    difference from that arm by hand, in no question or Holm family; run on 3 of the 4 cells, it
+    is left out and shrinks nothing."""
+    variant = {("a1", VARIANT, seed, p): AUROC[("a1", "none", seed, p)] + 0.01 * seed
+               for seed in (1, 2) for p in (1, 2)}
+    plain = headline([_report(tmp_path / "plain")])
+    full = headline([_report(tmp_path / "full", auroc={**AUROC, **variant})])
+    run = full["reports"][0]
+    label = f"{ARMS['none']}, with stage2.label_smoothing=0, at tuned CMG's knobs"
+    assert run["labels"][VARIANT] == label
+    assert run["scores"][VARIANT]["auroc"] == pytest.approx(
+        run["scores"]["none"]["auroc"] + 0.015)
+    # the variant minus the arm: 0.01 on seed 1's cells, 0.02 on seed 2's
+    assert run["variants"][VARIANT]["mean"] == pytest.approx(0.015)
+    assert run["variants"][VARIANT]["p"] == pytest.approx(
+        stats.ttest_1samp([0.01, 0.02], 0.0).pvalue)
+    assert full["family"] == plain["family"] == len(QUESTIONS)
+    assert [one["p_holm"] for one in run["lifts"].values()] == pytest.approx(
+        [one["p_holm"] for one in plain["reports"][0]["lifts"].values()])
+    text = headline_markdown([_report(tmp_path / "full", auroc={**AUROC, **variant})])
+    assert f"| {label} " in text
+    line = next(line for line in text.splitlines() if line.startswith(f"- *{label}*"))
+    assert ("minus the arm as the sweep ran it (a variant: in no question and no Holm family)"
+            in line)
+    assert f"+0.0150 [" in line
+    # one cell short: no row, no line, the other scores on all four cells as before
+    partial = {k: v for k, v in variant.items() if k[2:] != (2, 2)}
+    short = headline([_report(tmp_path / "short", auroc={**AUROC, **partial})])["reports"][0]
+    assert VARIANT not in short["scores"] and not short["variants"]
+    assert short["scores"]["none"] == pytest.approx(plain["reports"][0]["scores"]["none"])
+    # the report's replicate table likewise
+    df = pd.read_csv(tmp_path / "short" / REPLICATES_FILE, dtype={"source_trial": str})
+    assert f"lift vs {ARMS['none']}, with stage2.label_smoothing=0" not in set(
+        replicate_table(df, only=["a1"])["score"])
+    df = pd.read_csv(tmp_path / "full" / REPLICATES_FILE, dtype={"source_trial": str})
+    table = replicate_table(df, only=["a1"]).set_index("score")
+    assert table.loc[f"lift vs {ARMS['none']}, with stage2.label_smoothing=0", "mean"] == \
+        pytest.approx(table.loc[f"lift vs {ARMS['none']}", "mean"] - 0.015)
+
+
 def test_a_selected_configuration_on_a_bound_is_flagged_and_one_inside_is_not(tmp_path):
     flagged = headline_markdown([_report(tmp_path / "edge")])
     assert "Selected configurations on an edge of the searched range" in flagged
@@ -304,8 +349,9 @@ def test_the_readme_results_are_the_committed_reports():
 def test_the_headline_script_runs_its_parts_in_order_and_resumes(tmp_path):
     """scripts/headline.sh with a stand-in Python that records each command: both sweeps start
     (--arms all, 24 configurations), each new seed is replicated under both selections before the
-    next (seeds 1..9: one seed's stage-1 models at a time), then the reports and the headline; run
-    again once the sweeps exist, it resumes them instead."""
+    next (seeds 1..9: one seed's stage-1 models at a time), each followed by head re-training's
+    variant without label smoothing, then the reports and the headline; run again once the sweeps
+    exist, it resumes them instead."""
     import subprocess
 
     log, storage = tmp_path / "calls.txt", tmp_path / "hl"
@@ -324,9 +370,13 @@ def test_the_headline_script_runs_its_parts_in_order_and_resumes(tmp_path):
     assert [c.split()[:2] for c in first[:2]] == [["-m", "tune.sweep"]] * 2
     assert all("--arms all" in c and "--num-samples 24" in c for c in first[:2])
     assert "--select-on rotated" in first[1] and "--select-on" not in first[0]
-    replicates = [re.search(r"(unseen|blind) .*--seeds (\d)", c).groups() for c in first[2:20]]
-    assert replicates == [(sel, str(n)) for n in range(1, 10) for sel in ("unseen", "blind")]
-    assert [c.split()[1] for c in first[20:]] == ["analysis.report"] * 2 + ["analysis.headline"]
+    replicates = [re.search(r"(unseen|blind) .*--seeds (\d)", c).groups() for c in first[2:38]]
+    assert replicates == [(sel, str(n)) for n in range(1, 10) for sel in ("unseen", "blind")
+                          for _ in ("plain", "variant")]
+    assert all("--with-defaults" in c for c in first[2:38:2])
+    assert all(c.endswith("--arms none --variant stage2.label_smoothing=0 --quiet")
+               for c in first[3:38:2])
+    assert [c.split()[1] for c in first[38:]] == ["analysis.report"] * 2 + ["analysis.headline"]
     for name in ("mnist-quick-unseen", "mnist-quick-blind"):
         (storage / name).mkdir(parents=True)
         (storage / name / "manifest.json").write_text("{}")

@@ -4,6 +4,7 @@ variance and say what class mixing adds.
 
     python -m tune.replicate experiments/same_dataset_mnist-CMG-energy-demo --top 1
     python -m tune.replicate EXPERIMENT --top 3 --seeds 5 --with-defaults --arms none,single
+    python -m tune.replicate EXPERIMENT --top 1 --arms none --variant stage2.label_smoothing=0
 
 The top configurations are ranked on validation (mean `val_auroc` over the partitions, complete
 configurations only); `--with-defaults` adds the sweep's first configuration (the reference's
@@ -25,8 +26,13 @@ run per call), with the sweep's spec (its manifest.json), CPUs, retries and stag
 adds only the (configuration, seed, arm) runs that have no complete trial yet, so Ctrl-C (or
 SIGTERM) stops it cleanly (exit 130, saying how many runs were added) and the same command goes
 on; `--seeds` may grow (`--seeds 2` after `--seeds 1` adds seed S+2 alone: a long replication
-in parts, one seed's stage-1 models at a time, as scripts/headline.sh runs it). At the end it prints the replicated table (analysis.replicates), and `python -m
-analysis.report EXPERIMENT` adds it to report.md.
+in parts, one seed's stage-1 models at a time, as scripts/headline.sh runs it). At the end it
+prints the replicated table (analysis.replicates), and `python -m analysis.report EXPERIMENT`
+adds it to report.md.
+`--variant KEY=VALUE` runs the named arms (--arms; CMG only if named) once more with overrides of
+the sweep's config, a variant recorded beside their plain runs ("none + stage2.label_smoothing=0":
+head re-training without stage 1's label smoothing, to see how much of re-training's effect is
+the smoothing undone), on the same cells and stage-1 models.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from typing import Any
 from cmg.config import apply_overrides, cell_config, with_seed
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
 from cmg.results import (ARM_PREFIX, ARMS, REPLICATE_DIR, REPLICATE_KIND, Experiment,
-                         NotAnExperiment, TrialFolder)
+                         NotAnExperiment, TrialFolder, variant_arm)
 from tune.manifest import manifest_arms, spec_from_manifest
 from tune.space import to_overrides
 from tune.spec import SweepSpec
@@ -57,6 +63,12 @@ def build_parser() -> OneLineParser:
                         "CMG's configurations), comma-separated: "
                         + "; ".join(f"{a}: {ARMS[a]}" for a in CONTROLS)
                         + " (default: all; 'mixed' alone: CMG only)")
+    p.add_argument("--variant", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="run the --arms named (CMG only if named) as a variant with this override "
+                        "of the sweep's config, beside their plain runs, e.g. --arms none "
+                        "--variant stage2.label_smoothing=0; repeatable; not a knob the sweep "
+                        "searched")
     p.add_argument("--eval-limit", type=int, default=None, metavar="N",
                    help="evaluate on up to N images per part (default: the whole validation and "
                         "test sets, whatever the sweep's budget capped); keep it the same when "
@@ -71,16 +83,19 @@ def build_parser() -> OneLineParser:
 
 
 # what a replicate point adds to a configuration: the sweep trial whose configuration it runs,
-# the seed, the arm, and for an arm run at its own study's configuration the CMG trial it is
-# compared with (the same rank in CMG's study; absent: `source_trial` is CMG's)
-POINT_KEYS = ("source_trial", "seed", "arm", "paired_with")
+# the seed, the arm, for an arm run at its own study's configuration the CMG trial it is compared
+# with (the same rank in CMG's study; absent: `source_trial` is CMG's), and a variant's overrides
+# (tune.replicate --variant, joined by ";"; absent: the plain arm)
+POINT_KEYS = ("source_trial", "seed", "arm", "paired_with", "variant")
 CONTROLS = tuple(a for a in ARMS if a != "mixed")  # every control arm (cmg.results.ARMS)
 
 
 def _arm_base(spec: SweepSpec, point: dict[str, Any]):
-    """The sweep's base config under the point's seed and arm (cmg.results.ARMS)."""
+    """The sweep's base config under the point's seed, arm (cmg.results.ARMS) and variant."""
+    variant = point.get("variant")
     return apply_overrides(with_seed(spec.base, point["seed"]),
-                           {"stage2.pseudo_ood": point.get("arm", "mixed")})
+                           [f"stage2.pseudo_ood={point.get('arm', 'mixed')}",
+                            *(variant.split(";") if variant else [])])
 
 
 def replicate_trainable(config: dict[str, Any], spec: SweepSpec, gpus: float) -> None:
@@ -154,20 +169,24 @@ def chosen_runs(exp: Experiment, top: int, with_defaults: bool = False,
     return chosen, runs
 
 
-def points_to_add(exp: Experiment, runs: list[tuple], seeds: list[int]) -> list[dict]:
-    """The (configuration, seed, arm) points of `runs` (`chosen_runs`) x `seeds` that have no
-    complete replicate trial yet, as trial configs."""
-    have = set()  # the (configuration, seed, arm) runs a complete replicate trial holds
+def points_to_add(exp: Experiment, runs: list[tuple], seeds: list[int],
+                  variant: str = "") -> list[dict]:
+    """The (configuration, seed, arm) points of `runs` (`chosen_runs`) x `seeds`, as `variant`
+    (overrides joined by ";", "" for none) runs them, that have no complete replicate trial yet,
+    as trial configs."""
+    have = set()  # the (configuration, seed, arm or variant) runs a complete trial holds
     for run in exp.replicate_runs():
         folders = run.trials(REPLICATE_KIND)
         for folder, rows in zip(folders, run.each(run.complete_rows, folders)):
             if rows is not None:
                 p = run.params(folder)
-                have.add((p["source_trial"], p["seed"], p.get("arm", "mixed")))
+                have.add((p["source_trial"], p["seed"],
+                          variant_arm(p.get("arm", "mixed"), p.get("variant"))))
     return [{"source_trial": folder.trial_id, "seed": seed, "arm": arm,
-             **({"paired_with": paired} if paired else {}), **study.params(folder)}
+             **({"paired_with": paired} if paired else {}),
+             **({"variant": variant} if variant else {}), **study.params(folder)}
             for seed in seeds for study, folder, arm, paired in runs
-            if (folder.trial_id, seed, arm) not in have]
+            if (folder.trial_id, seed, variant_arm(arm, variant)) not in have]
 
 
 def run_replicates(exp: Experiment, spec: SweepSpec, points: list[dict], address: str | None,
@@ -229,15 +248,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.top < 1 or args.seeds < 1:
         fail("--top and --seeds must be at least 1")
-    arms = tuple(dict.fromkeys(["mixed", *(a.strip() for a in args.arms.split(",") if a.strip())]))
+    named = [a.strip() for a in args.arms.split(",") if a.strip()]
+    # a variant runs the arms named; plain runs always have CMG's beside the controls
+    arms = tuple(dict.fromkeys(named if args.overrides else ["mixed", *named]))
     if unknown := [a for a in arms if a not in ARMS]:
         fail(f"unknown arm '{unknown[0]}'; choose from {', '.join(ARMS)}")
     try:
         exp, spec = open_sweep(args.experiment)
+        variant = variant_of(args.overrides, spec)
         sweep_seed = spec.base.classifier.seed
         seeds = list(range(sweep_seed + 1, sweep_seed + 1 + args.seeds))
         chosen, runs = chosen_runs(exp, args.top, args.with_defaults, arms)
-        points = points_to_add(exp, runs, seeds)
+        points = points_to_add(exp, runs, seeds, variant)
     except NotAnExperiment as err:
         fail(str(err))
     chosen = [folder.trial_id for folder in chosen]
@@ -247,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             own = [f"{arm} {folder.trial_id}" for _, folder, arm, paired in runs if paired]
             print(f"[replicate] {len(points)} (configuration, seed, arm) runs to add: "
                   f"configurations {', '.join(chosen)}, seeds {seeds}, arms {', '.join(arms)}"
+                  + (f" with {variant.replace(';', ', ')}" if variant else "")
                   + (f" (each at its own study's best: {', '.join(own)})" if own else ""),
                   flush=True)
         try:
@@ -254,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except KeyboardInterrupt:
             from tune.session import exit_interrupted
 
-            left = points_to_add(exp, runs, seeds)
+            left = points_to_add(exp, runs, seeds, variant)
             exit_interrupted(f"with {len(points) - len(left)} of {len(points)} runs added",
                              ["python", "-m", "tune.replicate",
                               *(sys.argv[1:] if argv is None else argv)])
@@ -262,18 +285,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from analysis.replicates import load_replicates, replicate_markdown, replicate_table
     from analysis.trials import load_trials
 
-    table = replicate_table(filed_under_cmg(load_replicates(exp.location), runs), only=chosen,
+    table = replicate_table(filed_under_cmg(load_replicates(exp.location), runs, variant),
+                            only=chosen,
                             seeds=seeds, selection=load_trials(exp.location))
     print(f"replicate {exp.location}: {len(points)} runs added in {time.time() - started:.0f} s")
     print(replicate_markdown(table))
     return {"added": len(points), "table": table}
 
 
-def filed_under_cmg(df, runs: list[tuple]):
-    """The replicate rows of `runs` (`chosen_runs`), an arm's own configuration filed under the
-    CMG configuration it is compared with (`paired_with`), so that the table sets each arm's own
-    best beside CMG's on the same cells."""
-    keep = {(folder.trial_id, arm): paired or folder.trial_id for _, folder, arm, paired in runs}
+def variant_of(overrides: list[str], spec: SweepSpec) -> str:
+    """--variant's overrides as a variant (joined by ";"; "" for none): each a known key with a
+    valid value (else a one-line error), none choosing the arm or a knob the sweep searched
+    (each point would set that knob back to its own value)."""
+    items = [f"{k}={v}" for k, v in (o.partition("=")[::2] for o in overrides)]
+    apply_overrides(spec.base, overrides)  # unknown keys and bad values: one line, exit 2
+    searched = {"stage2.mode", *(param.key for param in spec.space.values())}
+    for item in items:
+        key = item.partition("=")[0].strip()
+        if key == "stage2.pseudo_ood":
+            fail("--variant stage2.pseudo_ood: --arms names the arms a variant runs")
+        if key in searched:
+            fail(f"--variant {key}: the sweep searched it, so every configuration sets its own; "
+                 "a variant overrides only what the sweep kept fixed")
+    return ";".join(item.replace(" ", "") for item in items)
+
+
+def filed_under_cmg(df, runs: list[tuple], variant: str = ""):
+    """The replicate rows of `runs` (`chosen_runs`, run as `variant`), an arm's own configuration
+    filed under the CMG configuration it is compared with (`paired_with`), so that the table sets
+    each arm's own best beside CMG's on the same cells; with a variant, CMG's plain runs of those
+    configurations as well (its lifts are read against them)."""
+    keep = {(folder.trial_id, variant_arm(arm, variant)): paired or folder.trial_id
+            for _, folder, arm, paired in runs}
+    if variant:
+        keep.update({(cmg, "mixed"): cmg for cmg in set(keep.values())})
     key = list(zip(df["source_trial"], df["arm"]))
     return df[[k in keep for k in key]].assign(
         source_trial=[keep[k] for k in key if k in keep])
