@@ -134,8 +134,28 @@ def score_cells(replicates: pd.DataFrame, tuned: str, defaults: str,
     cells = out["mixed"].index
     for frame in out.values():
         cells = cells.intersection(frame.index)
+    _same_classifier(mixed, [runs[(source, arm)] for arm, (source, _) in arms.items()]
+                     + [runs[(defaults, "mixed")]], cells)
     return {key: frame.loc[cells.sort_values()].set_axis(["auroc", "fpr95"], axis=1)
             for key, frame in out.items()}
+
+
+def _same_classifier(tuned: pd.DataFrame, others: list[pd.DataFrame], cells: pd.Index) -> None:
+    """ValueError unless every run compared with tuned CMG ran each cell on its classifier: the
+    same weights, not only the same key (`stage1_weights`' first part; rows from before it was
+    recorded pass)."""
+    if "stage1_weights" not in tuned:
+        return
+    mine = tuned.loc[cells, "stage1_weights"].str.partition("+")[0]
+    for other in others:
+        theirs = other.loc[cells, "stage1_weights"].str.partition("+")[0]
+        differ = mine.notna() & theirs.notna() & (mine != theirs)
+        if differ.any():
+            raise ValueError(
+                f"cells {', '.join(f'seed {s} partition {p}' for s, p in mine.index[differ])} ran "
+                "their arms on different stage-1 weights of the same key (models trained again "
+                "on another machine): run tune.replicate again, which re-runs them on the "
+                "store's")
 
 
 def variant_cells(replicates: pd.DataFrame, arms: dict[str, tuple[str, bool]],

@@ -71,6 +71,8 @@ def arm_label(name: str) -> str:
     """The label tables print for an arm or a variant of one: ARMS's, then the overrides."""
     arm, variant = split_arm(name)
     return ARMS[arm] + (f", with {variant.replace(';', ', ')}" if variant else "")
+
+
 # Flat keys, as each partition's report carries them (cmg.pipeline.flat_metrics): CMG's
 # `val_auroc`, a baseline's `msp_test_fpr95`; Setting 2 adds each OOD set's own
 # (`test_SVHN_auroc`, `msp_val_LSUN_fpr95`); a running aggregate over partitions adds `_mean`
@@ -93,8 +95,9 @@ TUNE_KEYS = (OBJECTIVE, "val_auroc_std", "test_auroc_mean", "test_auroc_std", "v
              "stage1_trained", "node_id", "restored_partitions")
 # What else a partition's row records beside metrics (tune.trainables), kept by every reader:
 # trials.parquet has these columns
+# (`stage1_weights`: which bits the stage-1 models of `stage1_key` had, tune.artifacts)
 ROW_INFO = ("selected_epoch", "stage1_s", "stage1_train_s", "stage2_s", "scores_s",
-            "stage1_key", "stage1_trained", "node_id", "restored_partitions")
+            "stage1_key", "stage1_weights", "stage1_trained", "node_id", "restored_partitions")
 
 # The experiment's files
 TRIAL_KIND = "trial"  # a sweep's trial folders: trial-<number>-<id>

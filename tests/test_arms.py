@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,6 +224,36 @@ def test_a_variant_reruns_an_arms_cells_with_its_override(arms_sweep, monkeypatc
         refused = run_main("tune.replicate", *args, "--variant", override)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1 and words in refused.stderr
+
+
+def test_runs_on_weights_the_store_no_longer_holds_count_as_missing(arms_sweep, tmp_path):
+    """Every replicate row records the weights it ran on (`stage1_weights`), and a run whose
+    classifier the store now holds with other bits (trained again on another machine: here the
+    same model one ulp off, republished) is run again, so that a cell's arms share one
+    classifier; a copy of the store, the shared one stays as it was."""
+    import torch
+
+    from tune.artifacts import ArtifactStore, Stage1Keys, file_digest
+
+    experiment = arms_sweep["experiment"]
+    exp, df = Experiment.open(experiment), load_replicates(experiment)
+    store = ArtifactStore(str(shutil.copytree(experiment.parent / "stage1", tmp_path / "s1")))
+    assert df["stage1_weights"].tolist() == [
+        store.weights_id(Stage1Keys.parse(k)) for k in df["stage1_key"]]
+    runs = chosen_runs(exp, 1, arms=("mixed", "none"))[1]
+    assert points_to_add(exp, runs, [4], store=store) == []
+    key = Stage1Keys.parse(df["stage1_key"].iloc[0]).classifier
+    model = Path(store.root) / key / "classifier.pt"
+    checkpoint = torch.load(model, weights_only=False)
+    weight = next(t for t in checkpoint["model"].values() if t.is_floating_point())
+    weight.view(-1)[0] = torch.nextafter(weight.view(-1)[:1], torch.tensor(1.0))[0]
+    torch.save(checkpoint, model)
+    meta = store.read_json(key)
+    store.write_json(key, "meta.json", {**meta, "digests": {**meta["digests"],
+                                                            "classifier.pt": file_digest(model)}})
+    assert [(p["arm"], p["seed"]) for p in points_to_add(exp, runs, [4], store=store)] == [
+        ("mixed", 4), ("none", 4)]
+    assert points_to_add(exp, runs, [4]) == []  # without the store: what it ran stands
 
 
 def test_arm_spaces_hold_only_the_knobs_that_act_on_each_arm():

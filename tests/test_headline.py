@@ -246,6 +246,25 @@ def test_a_variant_is_a_score_and_a_descriptive_line_and_shows_once_it_ran_every
         pytest.approx(table.loc[f"lift vs {ARMS['none']}", "mean"] - 0.015)
 
 
+def test_arms_on_other_weights_of_a_cells_classifier_are_refused(tmp_path):
+    """Every run of a cell on the same classifier weights, not only the same key: a head-only run
+    whose classifier was trained again (other bits) breaks the pairing, and the headline says
+    how to mend it."""
+    report = _report(tmp_path / "r")
+    df = pd.read_csv(report / REPLICATES_FILE)
+    df["stage1_weights"] = [f"c{seed}{p}+v{arm}" for seed, p, arm in
+                            zip(df["seed"], df["partition"], df["arm"])]  # CVAEs differ: fine
+    df.to_csv(report / REPLICATES_FILE, index=False)
+    assert run_main("analysis.headline", str(report)).returncode == 0
+    df.loc[(df["arm"] == "none") & (df["seed"] == 2) & (df["partition"] == 1),
+           "stage1_weights"] = "other+vnone"
+    df.to_csv(report / REPLICATES_FILE, index=False)
+    proc = run_main("analysis.headline", str(report))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "cells seed 2 partition 1 ran their arms on different stage-1 weights" in proc.stderr
+    assert "run tune.replicate again" in proc.stderr
+
+
 def test_a_selected_configuration_on_a_bound_is_flagged_and_one_inside_is_not(tmp_path):
     flagged = headline_markdown([_report(tmp_path / "edge")])
     assert "Selected configurations on an edge of the searched range" in flagged

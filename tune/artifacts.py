@@ -217,6 +217,20 @@ class ArtifactStore:
     def read_json(self, key: str, name: str = "meta.json") -> dict:
         return json.loads(self.read_bytes(key, name))
 
+    def weights_id(self, keys: Stage1Keys) -> str | None:
+        """The weights published under `keys`, as a trial row records them (`stage1_weights`,
+        "CLASSIFIER+CVAE": 12 hex of a sha256 over each meta.json's `digests`). A key names a
+        configuration; trained again, on another machine, its model may differ in the last bits,
+        and so does this. None while either is unpublished or published before digests."""
+        ids = []
+        for key in dict.fromkeys(keys):  # format 1: one key names both
+            digests = self.read_json(key).get("digests") if self.exists(key) else None
+            if not digests:
+                return None
+            ids.append(hashlib.sha256(json.dumps(digests, sort_keys=True).encode())
+                       .hexdigest()[:12])
+        return "+".join(ids)
+
     def log_training(self, key: str, record: dict) -> None:
         """Add an entry to KEY's training log (a new file: no append, so any filesystem works)."""
         self.write_json(key, f"trainings/{time.time_ns()}-{uuid.uuid4().hex[:8]}.json", record)

@@ -37,15 +37,17 @@ the smoothing undone), on the same cells and stage-1 models.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 from cmg.config import apply_overrides, cell_config, with_seed
 from cmg.errors import OneLineParser, add_quiet_arg, command_parser, exit_on_usage_error, fail
 from cmg.results import (ARM_PREFIX, ARMS, REPLICATE_DIR, REPLICATE_KIND, Experiment,
                          NotAnExperiment, TrialFolder, variant_arm)
+from tune.artifacts import ArtifactStore, Stage1Keys
 from tune.manifest import manifest_arms, spec_from_manifest
 from tune.space import to_overrides
 from tune.spec import SweepSpec
@@ -170,15 +172,20 @@ def chosen_runs(exp: Experiment, top: int, with_defaults: bool = False,
 
 
 def points_to_add(exp: Experiment, runs: list[tuple], seeds: list[int],
-                  variant: str = "") -> list[dict]:
+                  variant: str = "", store: ArtifactStore | None = None) -> list[dict]:
     """The (configuration, seed, arm) points of `runs` (`chosen_runs`) x `seeds`, as `variant`
     (overrides joined by ";", "" for none) runs them, that have no complete replicate trial yet,
-    as trial configs."""
+    as trial configs. With `store` (the stage-1 store), a trial whose rows ran on other weights
+    than the store now holds for their keys (models trained again, on another machine, after
+    the store that trained them was lost) counts as missing: the arms of a cell are compared on
+    one classifier, so it runs again on this store's."""
     have = set()  # the (configuration, seed, arm or variant) runs a complete trial holds
+    # the weights the store holds now, per row's `stage1_key` (read once per key)
+    weights = functools.cache(lambda key: store.weights_id(Stage1Keys.parse(key)))
     for run in exp.replicate_runs():
         folders = run.trials(REPLICATE_KIND)
         for folder, rows in zip(folders, run.each(run.complete_rows, folders)):
-            if rows is not None:
+            if rows is not None and not (store and _stale(rows, weights)):
                 p = run.params(folder)
                 have.add((p["source_trial"], p["seed"],
                           variant_arm(p.get("arm", "mixed"), p.get("variant"))))
@@ -187,6 +194,14 @@ def points_to_add(exp: Experiment, runs: list[tuple], seeds: list[int],
              **({"variant": variant} if variant else {}), **study.params(folder)}
             for seed in seeds for study, folder, arm, paired in runs
             if (folder.trial_id, seed, variant_arm(arm, variant)) not in have]
+
+
+def _stale(rows: list[dict], weights: Callable[[str], str | None]) -> bool:
+    """Some row ran on stage-1 weights other than `weights(its stage1_key)`, those the store
+    holds now (a key it does not hold yet, or a row from before weights were recorded, is not
+    stale)."""
+    return any(row.get("stage1_weights") and weights(row["stage1_key"]) not in
+               (None, row["stage1_weights"]) for row in rows)
 
 
 def run_replicates(exp: Experiment, spec: SweepSpec, points: list[dict], address: str | None,
@@ -259,28 +274,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sweep_seed = spec.base.classifier.seed
         seeds = list(range(sweep_seed + 1, sweep_seed + 1 + args.seeds))
         chosen, runs = chosen_runs(exp, args.top, args.with_defaults, arms)
-        points = points_to_add(exp, runs, seeds, variant)
+        store = ArtifactStore(spec.stage1_store)
+        points = points_to_add(exp, runs, seeds, variant, store)
     except NotAnExperiment as err:
         fail(str(err))
     chosen = [folder.trial_id for folder in chosen]
-    started = time.time()
-    if points:
-        if not args.quiet:
-            own = [f"{arm} {folder.trial_id}" for _, folder, arm, paired in runs if paired]
-            print(f"[replicate] {len(points)} (configuration, seed, arm) runs to add: "
-                  f"configurations {', '.join(chosen)}, seeds {seeds}, arms {', '.join(arms)}"
-                  + (f" with {variant.replace(';', ', ')}" if variant else "")
-                  + (f" (each at its own study's best: {', '.join(own)})" if own else ""),
-                  flush=True)
+    started, added = time.time(), 0
+    if points and not args.quiet:
+        own = [f"{arm} {folder.trial_id}" for _, folder, arm, paired in runs if paired]
+        print(f"[replicate] {len(points)} (configuration, seed, arm) runs to add: "
+              f"configurations {', '.join(chosen)}, seeds {seeds}, arms {', '.join(arms)}"
+              + (f" with {variant.replace(';', ', ')}" if variant else "")
+              + (f" (each at its own study's best: {', '.join(own)})" if own else ""),
+              flush=True)
+    for _ in range(2):  # once more for runs found on stage-1 models this store trained again
+        if not points:
+            break
         try:
             run_replicates(exp, spec, points, args.address, args.quiet, args.eval_limit)
         except KeyboardInterrupt:
             from tune.session import exit_interrupted
 
-            left = points_to_add(exp, runs, seeds, variant)
-            exit_interrupted(f"with {len(points) - len(left)} of {len(points)} runs added",
-                             ["python", "-m", "tune.replicate",
-                              *(sys.argv[1:] if argv is None else argv)])
+            left = points_to_add(exp, runs, seeds, variant, store)
+            exit_interrupted(f"with {added + len(points) - len(left)} of {added + len(points)} "
+                             "runs added", ["python", "-m", "tune.replicate",
+                                            *(sys.argv[1:] if argv is None else argv)])
+        added += len(points)
+        points = [p for p in points_to_add(exp, runs, seeds, variant, store) if p not in points]
+        if points and not args.quiet:
+            print(f"[replicate] {len(points)} runs again: they ran on stage-1 models that this "
+                  "store has trained again (other weights), and a cell's arms are compared on "
+                  "one classifier", flush=True)
     # the report of what was added (analysis reads the files; tune only wrote them)
     from analysis.replicates import load_replicates, replicate_markdown, replicate_table
     from analysis.trials import load_trials
@@ -288,9 +312,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = replicate_table(filed_under_cmg(load_replicates(exp.location), runs, variant),
                             only=chosen,
                             seeds=seeds, selection=load_trials(exp.location))
-    print(f"replicate {exp.location}: {len(points)} runs added in {time.time() - started:.0f} s")
+    print(f"replicate {exp.location}: {added} runs added in {time.time() - started:.0f} s")
     print(replicate_markdown(table))
-    return {"added": len(points), "table": table}
+    return {"added": added, "table": table}
 
 
 def variant_of(overrides: list[str], spec: SweepSpec) -> str:

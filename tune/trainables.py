@@ -181,6 +181,7 @@ def stage2_trainable(config: dict[str, Any], spec: SweepSpec, gpus: float,
         torch.save(result.head, head)
         put_bytes(trial_fs, f"{trial_path}/{head_file(partition)}", head.getvalue())
         record = {"partition": partition, "stage1_key": str(models.keys),
+                  "stage1_weights": shared.store.weights_id(models.keys),
                   "stage1_trained": models.trained, "selected_epoch": result.selected_epoch,
                   "metrics": flat_metrics(result_dict(split, cell, result, seconds)),
                   "seconds": seconds}
@@ -190,7 +191,8 @@ def stage2_trainable(config: dict[str, Any], spec: SweepSpec, gpus: float,
             "partitions_done": len(done), "partitions_total": len(spec.partitions),
             "partition": partition,
             **record["metrics"], **running_aggregate([r["metrics"] for r in done]),
-            "stage1_key": str(models.keys), "stage1_trained": record["stage1_trained"],
+            "stage1_key": str(models.keys), "stage1_weights": record["stage1_weights"],
+            "stage1_trained": record["stage1_trained"],
             "stage1_trained_total": sum(r["stage1_trained"] for r in done),
             "selected_epoch": result.selected_epoch,
             "stage1_s": seconds["stage1"], "stage1_train_s": seconds["stage1_train"],
