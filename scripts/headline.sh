@@ -14,7 +14,10 @@
 # The run in progress: results/headline-in-progress.tar.xz holds its records so far (STORAGE
 # /work/headline, packed by scripts/pack_storage.py: without the stage-1 store, the stage-2 heads
 # or the scores no report reads); `tar -xJf results/headline-in-progress.tar.xz -C /work && bash
-# scripts/headline.sh /work/headline` continues it (the prewarm trains the stage-1 models again).
+# scripts/headline.sh /work/headline` continues it (the prewarm trains the stage-1 models again;
+# on another machine in other last bits, as the packed NAME-stage1-digests.json shows: the sweeps'
+# selection then spans both, while tune.replicate re-runs any run of a cell whose models the store
+# now holds with other weights, so each cell's arms still share one classifier).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
