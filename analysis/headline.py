@@ -159,10 +159,12 @@ def _same_classifier(tuned: pd.DataFrame, others: list[pd.DataFrame], cells: pd.
 
 
 def variant_cells(replicates: pd.DataFrame, arms: dict[str, tuple[str, bool]],
-                  index: pd.Index) -> dict[str, pd.DataFrame]:
+                  index: pd.Index, tuned: str) -> dict[str, pd.DataFrame]:
     """{variant name ("none + stage2.label_smoothing=0"): its test auroc and fpr95 on the cells
     of `index`}: each variant of an arm of `arms` at the configuration the arm ran, that has run
-    on every one of those cells (one still running is left out, not allowed to shrink them)."""
+    on every one of those cells (one still running is left out, not allowed to shrink them);
+    ValueError if it ran a cell on other classifier weights than `tuned` CMG did."""
+    mixed = replicates[(replicates["source_trial"] == tuned) & (replicates["arm"] == "mixed")]
     out = {}
     for name, rows in replicates.groupby("arm") if "arm" in replicates else ():
         arm, variant = split_arm(name)
@@ -170,6 +172,7 @@ def variant_cells(replicates: pd.DataFrame, arms: dict[str, tuple[str, bool]],
             continue
         frame = rows[rows["source_trial"] == arms[arm][0]].set_index(["seed", "partition"])
         if index.isin(frame.index).all():
+            _same_classifier(mixed.set_index(["seed", "partition"]), [frame], index)
             out[name] = frame.loc[index, ["test_auroc", "test_fpr95"]].set_axis(
                 ["auroc", "fpr95"], axis=1)
     return out
@@ -228,13 +231,13 @@ def headline(reports: list[str | Path]) -> dict:
             tuned, defaults = chosen_trials(summary)
             arms = arm_configurations(replicates, tuned, defaults)
             cells = score_cells(replicates, tuned, defaults, arms)
+            variants = variant_cells(replicates, arms, cells["mixed"].index, tuned)
         except ValueError as err:
             fail(f"{report}: {err}")
         seed_run = (trials.loc[trials["trial_id"] == tuned, "test_auroc"].mean()
                     if trials is not None else float("nan"))
         index = cells["mixed"].index
         configurations = {"mixed": tuned, **{arm: s for arm, (s, own) in arms.items() if own}}
-        variants = variant_cells(replicates, arms, index)
         names = labels(arms, variants)
         out.append({
             "report": report, "tuned": tuned, "defaults": defaults, "labels": names,

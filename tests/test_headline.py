@@ -254,6 +254,7 @@ def test_arms_on_other_weights_of_a_cells_classifier_are_refused(tmp_path):
     df = pd.read_csv(report / REPLICATES_FILE)
     df["stage1_weights"] = [f"c{seed}{p}+v{arm}" for seed, p, arm in
                             zip(df["seed"], df["partition"], df["arm"])]  # CVAEs differ: fine
+    good = df["stage1_weights"].copy()
     df.to_csv(report / REPLICATES_FILE, index=False)
     assert run_main("analysis.headline", str(report)).returncode == 0
     df.loc[(df["arm"] == "none") & (df["seed"] == 2) & (df["partition"] == 1),
@@ -263,6 +264,14 @@ def test_arms_on_other_weights_of_a_cells_classifier_are_refused(tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "cells seed 2 partition 1 ran their arms on different stage-1 weights" in proc.stderr
     assert "run tune.replicate again" in proc.stderr
+    # a variant of the arm alike (its plain runs on the classifier's weights again)
+    df["stage1_weights"] = good  # the head-only arm back on the cells' classifiers
+    variant = df[(df["arm"] == "none") & (df["source_trial"] == "a1")].assign(arm=VARIANT)
+    variant.loc[variant["seed"] == 1, "stage1_weights"] = "other+x"
+    pd.concat([df, variant]).to_csv(report / REPLICATES_FILE, index=False)
+    proc = run_main("analysis.headline", str(report))
+    assert proc.returncode == 2 and ("cells seed 1 partition 1, seed 1 partition 2 ran"
+                                     in proc.stderr), proc.stderr
 
 
 def test_a_selected_configuration_on_a_bound_is_flagged_and_one_inside_is_not(tmp_path):
