@@ -146,9 +146,13 @@ def _same_classifier(tuned: pd.DataFrame, others: list[pd.DataFrame], cells: pd.
     recorded pass)."""
     if "stage1_weights" not in tuned:
         return
-    mine = tuned.loc[cells, "stage1_weights"].str.partition("+")[0]
+
+    def classifier(rows: pd.DataFrame) -> pd.Series:  # all empty in a CSV: floats, so as text
+        return rows.loc[cells, "stage1_weights"].astype("string").str.partition("+")[0]
+
+    mine = classifier(tuned)
     for other in others:
-        theirs = other.loc[cells, "stage1_weights"].str.partition("+")[0]
+        theirs = classifier(other)
         differ = mine.notna() & theirs.notna() & (mine != theirs)
         if differ.any():
             raise ValueError(
@@ -164,9 +168,10 @@ def variant_cells(replicates: pd.DataFrame, arms: dict[str, tuple[str, bool]],
     of `index`}: each variant of an arm of `arms` at the configuration the arm ran, that has run
     on every one of those cells (one still running is left out, not allowed to shrink them);
     ValueError if it ran a cell on other classifier weights than `tuned` CMG did."""
-    mixed = replicates[(replicates["source_trial"] == tuned) & (replicates["arm"] == "mixed")]
+    df = replicates.assign(arm=replicates["arm"] if "arm" in replicates else "mixed")
+    mixed = df[(df["source_trial"] == tuned) & (df["arm"] == "mixed")]
     out = {}
-    for name, rows in replicates.groupby("arm") if "arm" in replicates else ():
+    for name, rows in df.groupby("arm"):
         arm, variant = split_arm(name)
         if not variant or arm not in arms:
             continue

@@ -17,7 +17,8 @@ within (seed, partition): the same stage-1 models. Columns:
 - `seed_ci_low/high`: 95% t-interval over those seed-level means;
 - for lifts, `p`: two-sided one-sample t-test of the seed-level mean lifts against 0, and
   `p_holm`: Holm's step-down adjustment over the configuration's lifts (the family, fixed in
-  advance: every score in the table); `p_exact`: the exact sign-flip p of the same means (no
+  advance: every score in the table but a variant's, tune.replicate --variant, whose lift is
+  descriptive: no `p_holm`, no verdict); `p_exact`: the exact sign-flip p of the same means (no
   normality assumed); `upper`: the 90% t-interval's upper end, the largest lift the data leave
   open; `verdict` reads `p_holm` at 0.05, and a "does not" carries `upper`.
 Seeds are the independent units: a seed's cells share nothing, but the partitions share IND
@@ -155,14 +156,15 @@ def cmg_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["arm"] == "mixed"] if "arm" in df else df
 
 
-def _cells(group: pd.DataFrame) -> pd.DataFrame:
+def _cells(group: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
     """One configuration's scores as columns, one row per (seed, partition) cell: CMG, the
     baselines, each control arm's score and the re-trained head's baselines (arm "none"), then
     the variants (tune.replicate --variant) alike. The cells are those every plain score ran; a
-    variant that has not run on all of them yet is left out (it would shrink every comparison)."""
+    variant that has not run on all of them yet is left out (it would shrink every comparison).
+    With the labels of the variants' columns."""
     by_arm = {arm: rows.set_index(["seed", "partition"]) for arm, rows in group.groupby("arm")}
     if "mixed" not in by_arm:
-        return pd.DataFrame()
+        return pd.DataFrame(), set()
     mixed = by_arm["mixed"]
     cells = {"CMG": mixed["test_auroc"],
              **{label: mixed[f"{b}_test_auroc"] for b, label in BASELINES.items()}}
@@ -180,7 +182,8 @@ def _cells(group: pd.DataFrame) -> pd.DataFrame:
                            if f"{h}_test_auroc" in by_arm[name]})
     common = pd.DataFrame(cells).dropna()  # the cells that every plain score ran
     done = {label: values.reindex(common.index) for label, values in variants.items()}
-    return common.assign(**{label: v for label, v in done.items() if v.notna().all()})
+    done = {label: v for label, v in done.items() if v.notna().all()}
+    return common.assign(**done), set(done)
 
 
 SELECTION_ROW = "CMG, selection seed (the sweep's own run, not a replicate)"
@@ -203,7 +206,7 @@ def replicate_table(df: pd.DataFrame, only: list[str] | None = None,
     rows = []
     order = only if only is not None else list(dict.fromkeys(df["source_trial"]))
     for source in order:
-        cells = _cells(df[df["source_trial"] == source])
+        cells, variants = _cells(df[df["source_trial"] == source])
         if cells.empty:
             continue
         lifts = {f"lift vs {label}": cells["CMG"] - cells[label] for label in cells.columns[1:]}
@@ -222,10 +225,15 @@ def replicate_table(df: pd.DataFrame, only: list[str] | None = None,
                 row.update(p=float(stats.ttest_1samp(per_seed, 0.0).pvalue),
                            p_exact=sign_flip_p(per_seed), upper=equivalence_bound(per_seed))
             rows.append(row)
-        adjusted = holm([r["p"] for r in rows[first:]])
-        for row, p_holm in zip(rows[first:], adjusted):
+        # the family: every lift but those over a variant (descriptive, like analysis.headline's)
+        family = [r for r in rows[first:] if r["score"].removeprefix("lift vs ") not in variants]
+        for row, p_holm in zip(family, holm([r["p"] for r in family])):
             row["p_holm"] = p_holm
             row["verdict"] = _verdict(row)
+        for row in rows[first:]:
+            if row not in family:
+                row.update(p_holm=float("nan"),
+                           verdict="a variant: in no Holm family" if row["p"] == row["p"] else "")
     return pd.DataFrame(rows)
 
 
@@ -270,7 +278,8 @@ def replicate_markdown(table: pd.DataFrame) -> str:
             "between-seed sd": "n/a" if pd.isna(row.seed_sd) else f"{row.seed_sd:.4f}",
             "95% CI over seeds": _span(row.seed_ci_low, row.seed_ci_high,
                                        row.score.startswith("lift")),
-            "p (Holm)": "" if pd.isna(row.p_holm) else f"{row.p:.3g} ({row.p_holm:.3g})",
+            "p (Holm)": ("" if pd.isna(row.p) else f"{row.p:.3g}"
+                         + ("" if pd.isna(row.p_holm) else f" ({row.p_holm:.3g})")),
             "exact p": "" if pd.isna(row.p_exact) else f"{row.p_exact:.3g}",
             "verdict": row.verdict,
         } for row in group.itertuples(index=False)]

@@ -28,7 +28,7 @@ from analysis.trials import trial_rows
 from cmg.config import budget_config
 from cmg.results import ARMS, Experiment
 from conftest import ROOT, SWEEP_SMOKE, assert_refused, run_main
-from tune.replicate import chosen_runs, points_to_add
+from tune.replicate import chosen_runs, points_to_add, variant_of
 from tune.space import IGNORED_BY_ARM, arm_space, default_space
 from tune.sweep import build_spec
 from tune.manifest import spec_from_manifest
@@ -215,12 +215,15 @@ def test_a_variant_reruns_an_arms_cells_with_its_override(arms_sweep, monkeypatc
     exp = Experiment.open(experiment)
     none_runs = chosen_runs(exp, 1, arms=("none",))[1]
     assert points_to_add(exp, none_runs, [4], "stage2.label_smoothing=0.3") == []
+    spec = spec_from_manifest(json.loads((experiment / "manifest.json").read_text()))
+    assert variant_of(["stage2.label_smoothing=.30"], spec) == "stage2.label_smoothing=0.3"
     assert len(points_to_add(exp, none_runs, [4], "stage2.label_smoothing=0.2")) == 1
     monkeypatch.chdir(arms_sweep["work"])  # in this process (refused before Ray starts)
     monkeypatch.syspath_prepend(str(arms_sweep["work"]))
     for override, words in (("stage2.lr=1e-3", "the sweep searched it"),
                             ("stage2.pseudo_ood=noise", "--arms names the arms"),
-                            ("stage2.nope=1", "unknown setting key 'stage2.nope'")):
+                            ("stage2.nope=1", "unknown setting key 'stage2.nope'"),
+                            ("classifier.label_smoothing=0", "a variant changes stage 2 only")):
         refused = run_main("tune.replicate", *args, "--variant", override)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1 and words in refused.stderr

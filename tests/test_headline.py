@@ -242,8 +242,14 @@ def test_a_variant_is_a_score_and_a_descriptive_line_and_shows_once_it_ran_every
         replicate_table(df, only=["a1"])["score"])
     df = pd.read_csv(tmp_path / "full" / REPLICATES_FILE, dtype={"source_trial": str})
     table = replicate_table(df, only=["a1"]).set_index("score")
-    assert table.loc[f"lift vs {ARMS['none']}, with stage2.label_smoothing=0", "mean"] == \
-        pytest.approx(table.loc[f"lift vs {ARMS['none']}", "mean"] - 0.015)
+    over = table.loc[f"lift vs {ARMS['none']}, with stage2.label_smoothing=0"]
+    assert over["mean"] == pytest.approx(table.loc[f"lift vs {ARMS['none']}", "mean"] - 0.015)
+    # descriptive: a p, but in no Holm family, so the family's adjusted p-values stay as they were
+    assert over["p"] > 0 and pd.isna(over["p_holm"])
+    assert over["verdict"] == "a variant: in no Holm family"
+    df = pd.read_csv(tmp_path / "plain" / REPLICATES_FILE, dtype={"source_trial": str})
+    alone = replicate_table(df, only=["a1"]).set_index("score")["p_holm"].dropna()
+    assert table.loc[alone.index, "p_holm"].tolist() == pytest.approx(alone.tolist())
 
 
 def test_arms_on_other_weights_of_a_cells_classifier_are_refused(tmp_path):
@@ -378,8 +384,9 @@ def test_the_headline_script_runs_its_parts_in_order_and_resumes(tmp_path):
     """scripts/headline.sh with a stand-in Python that records each command: both sweeps start
     (--arms all, 24 configurations), each new seed is replicated under both selections before the
     next (seeds 1..9: one seed's stage-1 models at a time), each followed by head re-training's
-    variant without label smoothing, then the reports and the headline; run again once the sweeps
-    exist, it resumes them instead."""
+    variant without label smoothing, all of them once more (a run left on other stage-1 weights
+    runs again), then the reports and the headline; run again once the sweeps exist, it resumes
+    them instead."""
     import subprocess
 
     log, storage = tmp_path / "calls.txt", tmp_path / "hl"
@@ -404,7 +411,9 @@ def test_the_headline_script_runs_its_parts_in_order_and_resumes(tmp_path):
     assert all("--with-defaults" in c for c in first[2:38:2])
     assert all(c.endswith("--arms none --variant stage2.label_smoothing=0 --quiet")
                for c in first[3:38:2])
-    assert [c.split()[1] for c in first[38:]] == ["analysis.report"] * 2 + ["analysis.headline"]
+    repair = [re.search(r"(unseen|blind) .*--seeds (\d)", c).groups() for c in first[38:42]]
+    assert repair == [(sel, "9") for sel in ("unseen", "blind") for _ in ("plain", "variant")]
+    assert [c.split()[1] for c in first[42:]] == ["analysis.report"] * 2 + ["analysis.headline"]
     for name in ("mnist-quick-unseen", "mnist-quick-blind"):
         (storage / name).mkdir(parents=True)
         (storage / name / "manifest.json").write_text("{}")

@@ -318,20 +318,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def variant_of(overrides: list[str], spec: SweepSpec) -> str:
-    """--variant's overrides as a variant (joined by ";"; "" for none): each a known key with a
-    valid value (else a one-line error), none choosing the arm or a knob the sweep searched
-    (each point would set that knob back to its own value)."""
-    items = [f"{k}={v}" for k, v in (o.partition("=")[::2] for o in overrides)]
-    apply_overrides(spec.base, overrides)  # unknown keys and bad values: one line, exit 2
+    """--variant's overrides as a variant: "KEY=VALUE" of each, as the config holds the value,
+    sorted and joined by ";" ("" for none), so that `=0` and `=0.0` name one variant. Each must
+    be a known stage-2 key (a variant re-trains the head on the plain runs' stage-1 models) with
+    a valid value, not the arm and not a knob the sweep searched (each point would set it back
+    to its own value); else a one-line error."""
+    cfg = apply_overrides(spec.base, overrides)  # unknown keys and bad values: one line, exit 2
     searched = {"stage2.mode", *(param.key for param in spec.space.values())}
-    for item in items:
-        key = item.partition("=")[0].strip()
+    keys = sorted({o.partition("=")[0].strip() for o in overrides})
+    for key in keys:
+        if not key.startswith("stage2."):
+            fail(f"--variant {key}: a variant changes stage 2 only (the cell's stage-1 models "
+                 "are the plain runs'); use a stage2.* key")
         if key == "stage2.pseudo_ood":
             fail("--variant stage2.pseudo_ood: --arms names the arms a variant runs")
         if key in searched:
             fail(f"--variant {key}: the sweep searched it, so every configuration sets its own; "
                  "a variant overrides only what the sweep kept fixed")
-    return ";".join(item.replace(" ", "") for item in items)
+    items = [f"{key}={getattr(cfg.stage2, key.removeprefix('stage2.'))}" for key in keys]
+    if any(";" in item for item in items):
+        fail("--variant: a value may not hold ';' (it joins a variant's overrides)")
+    return ";".join(items)
 
 
 def filed_under_cmg(df, runs: list[tuple], variant: str = ""):
