@@ -259,6 +259,50 @@ def test_runs_on_weights_the_store_no_longer_holds_count_as_missing(arms_sweep, 
     assert points_to_add(exp, runs, [4]) == []  # without the store: what it ran stands
 
 
+def test_a_cell_trained_again_in_other_bits_runs_its_earlier_arms_again(arms_sweep):
+    """A fresh machine: the store lost, the head-only run of seed 4 never ran, and the cell's
+    classifier finished there in other bits (its training resumed from a last-epoch checkpoint
+    one ulp off). tune.replicate trains it and runs the head-only arm on it (first pass), then
+    finds CMG's run of that cell on the old weights and runs it again (second pass): both arms
+    end on one classifier. The variant of the head-only arm is left on the old weights, which
+    a call for it then finds."""
+    import torch
+
+    from tune.artifacts import ArtifactStore, Stage1Keys
+
+    experiment = arms_sweep["experiment"]
+    df = load_replicates(experiment)
+    plain = df[(df["seed"] == 4) & df["arm"].isin(["mixed", "none"])]
+    old = set(plain["stage1_weights"])
+    store = ArtifactStore(str(experiment.parent / "stage1"))
+    key = Stage1Keys.parse(plain["stage1_key"].iloc[0]).classifier
+    folder = Path(store.root) / key
+    checkpoint = torch.load(folder / "classifier.pt", weights_only=False)
+    weight = next(t for t in checkpoint["model"].values() if t.is_floating_point())
+    weight.view(-1)[0] = torch.nextafter(weight.view(-1)[:1], torch.tensor(1.0))[0]
+    shutil.rmtree(folder)
+    (folder / "partial").mkdir(parents=True)
+    torch.save(checkpoint, folder / "partial" / "classifier.pt")
+    none_run = plain.loc[plain["arm"] == "none", "trial_id"].iloc[0]
+    shutil.rmtree(next((experiment / "replicate").glob(f"run-*/replicate-*-{none_run}")))
+    proc = subprocess.run([sys.executable, "-m", "tune.replicate", str(experiment), "--top", "1",
+                           "--seeds", "1", "--arms", "none", "--eval-limit", "64"],
+                          cwd=arms_sweep["work"], env=_env(), capture_output=True, text=True,
+                          timeout=540)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[replicate] 1 runs again: they ran on stage-1 models that this store has trained " \
+        "again" in proc.stdout, proc.stdout
+    assert "2 runs added" in proc.stdout
+    df = load_replicates(experiment)
+    now = df[(df["seed"] == 4) & df["arm"].isin(["mixed", "none"])]
+    assert len(now) == 2 and now["trial_id"].isin(plain["trial_id"]).sum() == 0
+    assert set(now["stage1_weights"]) == {store.weights_id(Stage1Keys.parse(
+        now["stage1_key"].iloc[0]))} and not set(now["stage1_weights"]) & old
+    exp = Experiment.open(experiment)
+    assert len(points_to_add(exp, chosen_runs(exp, 1, arms=("none",))[1], [4],
+                             "stage2.label_smoothing=0.3", store)) == 1
+
+
 def test_arm_spaces_hold_only_the_knobs_that_act_on_each_arm():
     space = default_space(budget_config("smoke"))
     assert set(arm_space(space, "mixed")) == set(space)
