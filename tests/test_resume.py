@@ -192,8 +192,12 @@ def test_resume_after_sigint_sigterm_and_sigkill_finishes_every_partition_once(i
     proc = start(*resume)
     interrupt_when(proc, lambda: reported(experiment) > before, signal.SIGKILL, True)
     assert proc.returncode == -signal.SIGKILL
-    done = run_sweep(*resume)
+    done = run_sweep(*resume, "--no-quiet")
     assert done.returncode == 0, done.stderr
+    # its progress counts on from the study's finished trials, on its own clock (not those of
+    # the run that began the sweep, whose progress Tune pickled, --quiet and all)
+    assert re.search(r"^\[sweep\] 100\.0% trials=2/2 .*\| (\d+m\d\ds|\d+s) elapsed, ETA 0s$",
+                     done.stderr, re.M), done.stderr
     found = partitions(experiment)
     assert len(found) == SAMPLES
     # each trial's own record holds every partition exactly once, in order: nothing lost

@@ -221,6 +221,11 @@ def _search(spec: SweepSpec, restore: bool, interrupts: Interrupts, started: flo
         SweepSearch.grow_to = options.num_samples  # --num-samples may grow on resume
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
+        # Tuner.restore brings back the run config pickled when the sweep began, callbacks and
+        # all: a progress line with that process's counts, --quiet and monotonic clock (after a
+        # reboot, a negative elapsed time and ETA). This run's own replace them (Ray 2.60 takes
+        # no run config on restore).
+        tuner._local_tuner.get_run_config().callbacks = callbacks
     else:
         searcher = sweep_searcher(spec)
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(spec.partitions),
