@@ -36,7 +36,7 @@ from scipy import optimize, stats
 
 from analysis.trials import NotAnExperiment, load_trials
 from cmg.results import (ARMS, BASELINES, HEAD_BASELINES, REPLICATE_KIND, Experiment, arm_label,
-                         split_arm, variant_arm)
+                         split_arm, variant_arm, variant_suffix)
 
 
 
@@ -174,7 +174,7 @@ def _cells(group: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
         if name == "mixed":
             continue
         scores = variants if variant else cells
-        suffix = f", with {variant.replace(';', ', ')}" if variant else ""
+        suffix = variant_suffix(variant)
         scores[arm_label(name)] = by_arm[name]["test_auroc"]
         if arm == "none":
             scores.update({f"{label}, re-trained head{suffix}": by_arm[name][f"{h}_test_auroc"]

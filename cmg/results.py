@@ -67,10 +67,15 @@ def split_arm(name: str) -> tuple[str, str]:
     return arm, variant
 
 
+def variant_suffix(variant: str) -> str:
+    """What a label adds for a variant's overrides (", with KEY=VALUE, ..."; "" for none)."""
+    return f", with {variant.replace(';', ', ')}" if variant else ""
+
+
 def arm_label(name: str) -> str:
     """The label tables print for an arm or a variant of one: ARMS's, then the overrides."""
     arm, variant = split_arm(name)
-    return ARMS[arm] + (f", with {variant.replace(';', ', ')}" if variant else "")
+    return ARMS[arm] + variant_suffix(variant)
 
 
 # Flat keys, as each partition's report carries them (cmg.pipeline.flat_metrics): CMG's
