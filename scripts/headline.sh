@@ -41,6 +41,13 @@ sweep() {  # NAME [OPTIONS]: start the sweep, or resume it if it exists
 
 sweep mnist-quick-unseen
 sweep mnist-quick-blind --select-on rotated
+# The README's "why" measurements (results/why.py: tuned CMG's and the first trial's pseudo-OOD
+# against the stage-1 classifier, their ranks against max-logit's), once, now that the sweeps'
+# stage-1 models are in the store (elsewhere why.py trains them again). Not fatal: a failure
+# shows in the log, and the next run of this script tries again.
+for name in mnist-quick-unseen mnist-quick-blind; do
+  [ -e "$S/$name/why.json" ] || timed "$PY" results/why.py "$S/$name" --out "$S/$name/why.json"
+done
 # One new seed at a time, both selections on it, before the next (--seeds N adds only the runs
 # of seeds S+1..S+N that are missing): a seed's stage-1 models are trained when its runs are
 # next, and an interruption loses at most one seed's, not the prewarm of all nine. Beside each,

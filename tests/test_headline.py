@@ -382,11 +382,11 @@ def test_the_readme_results_are_the_committed_reports():
 
 def test_the_headline_script_runs_its_parts_in_order_and_resumes(tmp_path):
     """scripts/headline.sh with a stand-in Python that records each command: both sweeps start
-    (--arms all, 24 configurations), each new seed is replicated under both selections before the
-    next (seeds 1..9: one seed's stage-1 models at a time), each followed by head re-training's
-    variant without label smoothing, all of them once more (a run left on other stage-1 weights
-    runs again), then the reports and the headline; run again once the sweeps exist, it resumes
-    them instead."""
+    (--arms all, 24 configurations), results/why.py measures each (unless it has), each new seed
+    is replicated under both selections before the next (seeds 1..9: one seed's stage-1 models
+    at a time), each followed by head re-training's variant without label smoothing, all of them
+    once more (a run left on other stage-1 weights runs again), then the reports and the
+    headline; run again once the sweeps exist, it resumes them instead."""
     import subprocess
 
     log, storage = tmp_path / "calls.txt", tmp_path / "hl"
@@ -405,20 +405,24 @@ def test_the_headline_script_runs_its_parts_in_order_and_resumes(tmp_path):
     assert [c.split()[:2] for c in first[:2]] == [["-m", "tune.sweep"]] * 2
     assert all("--arms all" in c and "--num-samples 24" in c for c in first[:2])
     assert "--select-on rotated" in first[1] and "--select-on" not in first[0]
-    replicates = [re.search(r"(unseen|blind) .*--seeds (\d)", c).groups() for c in first[2:38]]
+    assert first[2:4] == [f"results/why.py {storage}/{name} --out {storage}/{name}/why.json"
+                          for name in ("mnist-quick-unseen", "mnist-quick-blind")]
+    replicates = [re.search(r"(unseen|blind) .*--seeds (\d)", c).groups() for c in first[4:40]]
     assert replicates == [(sel, str(n)) for n in range(1, 10) for sel in ("unseen", "blind")
                           for _ in ("plain", "variant")]
-    assert all("--with-defaults" in c for c in first[2:38:2])
+    assert all("--with-defaults" in c for c in first[4:40:2])
     assert all(c.endswith("--arms none --variant stage2.label_smoothing=0 --quiet")
-               for c in first[3:38:2])
-    repair = [re.search(r"(unseen|blind) .*--seeds (\d)", c).groups() for c in first[38:42]]
+               for c in first[5:40:2])
+    repair = [re.search(r"(unseen|blind) .*--seeds (\d)", c).groups() for c in first[40:44]]
     assert repair == [(sel, "9") for sel in ("unseen", "blind") for _ in ("plain", "variant")]
-    assert [c.split()[1] for c in first[42:]] == ["analysis.report"] * 2 + ["analysis.headline"]
+    assert [c.split()[1] for c in first[44:]] == ["analysis.report"] * 2 + ["analysis.headline"]
     for name in ("mnist-quick-unseen", "mnist-quick-blind"):
         (storage / name).mkdir(parents=True)
         (storage / name / "manifest.json").write_text("{}")
+    (storage / "mnist-quick-blind" / "why.json").write_text("[]")
     again = calls()
-    assert [c.endswith("--resume") for c in again[:2]] == [True, True] and again[2:] == first[2:]
+    assert [c.endswith("--resume") for c in again[:2]] == [True, True]
+    assert again[2:] == first[2:3] + first[4:]  # the measurements made are not made again
 
 
 def test_a_packed_storage_keeps_the_records_and_leaves_out_what_is_made_again(tmp_path):

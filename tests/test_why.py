@@ -1,0 +1,69 @@
+"""results/why.py, the measurements behind the README's "why" sentences, on a real sweep: its
+max-logit AUROC of the real OOD test images is the sweep's own (recomputed with scikit-learn from
+the trial's saved scores), and on a machine whose stage-1 store is gone (a headline continued from
+its packed records) it trains the models the store lacks, the prewarm's way, and measures the
+same numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from analysis.headline import chosen_trials
+from analysis.trial_files import load_scores
+from conftest import ROOT
+
+
+def why(experiment: Path, *trials: str, tmp: Path) -> tuple[list[dict], str]:
+    """results/why.py's rows and stderr (64 pseudo-OOD images), its models trained here cached
+    under TMP."""
+    proc = subprocess.run([sys.executable, str(ROOT / "results/why.py"), str(experiment),
+                           *trials, "--pseudo-images", "64"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp)})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), proc.stderr
+
+
+def test_why_measures_the_sweeps_own_models_and_trains_those_its_store_lost(second_sweep,
+                                                                            tmp_path):
+    experiment = second_sweep["experiment"]
+    summary = pd.read_csv(experiment / "report" / "summary.csv", dtype={"trial_id": str})
+    tuned, defaults = chosen_trials(summary)  # what the headline names, and why.py by default
+    assert tuned != defaults
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    rows, stderr = why(experiment, tmp=cache)
+    assert "[why]" not in stderr  # every model came from the sweep's store
+    assert [row["partition"] for row in rows] == [1, 2, 3, 4, 5]
+    test = load_scores(str(experiment), tuned).query("split == 'test'")
+    for row in rows:
+        part = test[test["partition"] == row["partition"]]
+        assert row["real_auroc"] == pytest.approx(
+            roc_auc_score(part["kind"] != "ind", part["maxlogit"]), abs=1e-6)
+        for name in ("tuned", "defaults"):
+            assert 0.0 <= row[f"{name}_pseudo_auroc"] <= 1.0
+            assert -1.0 <= row[f"{name}_spearman_vs_maxlogit"] <= 1.0
+
+    # the records alone, their stage-1 store an empty folder: the models are trained here, once
+    moved = tmp_path / "records"
+    shutil.copytree(experiment, moved)
+    for record in moved.glob("trial-*/trial.json"):
+        record.write_text(json.dumps({**json.loads(record.read_text()),
+                                      "stage1_store": str(tmp_path / "lost")}))
+    (tmp_path / "lost").mkdir()
+    again, stderr = why(moved, tuned, defaults, tmp=cache)
+    assert stderr.count("does not hold") == 10  # 5 classifiers, 5 CVAEs (one latent size)
+    assert [r.keys() for r in again] == [r.keys() for r in rows]
+    for row, same in zip(rows, again):
+        assert same == pytest.approx(row, abs=1e-6)
+    _, stderr = why(moved, tuned, defaults, tmp=cache)
+    assert "[why]" not in stderr  # trained once per machine
