@@ -105,6 +105,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="pseudo-OOD images decoded per configuration and partition")
     parser.add_argument("--out", type=Path, help="write the JSON there (default: stdout)")
     args = parser.parse_args(argv)
+    if args.pseudo_images < 2:
+        parser.error("--pseudo-images must be at least 2")
     if len(args.trials) not in (0, 2):
         parser.error("give both TUNED and DEFAULTS, or neither")
     if not args.trials:
