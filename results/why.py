@@ -15,7 +15,8 @@ trained here as the sweep's prewarm trained it, once per machine, and said so on
   decode; `real_auroc` is the same for the real OOD test images. Lower than real = the
   pseudo-OOD images sit closer to the IND data than the real OOD do;
 - `spearman_vs_maxlogit`: the rank correlation of the configuration's CMG test scores (its saved
-  per-image scores) with max-logit's, 1 = CMG orders the test images exactly as max-logit does.
+  per-image scores) with max-logit's, 1 = CMG orders the test images exactly as max-logit does;
+  null for a partition whose scores the trial did not save (one stopped early).
 """
 
 from __future__ import annotations
@@ -79,18 +80,31 @@ def partition_row(record: dict, cfgs: dict[str, RunConfig], partition: int,
     return row
 
 
+def _test_scores(experiment: str, trial: str) -> pd.DataFrame:
+    """The trial's saved per-image test scores (none of a partition it did not save)."""
+    table = load_scores(experiment, trial)
+    return (table[table["split"] == "test"] if len(table)
+            else pd.DataFrame(columns=["partition", "cmg", "maxlogit"]))
+
+
 def main(experiment: str, tuned: str, defaults: str, pseudo_images: int = 2000) -> list[dict]:
     torch.set_num_threads(1)
     trials = {"tuned": tuned, "defaults": defaults}
     records = {name: load_trial_record(experiment, trial) for name, trial in trials.items()}
     cfgs = {name: RunConfig.from_dict(r["config"]) for name, r in records.items()}
-    rows = [partition_row(records["tuned"], cfgs, p, pseudo_images)
-            for p in records["tuned"]["partitions"]]
+    scores = {name: _test_scores(experiment, trial) for name, trial in trials.items()}
+    partitions = records["tuned"]["partitions"]
     for name, trial in trials.items():
-        scores = load_scores(experiment, trial).query("split == 'test'")
+        if missing := sorted(set(partitions) - set(scores[name]["partition"])):
+            print(f"[why] {name} trial {trial} has no saved scores of partitions {missing} (a "
+                  "trial stopped early; a packed storage keeps only complete trials' scores): "
+                  "its spearman_vs_maxlogit there is null", file=sys.stderr, flush=True)
+    rows = [partition_row(records["tuned"], cfgs, p, pseudo_images) for p in partitions]
+    for name, table in scores.items():
         for row in rows:
-            part = scores[scores["partition"] == row["partition"]]
-            row[f"{name}_spearman_vs_maxlogit"] = spearmanr(part["cmg"], part["maxlogit"]).statistic
+            part = table[table["partition"] == row["partition"]]
+            row[f"{name}_spearman_vs_maxlogit"] = (
+                spearmanr(part["cmg"], part["maxlogit"]).statistic if len(part) else None)
     return rows
 
 
