@@ -27,8 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 import pandas as pd
+import torch
 from scipy.stats import spearmanr
 
 from analysis.headline import chosen_trials
@@ -40,6 +40,7 @@ from cmg.pipeline import load_partition
 from cmg.stage1 import load_stage1_model, train_model
 from cmg.stage2 import extract_features, pseudo_ood_features
 from tune.artifacts import ArtifactStore, stage1_keys
+
 
 def _stage1(record: dict, cfg: RunConfig, partition: int, kind: str, split) -> torch.nn.Module:
     """A stage-1 model of the configuration: the sweep's store's, else trained here with the
