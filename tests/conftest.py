@@ -200,14 +200,14 @@ def backbone_sweep(tmp_path_factory):
 # --no-loadscope-reorder` (pyproject.toml) xdist hands out files in this order, the next to the
 # first worker whose queue runs low. test_sweep.py builds the shared smoke sweeps (~6 min with
 # the second); the long files that do not read them keep the other workers busy meanwhile, and
-# the readers (replicate, analysis, export) come once the sweeps are about done; files after the
-# list (short ones) fill the tail
+# the readers (replicate, analysis, why, export) come once the sweeps are about done; files
+# after the list (short ones) fill the tail
 LONG_FILES_FIRST = ("test_sweep.py", "test_arms.py", "test_pipeline.py",
                     "test_different_dataset.py", "test_resume.py", "test_cold_cluster.py",
-                    "test_replicate.py", "test_analysis.py", "test_export.py", "test_loggers.py",
-                    "test_backbone.py", "test_cluster.py", "test_stage1_leases.py",
-                    "test_sim_cluster.py", "test_cli.py", "test_prewarm.py", "test_stage1.py",
-                    "test_cluster_wait.py", "test_no_cuda.py")
+                    "test_replicate.py", "test_analysis.py", "test_why.py", "test_export.py",
+                    "test_loggers.py", "test_backbone.py", "test_cluster.py",
+                    "test_stage1_leases.py", "test_sim_cluster.py", "test_cli.py",
+                    "test_prewarm.py", "test_stage1.py", "test_cluster_wait.py", "test_no_cuda.py")
 # fixtures that run real sweeps or clusters: a test that uses one is `slow` (pytest -m "not slow"
 # skips it)
 SWEEP_FIXTURES = {"smoke_sweep", "second_sweep", "interrupted", "logged_sweep", "cluster",

@@ -1,7 +1,7 @@
 """results/why.py, the measurements behind the README's "why" sentences, on a real sweep: its
 max-logit AUROC of the real OOD test images is the sweep's own (recomputed with scikit-learn from
-the trial's saved scores), and on a machine whose stage-1 store is gone (a headline continued from
-its packed records) it trains the models the store lacks, the prewarm's way, and measures the
+the trial's saved scores), and on a machine whose stage-1 store lacks models (a headline continued
+from its packed records) it trains those, the prewarm's way, and measures the
 same numbers (but the rank correlation where a trial's scores are gone)."""
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from analysis.headline import chosen_trials
-from analysis.trial_files import load_scores
+from analysis.trial_files import load_scores, load_trial_record
+from cmg.config import RunConfig
 from conftest import ROOT
+from tune.artifacts import stage1_keys
 
 
 def why(experiment: Path, *trials: str, tmp: Path) -> tuple[list[dict], str]:
@@ -53,17 +55,23 @@ def test_why_measures_the_sweeps_own_models_and_trains_those_its_store_lost(seco
             assert 0.0 <= row[f"{name}_pseudo_auroc"] <= 1.0
             assert -1.0 <= row[f"{name}_spearman_vs_maxlogit"] <= 1.0
 
-    # the records alone, their stage-1 store an empty folder: the models are trained here, once
-    moved = tmp_path / "records"
+    # the records elsewhere, their stage-1 store without partition 3's models: those two are
+    # trained here, once (the others are the sweep's, linked)
+    moved, lost = tmp_path / "records", tmp_path / "lost"
     shutil.copytree(experiment, moved)
-    for record in moved.glob("trial-*/trial.json"):
-        record.write_text(json.dumps({**json.loads(record.read_text()),
-                                      "stage1_store": str(tmp_path / "lost")}))
-    (tmp_path / "lost").mkdir()
+    record = load_trial_record(str(experiment), tuned)
+    gone = stage1_keys(record["setting"], 3, RunConfig.from_dict(record["config"]))
+    lost.mkdir()
+    for key in Path(record["stage1_store"]).iterdir():
+        if key.name not in gone:
+            (lost / key.name).symlink_to(key)
+    for path in moved.glob("trial-*/trial.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "stage1_store": str(lost)}))
     # and, as of a first trial stopped early, the other trial's scores of partition 3 are gone
     next(moved.glob(f"trial-*-{defaults}")).joinpath("scores", "partition-3.parquet").unlink()
     again, stderr = why(moved, tuned, defaults, tmp=cache)
-    assert stderr.count("does not hold") == 10  # 5 classifiers, 5 CVAEs (one latent size)
+    assert stderr.count("does not hold") == 2  # partition 3's classifier and CVAE (one latent size)
+    assert all(f"does not hold {key}" in stderr for key in gone)
     assert f"defaults trial {defaults} has no saved scores of partitions [3]" in stderr
     assert [r.keys() for r in again] == [r.keys() for r in rows]
     assert again[2]["defaults_spearman_vs_maxlogit"] is None
