@@ -11,9 +11,10 @@
 #
 #   bash scripts/headline.sh [STORAGE]          # default: experiments/headline
 #
-# The run in progress: results/headline-in-progress.tar.xz holds its records so far (STORAGE
-# /work/headline, packed by scripts/pack_storage.py: without the stage-1 store, the stage-2 heads
-# or the scores no report reads); `tar -xJf results/headline-in-progress.tar.xz -C /work && bash
+# The run in progress: results/headline-in-progress-N.tar.xz hold its records so far (STORAGE
+# /work/headline, packed by scripts/pack_storage.py, each over the ones before it: what changed
+# since; without the stage-1 store, the stage-2 heads or the scores no report reads); `for t in
+# results/headline-in-progress-*.tar.xz; do tar -xJf "$t" -C /work; done && bash
 # scripts/headline.sh /work/headline` continues it (the prewarm trains the stage-1 models again;
 # on another machine in other last bits, as the packed NAME-stage1-digests.json shows: the sweeps'
 # selection then spans both, while tune.replicate re-runs any run of a cell whose models the store

@@ -428,7 +428,8 @@ def test_the_headline_script_runs_its_parts_in_order_and_resumes(tmp_path):
 def test_a_packed_storage_keeps_the_records_and_leaves_out_what_is_made_again(tmp_path):
     """scripts/pack_storage.py: the sweep's and the replicates' records go in; the stage-1 store,
     the heads and the scores of a stopped trial and of a replicate stay out, while those of a
-    complete trial and of one Tune goes on with stay; the stage-1 digests go beside."""
+    complete trial and of one Tune goes on with stay; the stage-1 digests go beside. A pack over
+    an earlier one holds what changed since."""
     import subprocess
     import sys
     import tarfile
@@ -466,6 +467,29 @@ def test_a_packed_storage_keeps_the_records_and_leaves_out_what_is_made_again(tm
         "trial-3-cccc/scores/partition-1.parquet",
         "replicate/run-1/replicate-1-dddd/partitions.jsonl"))}
     assert digests == {"key-a": {"cvae.pt": "abc"}}
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts/pack_storage.py"), str(out)],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "usage" in bad.stderr
+
+    # the run goes on: a trial completes, a new one starts; a pack over the first holds the
+    # changed files alone, and the two unpacked in order are the storage's records
+    put("sw/trial-3-cccc/partitions.jsonl", "{}\n" * 5)
+    put("sw/trial-4-eeee/partitions.jsonl", "{}\n" * 1)
+    put("sw/optuna.journal", "xy")
+    second = tmp_path / "pack-2.tar.xz"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts/pack_storage.py"), str(storage),
+                          str(second), "--over", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0 and "3 files (7 unchanged since 1 earlier pack(s))" in run.stdout
+    with tarfile.open(second) as tar:
+        assert set(tar.getnames()) == {"hl-stage1-digests.json", *(f"hl/sw/{f}" for f in (
+            "optuna.journal", "trial-3-cccc/partitions.jsonl", "trial-4-eeee/partitions.jsonl"))}
+    unpacked = tmp_path / "unpacked"
+    for pack in (out, second):
+        with tarfile.open(pack) as tar:
+            tar.extractall(unpacked, filter="data")
+    assert (unpacked / "hl/sw/optuna.journal").read_text() == "xy"
+    assert (unpacked / "hl/sw/trial-3-cccc/partitions.jsonl").read_text() == "{}\n" * 5
+
+    for args, fix in (([str(out)], "required: out"), ([str(storage), str(second), "--over",
+                                                      str(tmp_path / "none.tar.xz")], "no pack")):
+        bad = subprocess.run([sys.executable, str(ROOT / "scripts/pack_storage.py"), *args],
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and fix in bad.stderr, bad
+    assert tarfile.open(second).getnames()  # the failed call left the earlier pack whole
