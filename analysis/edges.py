@@ -21,10 +21,11 @@ from typing import Any
 
 EDGE = 0.05  # the fraction of a knob's range, from either bound, that counts as its edge
 # the values cmg.config.validate (or the method) allows a searched knob, for knobs whose widened
-# range could leave them: a probability, percentiles, at least one class mixed and one epoch
-# trained (tests/test_analysis.py checks these against cmg.config)
+# range could leave them: a probability, percentiles, two classes in a mix (a condition of one
+# class mixes nothing: that is the single-class control arm, not a wider search of CMG) and one
+# epoch trained (tests/test_edges.py checks these against cmg.config and cmg.generate)
 LIMITS = {"stage2.mask_prob": (0.0, 1.0), "stage2.m_in_percentile": (0.0, 100.0),
-          "stage2.m_out_percentile": (0.0, 100.0), "stage2.num_mixed": (1, None),
+          "stage2.m_out_percentile": (0.0, 100.0), "stage2.num_mixed": (2, None),
           "stage2.epochs": (1, None)}
 
 

@@ -8,10 +8,12 @@ import dataclasses
 import math
 
 import pytest
+import torch
 
 from analysis.edges import EDGE, LIMITS, edges
 from cmg.config import apply_overrides, budget_config
 from cmg.errors import UsageError
+from cmg.generate import mix_conditions
 from tune.space import default_space, load_space_file
 
 
@@ -120,11 +122,26 @@ def test_the_hard_limits_are_the_configs_own(key):
     base = budget_config("quick")
     for bound in (b for b in (low, high) if b is not None):
         apply_overrides(base, {key: bound})
-    checked = {"stage2.mask_prob", "stage2.m_in_percentile", "stage2.m_out_percentile",
-               "stage2.num_mixed"}
+    checked = {"stage2.mask_prob", "stage2.m_in_percentile", "stage2.m_out_percentile"}
     if key in checked:
         with pytest.raises(UsageError):
             apply_overrides(base, {key: low - 1 if isinstance(low, int) else low - 1e-9})
         if high is not None:
             with pytest.raises(UsageError):
                 apply_overrides(base, {key: high + 1e-9})
+
+
+def test_two_mixed_classes_is_the_floor_one_is_no_mix():
+    """num_mixed 2 at the low end of [2, 5] (both headline sweeps' CMG optima) is flagged, but the
+    range does not widen to 1: a condition drawn from one class is that class's embedding,
+    mixed with nothing (the single-class arm's pseudo-OOD), whatever the mixing knobs say."""
+    space = as_manifest(default_space(budget_config("quick")))
+    (edge,) = edges({**INSIDE, "num_mixed": 2}, space)
+    assert (edge.name, edge.side, edge.position) == ("num_mixed", "low", 0.0)
+    assert edge.space_line() is None and "hard limit" in edge.line()
+    embeddings = torch.randn(10, 6)
+    for mixing in ("mask", "convex"):
+        cfg = dataclasses.replace(budget_config("quick").stage2, mixing=mixing, num_mixed=1,
+                                  mask_prob=0.3)
+        cond, classes = mix_conditions(embeddings, 64, cfg, torch.Generator().manual_seed(0))
+        assert torch.allclose(cond, embeddings[classes[:, 0]])
