@@ -26,6 +26,7 @@ import io
 import json
 import sys
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,26 +65,32 @@ def complete(trial: Path, partitions: int) -> bool:
     return rows.exists() and len(rows.read_text().splitlines()) >= partitions
 
 
-def packed(earlier: list[Path]) -> dict[str, str]:
+def sha256(data: bytes) -> str:
+    """The hex SHA-256 of DATA: what says a file is unchanged since an earlier pack."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def packed(earlier: Iterable[Path]) -> dict[str, str]:
     """The SHA-256 of each file the EARLIER packs hold, by its name there (a later pack's wins)."""
     held = {}
     for pack_file in earlier:
         with tarfile.open(pack_file) as tar:
             for member in tar:
                 if member.isfile():
-                    held[member.name] = hashlib.sha256(tar.extractfile(member).read()).hexdigest()
+                    held[member.name] = sha256(tar.extractfile(member).read())
     return held
 
 
 def pack(storage: Path, out: Path, partitions: int = 5,
-         over: list[Path] = ()) -> tuple[int, int, int]:
+         over: Iterable[Path] = ()) -> tuple[int, int, int]:
     """Write OUT (.tar.xz) from STORAGE, leaving out what the OVER packs hold unchanged; return
     (files packed, files left out, files unchanged since OVER)."""
     files = [p for p in sorted(storage.rglob("*")) if p.is_file()]
     keep = [p for p in files if kept(p, storage, partitions)]
-    held = packed(list(over))
+    held = packed(over)
     name = {p: str(Path(storage.name) / p.relative_to(storage)) for p in keep}
-    new = [p for p in keep if held.get(name[p]) != hashlib.sha256(p.read_bytes()).hexdigest()]
+    # (a file no earlier pack holds is not read here: without --over, none is)
+    new = [p for p in keep if name[p] not in held or held[name[p]] != sha256(p.read_bytes())]
     digests = {meta.parent.name: json.loads(meta.read_text()).get("digests")
                for meta in sorted((storage / "stage1").glob("*/meta.json"))}
     with atomic_write(out) as handle, tarfile.open(fileobj=handle, mode="w:xz") as tar:

@@ -1,8 +1,8 @@
 """results/why.py, the measurements behind the README's "why" sentences, on a real sweep: its
 max-logit AUROC of the real OOD test images is the sweep's own (recomputed with scikit-learn from
 the trial's saved scores), and on a machine whose stage-1 store lacks models (a headline continued
-from its packed records) it trains those, the prewarm's way, and measures the
-same numbers (but the rank correlation where a trial's scores are gone)."""
+from its packed records) it trains those, the prewarm's way, and measures the same numbers (but
+the rank correlation where a trial's scores are gone)."""
 
 from __future__ import annotations
 
